@@ -1,0 +1,193 @@
+//! Serving gRPC the same way in every service: health, reflection, transport limits and a
+//! graceful, bounded shutdown.
+//!
+//! A service builds its routes and a [`Health`] handle, then calls [`serve`] with a listener
+//! it bound itself (so tests bind `127.0.0.1:0` and read the real port) and a shutdown token
+//! (so `main` passes ctrl-c/SIGTERM and tests cancel it directly).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::{info, warn};
+
+/// Transport settings shared by every server, set once here.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerOptions {
+    /// Largest gRPC message accepted or sent, in bytes. Larger requests get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MIP_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Interval between HTTP/2 keepalive pings on idle connections, so dead peers are noticed
+    /// and proxies keep long-lived watch streams open.
+    #[arg(long, env = "MIP_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "MIP_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// On shutdown, how long in-flight calls may take to finish before the server stops anyway.
+    #[arg(long, env = "MIP_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 * 1024 * 1024,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Applies the shared message-size limits to a generated tonic server, so every service gets
+/// the same limits from one place. Also accepts gzip-compressed requests.
+#[macro_export]
+macro_rules! limited {
+    ($server:expr, $options:expr) => {
+        $server
+            .max_decoding_message_size($options.max_message_bytes)
+            .max_encoding_message_size($options.max_message_bytes)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+    };
+}
+
+/// Why a server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The listen address could not be bound (in use, not local, no permission).
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The transport failed while serving.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not load the descriptor sets (a build problem).
+    #[error("reflection set-up failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Binds a listener, with an error that names the address.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// The standard health service of one server: every service it hosts, and the overall `""`.
+///
+/// Everything starts NOT_SERVING. The service marks itself serving when it is ready, and
+/// [`serve`] marks everything NOT_SERVING again as soon as shutdown begins, so load balancers
+/// stop sending traffic before the listener closes.
+#[derive(Clone, Debug)]
+pub struct Health {
+    /// The reporter shared with the health server.
+    reporter: HealthReporter,
+    /// Fully-qualified names of the services this server hosts.
+    services: Vec<String>,
+}
+
+impl Health {
+    /// Health for a server hosting `services`, all NOT_SERVING.
+    pub async fn new(services: &[&str]) -> Self {
+        let health = Self {
+            reporter: HealthReporter::new(),
+            services: services.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        health.set_all(ServingStatus::NotServing).await;
+        health
+    }
+
+    /// Marks every hosted service, and the server as a whole, SERVING.
+    pub async fn set_serving(&self) {
+        self.set_all(ServingStatus::Serving).await;
+    }
+
+    /// Marks every hosted service, and the server as a whole, NOT_SERVING.
+    pub async fn set_not_serving(&self) {
+        self.set_all(ServingStatus::NotServing).await;
+    }
+
+    async fn set_all(&self, status: ServingStatus) {
+        for name in &self.services {
+            self.reporter.set_service_status(name, status).await;
+        }
+        self.reporter.set_service_status("", status).await;
+    }
+
+    /// The gRPC health service answering for this handle.
+    fn server(&self) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+        tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(self.reporter.clone()),
+        )
+    }
+}
+
+/// Serves `routes` on `listener`, with health and reflection (v1 and v1alpha, so grpcurl 1.8
+/// works too), until `shutdown` is cancelled.
+///
+/// On shutdown: health turns NOT_SERVING, the listener stops accepting, open streams are ended
+/// by their handlers (which watch the same token), in-flight calls get
+/// [`ServerOptions::shutdown_grace`] to finish, and then the server returns regardless.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    health: Health,
+    options: &ServerOptions,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr().ok();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(mip_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(mip_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let routes = routes
+        .add_service(health.server())
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let signal_health = health.clone();
+    let signal_token = shutdown.clone();
+    let signal = async move {
+        signal_token.cancelled().await;
+        signal_health.set_not_serving().await;
+    };
+    let server = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(options.keepalive_interval))
+        .http2_keepalive_timeout(Some(options.keepalive_timeout))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, signal);
+
+    let grace = options.shutdown_grace;
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = server => result?,
+        () = deadline => {
+            warn!(?addr, ?grace, "in-flight calls did not finish within the shutdown grace period; stopping anyway");
+        }
+    }
+    info!(?addr, "server stopped");
+    Ok(())
+}

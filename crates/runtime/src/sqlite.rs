@@ -1,0 +1,419 @@
+//! The embedded store's plumbing: one SQLite database per service, in WAL mode.
+//!
+//! Writes go through a single writer thread that **group-commits**: it takes every write that
+//! is waiting, runs each inside its own savepoint of one shared transaction, commits once (one
+//! fsync for the whole batch), and only then answers the callers. A write that fails rolls back
+//! its own savepoint without disturbing the others in its batch. Callers can attach an
+//! `on_commit` action that runs on the writer thread in commit order: the CRM store uses it to
+//! publish change events to live watchers in exactly the order they were committed.
+//!
+//! Reads use a small pool of read-only connections on blocking threads; WAL lets them run
+//! alongside the writer and always see a committed state.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use rusqlite_migration::Migrations;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error};
+
+/// Most writes grouped into one transaction. Bounds the latency a batch adds to its first
+/// write while still amortising the fsync over hundreds of writes under load.
+const MAX_BATCH: usize = 1024;
+
+/// Writes queued for the writer thread before callers wait for room: backpressure instead of
+/// unbounded memory when the disk is slower than the callers.
+const WRITE_QUEUE: usize = 8192;
+
+/// How hard SQLite pushes each commit to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Durability {
+    /// fsync on every commit: a committed write survives power loss. With group commit this
+    /// costs one fsync per batch, not per request.
+    #[default]
+    Full,
+    /// fsync only at WAL checkpoints: a committed write survives a process crash (`kill -9`)
+    /// but the last commits can be lost on power loss.
+    Normal,
+}
+
+/// Storage failures.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DbError {
+    /// SQLite reported an error.
+    #[error("database error: {0}")]
+    Sqlite(Arc<rusqlite::Error>),
+    /// No read connection could be had.
+    #[error("database connection pool: {0}")]
+    Pool(Arc<r2d2::Error>),
+    /// The schema could not be brought up to date.
+    #[error("database schema migration failed: {0}")]
+    Migration(Arc<rusqlite_migration::Error>),
+    /// The database file or its folder could not be opened or created.
+    #[error("cannot open database {path}: {reason}")]
+    Open {
+        /// The file that was being opened.
+        path: PathBuf,
+        /// What went wrong, in words.
+        reason: String,
+    },
+    /// The writer thread has stopped (the service is shutting down).
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+impl DbError {
+    /// Whether retrying later may succeed: the database was busy, or the store is restarting.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
+            DbError::Pool(_) | DbError::Closed => true,
+            DbError::Migration(_) | DbError::Open { .. } => false,
+        }
+    }
+
+    /// Whether the disk is full, which callers report as RESOURCE_EXHAUSTED.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, DbError::Sqlite(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull))
+    }
+}
+
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> Self {
+        DbError::Sqlite(Arc::new(e))
+    }
+}
+
+/// Called once the batch a write belonged to has committed (or failed to).
+type Completion = Box<dyn FnOnce(Result<(), DbError>) + Send>;
+
+/// A write waiting for the writer thread.
+trait WriteJob: Send {
+    /// Runs the write inside its savepoint; says whether it succeeded, and how to answer.
+    fn run(self: Box<Self>, conn: &Connection) -> (bool, Completion);
+    /// Answers the caller without running: the batch could not even begin.
+    fn abort(self: Box<Self>, error: DbError);
+}
+
+/// A typed write: the closure, what to do on commit, and where to send the answer.
+struct Job<F, C, T, E> {
+    /// The SQL work.
+    work: F,
+    /// Runs on the writer thread after commit, in commit order.
+    on_commit: C,
+    /// Where the caller waits.
+    reply: oneshot::Sender<Result<T, E>>,
+}
+
+impl<F, C, T, E> WriteJob for Job<F, C, T, E>
+where
+    F: FnOnce(&Connection) -> Result<T, E> + Send,
+    C: FnOnce(&T) + Send + 'static,
+    T: Send + 'static,
+    E: From<DbError> + Send + 'static,
+{
+    fn run(self: Box<Self>, conn: &Connection) -> (bool, Completion) {
+        let Job {
+            work,
+            on_commit,
+            reply,
+        } = *self;
+        let result = work(conn);
+        let ok = result.is_ok();
+        let completion: Completion = Box::new(move |committed| {
+            let answer = match (result, committed) {
+                (Ok(value), Ok(())) => {
+                    on_commit(&value);
+                    Ok(value)
+                }
+                (Ok(_), Err(e)) => Err(E::from(e)),
+                (Err(e), _) => Err(e),
+            };
+            let _ = reply.send(answer);
+        });
+        (ok, completion)
+    }
+
+    fn abort(self: Box<Self>, error: DbError) {
+        let _ = self.reply.send(Err(E::from(error)));
+    }
+}
+
+/// An open database: the writer thread's queue and the read pool.
+#[derive(Clone)]
+pub struct Db {
+    /// Queue of the writer thread.
+    writes: mpsc::Sender<Box<dyn WriteJob>>,
+    /// Read-only connections.
+    readers: r2d2::Pool<SqliteConnectionManager>,
+    /// The database file, for messages.
+    path: Arc<PathBuf>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("path", &self.path).finish()
+    }
+}
+
+impl Db {
+    /// Opens (creating if needed) `dir/file`, applies `migrations`, and starts the writer.
+    pub fn open(
+        dir: &Path,
+        file: &str,
+        migrations: &Migrations<'_>,
+        durability: Durability,
+    ) -> Result<Self, DbError> {
+        let path = dir.join(file);
+        std::fs::create_dir_all(dir).map_err(|e| DbError::Open {
+            path: path.clone(),
+            reason: format!("cannot create data directory {}: {e}", dir.display()),
+        })?;
+        let open_error = |e: rusqlite::Error| DbError::Open {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        let mut conn = Connection::open(&path).map_err(open_error)?;
+        let synchronous = match durability {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = {synchronous};
+             PRAGMA busy_timeout = 5000;
+             PRAGMA foreign_keys = ON;"
+        ))
+        .map_err(open_error)?;
+        // Creating the WAL needs a write; doing it now turns a read-only directory or a full
+        // disk into a clear start-up error instead of a failure on the first request.
+        conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
+            .map_err(open_error)?;
+        migrations
+            .to_latest(&mut conn)
+            .map_err(|e| DbError::Migration(Arc::new(e)))?;
+
+        let manager = SqliteConnectionManager::file(&path)
+            .with_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .with_init(|c| c.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = ON;"));
+        let readers = r2d2::Pool::builder()
+            .max_size(8)
+            .min_idle(Some(1))
+            .build(manager)
+            .map_err(|e| DbError::Pool(Arc::new(e)))?;
+
+        let (writes, queue) = mpsc::channel(WRITE_QUEUE);
+        let thread_path = path.clone();
+        std::thread::Builder::new()
+            .name(format!("sqlite-writer-{file}"))
+            .spawn(move || writer_loop(conn, queue, &thread_path))
+            .map_err(|e| DbError::Open {
+                path: path.clone(),
+                reason: format!("cannot start writer thread: {e}"),
+            })?;
+        Ok(Self {
+            writes,
+            readers,
+            path: Arc::new(path),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `work` in the next group commit and returns its result once that commit is durable.
+    pub async fn write<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+    {
+        self.write_then(work, |_| ()).await
+    }
+
+    /// Like [`Db::write`], and runs `on_commit` on the writer thread once the commit is
+    /// durable, in commit order relative to every other write's `on_commit`.
+    pub async fn write_then<T, E, F, C>(&self, work: F, on_commit: C) -> Result<T, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        C: FnOnce(&T) + Send + 'static,
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = Box::new(Job {
+            work,
+            on_commit,
+            reply,
+        });
+        self.writes
+            .send(job)
+            .await
+            .map_err(|_| E::from(DbError::Closed))?;
+        answer.await.map_err(|_| E::from(DbError::Closed))?
+    }
+
+    /// Runs `work` on a read-only connection, on a blocking thread.
+    pub async fn read<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+    {
+        let pool = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.get().map_err(|e| E::from(DbError::Pool(Arc::new(e))))?;
+            work(&conn)
+        })
+        .await
+        .map_err(|_| E::from(DbError::Closed))?
+    }
+}
+
+/// The writer thread: batch, run each write in a savepoint, commit once, answer in order.
+fn writer_loop(
+    mut conn: Connection,
+    mut queue: mpsc::Receiver<Box<dyn WriteJob>>,
+    path: &Path,
+) {
+    let mut batch: Vec<Box<dyn WriteJob>> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = queue.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let size = batch.len();
+        let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => {
+                error!(path = %path.display(), error = %e, "cannot begin a write transaction");
+                let e = DbError::from(e);
+                for job in batch.drain(..) {
+                    job.abort(e.clone());
+                }
+                continue;
+            }
+        };
+        let mut completions = Vec::with_capacity(size);
+        for job in batch.drain(..) {
+            let savepoint = match tx.savepoint() {
+                Ok(sp) => sp,
+                Err(e) => {
+                    job.abort(DbError::from(e));
+                    continue;
+                }
+            };
+            let (ok, completion) = job.run(&savepoint);
+            let outcome = if ok {
+                savepoint.commit()
+            } else {
+                savepoint.finish().and(Ok(()))
+            };
+            if let Err(e) = outcome {
+                // The savepoint itself failed: the transaction is in an unknown state, so the
+                // whole batch is rolled back below through this error.
+                completions.push(completion);
+                let e = DbError::from(e);
+                for c in completions.drain(..) {
+                    c(Err(e.clone()));
+                }
+                continue;
+            }
+            completions.push(completion);
+        }
+        let committed = tx.commit().map_err(DbError::from);
+        if let Err(e) = &committed {
+            error!(path = %path.display(), error = %e, "commit failed; the batch was rolled back");
+        } else {
+            debug!(size, "group commit");
+        }
+        for completion in completions {
+            completion(committed.clone());
+        }
+    }
+    // Every handle is gone: fold the WAL back into the main file so the data dir is compact.
+    if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+        debug!(error = %e, "final checkpoint skipped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite_migration::M;
+
+    use super::*;
+
+    fn migrations() -> Migrations<'static> {
+        Migrations::new(vec![M::up(
+            "CREATE TABLE item (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);",
+        )])
+    }
+
+    #[tokio::test]
+    async fn failed_write_does_not_disturb_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), "t.db", &migrations(), Durability::Normal).unwrap();
+        let insert = |name: &'static str| {
+            let db = db.clone();
+            async move {
+                db.write(move |c| {
+                    c.execute("INSERT INTO item (name) VALUES (?1)", [name])
+                        .map_err(DbError::from)
+                })
+                .await
+            }
+        };
+        let (a, b, c) = tokio::join!(insert("a"), insert("a"), insert("b"));
+        assert_eq!([a.is_ok(), b.is_ok(), c.is_ok()], [true, false, true]);
+        let count: i64 = db
+            .read(|c| {
+                c.query_row("SELECT COUNT(*) FROM item", [], |r| r.get(0))
+                    .map_err(DbError::from)
+            })
+            .await
+            .unwrap();
+        assert_eq!(count, 2);
+    }
+
+    #[tokio::test]
+    async fn data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Db::open(dir.path(), "t.db", &migrations(), Durability::Full).unwrap();
+            db.write(|c| {
+                c.execute("INSERT INTO item (name) VALUES ('kept')", [])
+                    .map_err(DbError::from)
+            })
+            .await
+            .unwrap();
+        }
+        let db = Db::open(dir.path(), "t.db", &migrations(), Durability::Full).unwrap();
+        let name: String = db
+            .read(|c| {
+                c.query_row("SELECT name FROM item", [], |r| r.get(0))
+                    .map_err(DbError::from)
+            })
+            .await
+            .unwrap();
+        assert_eq!(name, "kept");
+    }
+
+    #[test]
+    fn read_only_data_dir_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("not-a-dir");
+        std::fs::write(&blocker, b"file").unwrap();
+        let err = Db::open(&blocker, "t.db", &migrations(), Durability::Full).unwrap_err();
+        assert!(err.to_string().contains("cannot create data directory"), "{err}");
+    }
+}

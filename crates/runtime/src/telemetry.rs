@@ -1,0 +1,31 @@
+//! Logging set-up: `RUST_LOG` filters, `--log-format` picks text or one JSON object per line.
+
+use tracing_subscriber::EnvFilter;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, with stable field names (`timestamp`, `level`, `target`,
+    /// `fields.message`, and the event's own fields).
+    Json,
+}
+
+/// Installs the global subscriber. `RUST_LOG` overrides the default filter (`info`).
+/// Calling it twice is harmless (tests start several servers in one process).
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(false)
+            .with_current_span(false)
+            .try_init(),
+    };
+}
