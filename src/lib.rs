@@ -69,7 +69,10 @@ mod tests {
             })
             .collect();
         for name in SERVICE_NAMES {
-            assert!(services.iter().any(|s| s == name), "{name} missing from {services:?}");
+            assert!(
+                services.iter().any(|s| s == name),
+                "{name} missing from {services:?}"
+            );
         }
     }
 

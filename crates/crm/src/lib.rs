@@ -1,1 +1,133 @@
-//! placeholder
+//! The CRM service: customers, and the ordered, resumable feed of every change to them.
+//!
+//! - [`domain`]: customers, validation, events and log positions.
+//! - [`store`]: the storage trait and its SQLite implementation (group commit, change log in
+//!   the same transaction as each change).
+//! - [`feed`]: the in-memory live end of the change log that watchers read from.
+//! - [`service`]: the gRPC edge (`crm.v1.CrmService`), including the watch streams.
+//! - [`error`]: every failure, and its gRPC status.
+//!
+//! [`serve`] runs the service on a listener until a shutdown token is cancelled.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod domain;
+pub mod error;
+pub mod feed;
+pub mod service;
+pub mod store;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mip_proto::crm::v1::crm_service_server::CrmServiceServer;
+use mip_runtime::CancellationToken;
+use mip_runtime::clock::SharedClock;
+use mip_runtime::server::{Health, ServeError, ServerOptions};
+use mip_runtime::sqlite::Durability;
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+use tracing::warn;
+
+pub use error::Error;
+pub use service::CrmApi;
+pub use store::{CrmStore, SqliteStore};
+
+/// Fully-qualified gRPC name of the service, as health checks and reflection know it.
+pub const SERVICE_NAME: &str = "crm.v1.CrmService";
+
+/// CRM's own flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CrmOptions {
+    /// Interval between heartbeats on an idle WatchCustomers stream. Heartbeats carry the
+    /// current resume token and keep proxies from closing quiet streams.
+    #[arg(long, env = "MIP_CRM_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Delete change events older than this (for example `7d`). Resume tokens older than what
+    /// is kept then get FAILED_PRECONDITION (RESUME_TOKEN_EXPIRED). Unset: keep every event.
+    #[arg(long, env = "MIP_CRM_EVENT_RETENTION", value_parser = humantime::parse_duration)]
+    pub event_retention: Option<Duration>,
+
+    /// Make WatchCustomers return UNIMPLEMENTED, so clients must poll ListCustomerEvents.
+    /// Demonstrates the integration service's polling fallback.
+    #[arg(long, env = "MIP_CRM_DISABLE_WATCH")]
+    pub disable_watch: bool,
+
+    /// Most WatchCustomers streams open at once; further ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MIP_CRM_MAX_WATCHERS", default_value_t = 10_000)]
+    pub max_watchers: usize,
+}
+
+impl Default for CrmOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(5),
+            event_retention: None,
+            disable_watch: false,
+            max_watchers: 10_000,
+        }
+    }
+}
+
+/// Opens the store in `data_dir` and serves CRM on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    data_dir: &Path,
+    durability: Durability,
+    options: CrmOptions,
+    server: &ServerOptions,
+    clock: SharedClock,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let health = Health::new(&[SERVICE_NAME]).await;
+    let store = Arc::new(SqliteStore::open(data_dir, durability).await?);
+    if let Some(retention) = options.event_retention {
+        tokio::spawn(prune_loop(
+            Arc::clone(&store),
+            retention,
+            Arc::clone(&clock),
+            shutdown.clone(),
+        ));
+    }
+    let api = CrmApi::new(store, options, clock, shutdown.clone());
+    let routes = Routes::new(mip_runtime::limited!(CrmServiceServer::new(api), server));
+    health.set_serving().await;
+    mip_runtime::server::serve(listener, routes, health, server, shutdown).await?;
+    Ok(())
+}
+
+/// Why CRM could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened.
+    #[error("CRM store: {0}")]
+    Store(#[from] Error),
+    /// Serving failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Deletes expired events every tenth of the retention period (at least every minute).
+async fn prune_loop<S: CrmStore>(
+    store: Arc<S>,
+    retention: Duration,
+    clock: SharedClock,
+    shutdown: CancellationToken,
+) {
+    let period = (retention / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut ticker = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let cutoff = clock.now().checked_sub(retention);
+        if let Some(cutoff) = cutoff
+            && let Err(e) = store.prune_events(cutoff).await
+        {
+            warn!(error = %e, "event retention failed; will retry");
+        }
+    }
+}

@@ -1,1 +1,334 @@
-//! placeholder
+//! The integration service: every customer created in CRM gets exactly one welcome package
+//! request in Inventory.
+//!
+//! - [`engine`]: follows CRM's feed (stream, poll, and back), runs deliveries concurrently, and
+//!   keeps the checkpoint at the low watermark of finished work.
+//! - [`deliver`]: one delivery: derived idempotency key, deadline, status-aware retries.
+//! - [`tracker`]: the checkpoint rule.
+//! - [`store`]: checkpoint and dead letters in the service's own SQLite database.
+//! - [`service`]: the admin API (`integration.v1.IntegrationService`).
+//!
+//! The guarantee: at-least-once delivery (the checkpoint never passes unfinished work) plus an
+//! idempotent receiver (the same request id for the same customer) gives an exactly-once
+//! effect: one package request per customer.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod deliver;
+pub mod engine;
+pub mod service;
+pub mod store;
+pub mod tracker;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use mip_proto::crm::v1::crm_service_client::CrmServiceClient;
+use mip_proto::integration::v1::integration_service_server::IntegrationServiceServer;
+use mip_runtime::CancellationToken;
+use mip_runtime::clock::SharedClock;
+use mip_runtime::server::{Health, ServeError, ServerOptions};
+use mip_runtime::sqlite::{DbError, Durability};
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::deliver::{Deliverer, Jitter, RetryPolicy};
+use crate::engine::{Engine, FeedSettings, Handler};
+use crate::store::{IntegrationStore, SqliteStore};
+use crate::tracker::Mark;
+
+/// Fully-qualified gRPC name of the admin service.
+pub const SERVICE_NAME: &str = "integration.v1.IntegrationService";
+
+/// How the service reads CRM's feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Mode {
+    /// Stream; fall back to polling when streaming fails, and return when it works again.
+    #[default]
+    Auto,
+    /// Stream only; reconnect with backoff on failure.
+    Stream,
+    /// Poll only.
+    Poll,
+}
+
+/// Where to start on a first run, with no checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum StartPosition {
+    /// From the oldest event CRM keeps: existing customers get their package too.
+    #[default]
+    Earliest,
+    /// Only customers created from now on.
+    Latest,
+}
+
+/// What the feed reader is doing right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedState {
+    /// Following `WatchCustomers`.
+    Stream,
+    /// Polling `ListCustomerEvents`.
+    Poll,
+}
+
+/// The integration service's flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IntegrationOptions {
+    /// CRM address (HOST:PORT or URL).
+    #[arg(long, env = "MIP_CRM_ADDR", default_value = "127.0.0.1:50051")]
+    pub crm_addr: String,
+
+    /// Inventory address (HOST:PORT or URL).
+    #[arg(long, env = "MIP_INVENTORY_ADDR", default_value = "127.0.0.1:50052")]
+    pub inventory_addr: String,
+
+    /// How to read CRM's feed: `auto` streams and falls back to polling, `stream` or `poll`
+    /// force one.
+    #[arg(long, env = "MIP_INTEGRATION_MODE", value_enum, default_value_t = Mode::Auto)]
+    pub mode: Mode,
+
+    /// Where to start when there is no checkpoint yet: `earliest` also delivers to customers
+    /// that already exist; `latest` only to new ones.
+    #[arg(long, env = "MIP_INTEGRATION_START_POSITION", value_enum, default_value_t = StartPosition::Earliest)]
+    pub start_position: StartPosition,
+
+    /// Pause between polls once caught up. A poll reads only new events, so short is cheap.
+    #[arg(long, env = "MIP_INTEGRATION_POLL_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+
+    /// While polling in auto mode, how often to try streaming again.
+    #[arg(long, env = "MIP_INTEGRATION_STREAM_PROBE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub stream_probe_interval: Duration,
+
+    /// Consecutive stream failures before auto mode falls back to polling (UNIMPLEMENTED
+    /// switches at once).
+    #[arg(long, env = "MIP_INTEGRATION_STREAM_FAILURES", default_value_t = 3)]
+    pub stream_failures_before_poll: u32,
+
+    /// A watch stream silent for this long (no event, no heartbeat) is reconnected. Keep it
+    /// above CRM's heartbeat interval.
+    #[arg(long, env = "MIP_INTEGRATION_STREAM_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub stream_idle_timeout: Duration,
+
+    /// Package requests in flight at once.
+    #[arg(long, env = "MIP_INTEGRATION_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub max_in_flight: usize,
+
+    /// Attempts per delivery before it is dead-lettered (transient errors only; permanent
+    /// errors dead-letter at once).
+    #[arg(long, env = "MIP_INTEGRATION_MAX_ATTEMPTS", default_value_t = 30)]
+    pub max_attempts: u32,
+
+    /// Deadline of each call to CRM or Inventory.
+    #[arg(long, env = "MIP_INTEGRATION_CALL_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub call_timeout: Duration,
+
+    /// First retry backoff; doubles per attempt, with jitter.
+    #[arg(long, env = "MIP_INTEGRATION_RETRY_INITIAL", default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub retry_initial: Duration,
+
+    /// Largest retry backoff.
+    #[arg(long, env = "MIP_INTEGRATION_RETRY_MAX", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub retry_max: Duration,
+}
+
+impl Default for IntegrationOptions {
+    fn default() -> Self {
+        Self {
+            crm_addr: "127.0.0.1:50051".into(),
+            inventory_addr: "127.0.0.1:50052".into(),
+            mode: Mode::Auto,
+            start_position: StartPosition::Earliest,
+            poll_interval: Duration::from_millis(500),
+            stream_probe_interval: Duration::from_secs(10),
+            stream_failures_before_poll: 3,
+            stream_idle_timeout: Duration::from_secs(30),
+            max_in_flight: 64,
+            max_attempts: 30,
+            call_timeout: Duration::from_secs(5),
+            retry_initial: Duration::from_millis(50),
+            retry_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Counters and feed state, shared by the engine and the admin API.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Package requests created or found created.
+    pub delivered: AtomicU64,
+    /// Retried attempts.
+    pub retried: AtomicU64,
+    /// Deliveries that went to the dead-letter list.
+    pub dead_lettered: AtomicU64,
+    /// Switches between streaming and polling.
+    pub mode_switches: AtomicU64,
+    /// Whether a watch stream is open.
+    pub stream_connected: AtomicBool,
+    /// 0 unknown, 1 stream, 2 poll.
+    mode: AtomicU8,
+    /// Newest CRM sequence seen.
+    head_seen: AtomicI64,
+    /// The saved checkpoint.
+    checkpoint: Mutex<Option<Mark>>,
+}
+
+impl Stats {
+    /// The feed state.
+    pub fn mode(&self) -> FeedState {
+        if self.mode.load(Ordering::Relaxed) == 2 {
+            FeedState::Poll
+        } else {
+            FeedState::Stream
+        }
+    }
+
+    fn set_mode(&self, state: FeedState) {
+        let code = match state {
+            FeedState::Stream => 1,
+            FeedState::Poll => 2,
+        };
+        self.mode.store(code, Ordering::Relaxed);
+    }
+
+    fn saw_head(&self, sequence: i64) {
+        self.head_seen.fetch_max(sequence, Ordering::Relaxed);
+    }
+
+    fn set_checkpoint(&self, mark: &Mark) {
+        self.saw_head(mark.sequence);
+        *self.checkpoint.lock().expect("stats lock") = Some(mark.clone());
+    }
+
+    /// The saved checkpoint's token and sequence (empty and 0 before the first).
+    pub fn checkpoint(&self) -> (String, i64) {
+        self.checkpoint
+            .lock()
+            .expect("stats lock")
+            .as_ref()
+            .map(|m| (m.token.clone(), m.sequence))
+            .unwrap_or_default()
+    }
+
+    /// Events in CRM's log after the checkpoint, as last seen.
+    pub fn lag(&self) -> i64 {
+        let (_, checkpoint) = self.checkpoint();
+        (self.head_seen.load(Ordering::Relaxed) - checkpoint).max(0)
+    }
+}
+
+/// Why the integration service could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened.
+    #[error("integration store: {0}")]
+    Store(#[from] DbError),
+    /// An address is not a valid endpoint.
+    #[error("invalid address {addr:?}: {source}")]
+    Address {
+        /// The address given.
+        addr: String,
+        /// Why it is invalid.
+        source: tonic::transport::Error,
+    },
+    /// Serving failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// A lazily connected channel: the service starts even while CRM or Inventory is down, and
+/// reconnects by itself when they come back.
+fn channel(addr: &str, options: &IntegrationOptions) -> Result<Channel, StartError> {
+    let url = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = Endpoint::from_shared(url).map_err(|source| StartError::Address {
+        addr: addr.to_owned(),
+        source,
+    })?;
+    Ok(endpoint
+        .connect_timeout(options.call_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+/// Opens the store in `data_dir`, serves the admin API on `listener`, and follows CRM until
+/// `shutdown` is cancelled.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve(
+    listener: TcpListener,
+    data_dir: &Path,
+    durability: Durability,
+    options: IntegrationOptions,
+    server: &ServerOptions,
+    clock: SharedClock,
+    jitter: Arc<dyn Jitter>,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let health = Health::new(&[SERVICE_NAME]).await;
+    let store = Arc::new(SqliteStore::open(data_dir, durability)?);
+    let checkpoint = store.checkpoint().await?;
+    let stats = Arc::new(Stats::default());
+    let crm = CrmServiceClient::new(channel(&options.crm_addr, &options)?)
+        .max_decoding_message_size(server.max_message_bytes);
+    let deliverer = Deliverer::new(
+        channel(&options.inventory_addr, &options)?,
+        RetryPolicy {
+            max_attempts: options.max_attempts.max(1),
+            initial_backoff: options.retry_initial,
+            max_backoff: options.retry_max,
+            call_timeout: options.call_timeout,
+        },
+        jitter,
+        Arc::clone(&stats),
+        server.max_message_bytes,
+    );
+    let handler = Handler {
+        store: Arc::clone(&store),
+        deliverer: deliverer.clone(),
+        stats: Arc::clone(&stats),
+        clock: Arc::clone(&clock),
+        shutdown: shutdown.clone(),
+    };
+    let settings = FeedSettings {
+        mode: options.mode,
+        start_position: options.start_position,
+        poll_interval: options.poll_interval,
+        stream_probe_interval: options.stream_probe_interval,
+        stream_failures_before_poll: options.stream_failures_before_poll.max(1),
+        stream_idle_timeout: options.stream_idle_timeout,
+        max_in_flight: options.max_in_flight.max(1),
+        call_timeout: options.call_timeout,
+        initial_backoff: options.retry_initial,
+        max_backoff: options.retry_max,
+    };
+    let engine = Engine::new(
+        Arc::clone(&store),
+        crm,
+        deliverer,
+        settings,
+        Arc::clone(&stats),
+        clock,
+        shutdown.clone(),
+    );
+    let configured_mode = format!("{:?}", options.mode).to_lowercase();
+    let api = service::IntegrationApi::new(handler, stats, configured_mode);
+    let routes = Routes::new(mip_runtime::limited!(
+        IntegrationServiceServer::new(api),
+        server
+    ));
+    let engine_task = tokio::spawn(engine.run(checkpoint));
+    health.set_serving().await;
+    let served = mip_runtime::server::serve(listener, routes, health, server, shutdown).await;
+    let _ = engine_task.await;
+    served?;
+    Ok(())
+}

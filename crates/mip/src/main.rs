@@ -1,1 +1,360 @@
-fn main() {}
+//! `mip`: runs the Mini Integration Platform's services, together or one at a time, and probes
+//! their health. Everything here is flag parsing and wiring; the services live in their crates.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mip_integration::deliver::RandomJitter;
+use mip_runtime::CancellationToken;
+use mip_runtime::clock::{SharedClock, SystemClock};
+use mip_runtime::server::{ServerOptions, bind};
+use mip_runtime::sqlite::Durability;
+use mip_runtime::telemetry::{self, LogFormat};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tracing::{error, info};
+
+/// Mini Integration Platform: every customer created in CRM gets exactly one welcome package
+/// request in Inventory.
+#[derive(Debug, Parser)]
+#[command(name = "mip", version, about, long_about = None)]
+struct Cli {
+    /// Log line format.
+    #[arg(long, env = "MIP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run CRM, Inventory and the integration service in one process.
+    All(AllArgs),
+    /// Run the CRM service alone.
+    Crm(CrmArgs),
+    /// Run the Inventory service alone.
+    Inventory(InventoryArgs),
+    /// Run the integration service alone (it calls CRM and Inventory at --crm-addr and
+    /// --inventory-addr).
+    Integration(IntegrationArgs),
+    /// Ask a server for its health; exit 0 if SERVING, 1 if not, 2 if it cannot be asked.
+    Health(HealthArgs),
+}
+
+/// Where a service keeps its database, and how durably.
+#[derive(Debug, Clone, clap::Args)]
+struct StoreArgs {
+    /// Directory of the embedded SQLite databases (one file per service). Created if missing.
+    #[arg(long, env = "MIP_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+
+    /// `full`: every commit is fsynced (survives power loss). `normal`: survives a process
+    /// crash, may lose the last commits on power loss.
+    #[arg(long, env = "MIP_DURABILITY", value_enum, default_value_t = Durability::Full)]
+    durability: Durability,
+}
+
+#[derive(Debug, clap::Args)]
+struct AllArgs {
+    /// Address of the CRM service.
+    #[arg(long, env = "MIP_CRM_LISTEN", default_value = "127.0.0.1:50051")]
+    crm_listen: SocketAddr,
+
+    /// Address of the Inventory service.
+    #[arg(long, env = "MIP_INVENTORY_LISTEN", default_value = "127.0.0.1:50052")]
+    inventory_listen: SocketAddr,
+
+    /// Address of the integration service's admin API.
+    #[arg(
+        long,
+        env = "MIP_INTEGRATION_LISTEN",
+        default_value = "127.0.0.1:50053"
+    )]
+    integration_listen: SocketAddr,
+
+    #[command(flatten)]
+    store: StoreArgs,
+
+    #[command(flatten)]
+    crm: mip_crm::CrmOptions,
+
+    #[command(flatten)]
+    integration: mip_integration::IntegrationOptions,
+
+    #[command(flatten)]
+    server: ServerOptions,
+}
+
+#[derive(Debug, clap::Args)]
+struct CrmArgs {
+    /// Address to serve on.
+    #[arg(long, env = "MIP_CRM_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+
+    #[command(flatten)]
+    store: StoreArgs,
+
+    #[command(flatten)]
+    crm: mip_crm::CrmOptions,
+
+    #[command(flatten)]
+    server: ServerOptions,
+}
+
+#[derive(Debug, clap::Args)]
+struct InventoryArgs {
+    /// Address to serve on.
+    #[arg(long, env = "MIP_INVENTORY_LISTEN", default_value = "127.0.0.1:50052")]
+    listen: SocketAddr,
+
+    #[command(flatten)]
+    store: StoreArgs,
+
+    #[command(flatten)]
+    server: ServerOptions,
+}
+
+#[derive(Debug, clap::Args)]
+struct IntegrationArgs {
+    /// Address of the admin API.
+    #[arg(
+        long,
+        env = "MIP_INTEGRATION_LISTEN",
+        default_value = "127.0.0.1:50053"
+    )]
+    listen: SocketAddr,
+
+    #[command(flatten)]
+    store: StoreArgs,
+
+    #[command(flatten)]
+    integration: mip_integration::IntegrationOptions,
+
+    #[command(flatten)]
+    server: ServerOptions,
+}
+
+#[derive(Debug, clap::Args)]
+struct HealthArgs {
+    /// Server to ask, as HOST:PORT.
+    #[arg(long, env = "MIP_HEALTH_ADDR", default_value = "127.0.0.1:50051")]
+    addr: String,
+
+    /// Service to ask about, for example `crm.v1.CrmService`. Empty: the server as a whole.
+    #[arg(long, env = "MIP_HEALTH_SERVICE", default_value = "")]
+    service: String,
+
+    /// How long to wait for an answer.
+    #[arg(long, env = "MIP_HEALTH_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mip: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Health(args) => health(args).await,
+            command => match run(command).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e:#}");
+                    eprintln!("mip: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+        }
+    })
+}
+
+/// Cancels the returned token on the first ctrl-c or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutdown requested: draining");
+        trigger.cancel();
+    });
+    token
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn clock() -> SharedClock {
+    Arc::new(SystemClock)
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    let shutdown = shutdown_on_signal();
+    match command {
+        Command::All(mut args) => {
+            let crm_listener = bind(args.crm_listen).await?;
+            let inventory_listener = bind(args.inventory_listen).await?;
+            let integration_listener = bind(args.integration_listen).await?;
+            // In one process the integration service talks to its neighbours where they listen.
+            args.integration.crm_addr = args.crm_listen.to_string();
+            args.integration.inventory_addr = args.inventory_listen.to_string();
+            announce("CRM", args.crm_listen, "crm.v1.CrmService/ListCustomers");
+            announce(
+                "Inventory",
+                args.inventory_listen,
+                "inventory.v1.InventoryService/ListPackageRequests",
+            );
+            announce(
+                "Integration",
+                args.integration_listen,
+                "integration.v1.IntegrationService/GetStatus",
+            );
+            let crm = mip_crm::serve(
+                crm_listener,
+                &args.store.data_dir,
+                args.store.durability,
+                args.crm,
+                &args.server,
+                clock(),
+                shutdown.clone(),
+            );
+            let inventory = mip_inventory::serve(
+                inventory_listener,
+                &args.store.data_dir,
+                args.store.durability,
+                &args.server,
+                clock(),
+                shutdown.clone(),
+            );
+            // If one service fails, stop the others instead of limping along half-up.
+            let stop_all = |result: anyhow::Result<()>| {
+                if result.is_err() {
+                    shutdown.cancel();
+                }
+                result
+            };
+            let integration = mip_integration::serve(
+                integration_listener,
+                &args.store.data_dir,
+                args.store.durability,
+                args.integration,
+                &args.server,
+                clock(),
+                Arc::new(RandomJitter),
+                shutdown.clone(),
+            );
+            let (crm, inventory, integration) = tokio::join!(
+                async { stop_all(crm.await.context("CRM")) },
+                async { stop_all(inventory.await.context("Inventory")) },
+                async { stop_all(integration.await.context("integration service")) },
+            );
+            crm.and(inventory).and(integration)
+        }
+        Command::Crm(args) => {
+            let listener = bind(args.listen).await?;
+            announce("CRM", args.listen, "crm.v1.CrmService/ListCustomers");
+            mip_crm::serve(
+                listener,
+                &args.store.data_dir,
+                args.store.durability,
+                args.crm,
+                &args.server,
+                clock(),
+                shutdown,
+            )
+            .await
+            .context("CRM")
+        }
+        Command::Inventory(args) => {
+            let listener = bind(args.listen).await?;
+            announce(
+                "Inventory",
+                args.listen,
+                "inventory.v1.InventoryService/ListPackageRequests",
+            );
+            mip_inventory::serve(
+                listener,
+                &args.store.data_dir,
+                args.store.durability,
+                &args.server,
+                clock(),
+                shutdown,
+            )
+            .await
+            .context("Inventory")
+        }
+        Command::Integration(args) => {
+            let listener = bind(args.listen).await?;
+            announce(
+                "Integration",
+                args.listen,
+                "integration.v1.IntegrationService/GetStatus",
+            );
+            mip_integration::serve(
+                listener,
+                &args.store.data_dir,
+                args.store.durability,
+                args.integration,
+                &args.server,
+                clock(),
+                Arc::new(RandomJitter),
+                shutdown,
+            )
+            .await
+            .context("integration service")
+        }
+        Command::Health(_) => unreachable!("handled in main"),
+    }
+}
+
+fn announce(name: &str, addr: SocketAddr, example: &str) {
+    info!(%addr, "{name} serving; try: grpcurl -plaintext -d '{{}}' {addr} {example}");
+}
+
+/// Exit codes: 0 SERVING, 1 answered but not SERVING, 2 could not ask.
+async fn health(args: HealthArgs) -> ExitCode {
+    match mip_runtime::probe::check(&args.addr, &args.service, args.timeout).await {
+        Ok(ServingStatus::Serving) => {
+            println!("SERVING");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            println!("{}", status.as_str_name());
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("mip health: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 /// Why a probe did not get a status.
 #[derive(Debug, thiserror::Error)]

@@ -129,7 +129,10 @@ impl Health {
     }
 
     /// The gRPC health service answering for this handle.
-    fn server(&self) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    fn server(
+        &self,
+    ) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>
+    {
         tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(self.reporter.clone()),
         )

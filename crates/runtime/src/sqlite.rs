@@ -269,7 +269,9 @@ impl Db {
     {
         let pool = self.readers.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = pool.get().map_err(|e| E::from(DbError::Pool(Arc::new(e))))?;
+            let conn = pool
+                .get()
+                .map_err(|e| E::from(DbError::Pool(Arc::new(e))))?;
             work(&conn)
         })
         .await
@@ -278,11 +280,7 @@ impl Db {
 }
 
 /// The writer thread: batch, run each write in a savepoint, commit once, answer in order.
-fn writer_loop(
-    mut conn: Connection,
-    mut queue: mpsc::Receiver<Box<dyn WriteJob>>,
-    path: &Path,
-) {
+fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn WriteJob>>, path: &Path) {
     let mut batch: Vec<Box<dyn WriteJob>> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
@@ -414,6 +412,9 @@ mod tests {
         let blocker = dir.path().join("not-a-dir");
         std::fs::write(&blocker, b"file").unwrap();
         let err = Db::open(&blocker, "t.db", &migrations(), Durability::Full).unwrap_err();
-        assert!(err.to_string().contains("cannot create data directory"), "{err}");
+        assert!(
+            err.to_string().contains("cannot create data directory"),
+            "{err}"
+        );
     }
 }

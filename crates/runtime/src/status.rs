@@ -106,8 +106,14 @@ mod tests {
         v.add("email", "is not an email address");
         let status = v.into_status();
         assert_eq!(status.code(), Code::InvalidArgument);
-        let bad = status.get_details_bad_request().expect("bad request detail");
-        let fields: Vec<_> = bad.field_violations.iter().map(|f| f.field.as_str()).collect();
+        let bad = status
+            .get_details_bad_request()
+            .expect("bad request detail");
+        let fields: Vec<_> = bad
+            .field_violations
+            .iter()
+            .map(|f| f.field.as_str())
+            .collect();
         assert_eq!(fields, ["name", "email"]);
         assert!(status.message().contains("email: is not an email address"));
     }

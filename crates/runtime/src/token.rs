@@ -92,7 +92,10 @@ mod tests {
         let altered: String = chars.into_iter().collect();
         assert_eq!(decode::<1>(1, &altered), Err(TokenError::Malformed));
         assert_eq!(decode::<1>(1, "not a token!"), Err(TokenError::Malformed));
-        assert_eq!(decode::<1>(1, &token[..token.len() - 2]), Err(TokenError::Malformed));
+        assert_eq!(
+            decode::<1>(1, &token[..token.len() - 2]),
+            Err(TokenError::Malformed)
+        );
     }
 
     #[test]

@@ -1,0 +1,475 @@
+//! The gRPC edge of CRM: requests become validated domain values here, results become
+//! protobuf here, and nothing past this module sees either protobuf or SQL.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mip_proto::crm::v1 as pb;
+use mip_proto::timestamp;
+use mip_runtime::CancellationToken;
+use mip_runtime::clock::{SharedClock, from_micros, to_micros};
+use mip_runtime::status::Violations;
+use mip_runtime::token::{self, TokenError};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info};
+use uuid::Uuid;
+
+use crate::CrmOptions;
+use crate::domain::{
+    Customer, CustomerEvent, CustomerPatch, Email, EventType, LogBounds, Name, NewCustomer,
+    Position, Start,
+};
+use crate::error::Error;
+use crate::store::CrmStore;
+
+/// Token kind of resume tokens: `[log_id, position]`.
+const RESUME_TOKEN: u8 = 1;
+/// Token kind of `ListCustomers` page tokens: `[log_id, snapshot, after_created_seq]`.
+const CUSTOMER_PAGE_TOKEN: u8 = 2;
+
+/// Page size when the request leaves it at 0.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest page; larger requests are lowered to it.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// Events read per step by a watcher that is catching up.
+const WATCH_BATCH: usize = 256;
+/// Messages queued per watch stream before the watcher waits for the client to read.
+const WATCH_BUFFER: usize = 128;
+
+/// The `crm.v1.CrmService` implementation.
+pub struct CrmApi<S> {
+    /// Customers and the change log.
+    store: Arc<S>,
+    /// Flags.
+    options: CrmOptions,
+    /// Where timestamps come from.
+    clock: SharedClock,
+    /// One permit per open watch stream.
+    watchers: Arc<Semaphore>,
+    /// Cancelled when the server shuts down; ends every watch stream.
+    shutdown: CancellationToken,
+}
+
+impl<S: CrmStore> CrmApi<S> {
+    /// A service over `store`.
+    pub fn new(
+        store: Arc<S>,
+        options: CrmOptions,
+        clock: SharedClock,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            watchers: Arc::new(Semaphore::new(options.max_watchers)),
+            store,
+            options,
+            clock,
+            shutdown,
+        }
+    }
+
+    /// The current time at the store's precision (microseconds), so that what a create
+    /// returns equals what every later read returns.
+    fn now(&self) -> std::time::SystemTime {
+        from_micros(to_micros(self.clock.now()))
+    }
+
+    /// Turns a request's token or start position into a checked position in this log.
+    fn resolve_start(&self, start: Start) -> Result<Position, Error> {
+        let bounds = self.store.bounds();
+        match start {
+            Start::Earliest => Ok(Position(bounds.pruned_through)),
+            Start::Latest => Ok(Position(bounds.head)),
+            Start::After(position) => {
+                check_position(position, &bounds)?;
+                Ok(position)
+            }
+        }
+    }
+
+    fn parse_start(&self, resume_token: &str, start_position: i32) -> Result<Position, Error> {
+        let start = if resume_token.is_empty() {
+            match pb::StartPosition::try_from(start_position) {
+                Ok(pb::StartPosition::Earliest) => Start::Earliest,
+                Ok(pb::StartPosition::Latest | pb::StartPosition::Unspecified) => Start::Latest,
+                Err(_) => {
+                    return Err(Error::InvalidField {
+                        field: "start_position",
+                        reason: format!("unknown value {start_position}"),
+                    });
+                }
+            }
+        } else {
+            let [log_id, position] = token::decode::<2>(RESUME_TOKEN, resume_token)
+                .map_err(|e| token_error("resume_token", e))?;
+            if log_id != self.store.bounds().log_id {
+                return Err(Error::TokenUnknownLog);
+            }
+            Start::After(Position(position))
+        };
+        self.resolve_start(start)
+    }
+
+    fn resume_token(&self, position: Position) -> String {
+        resume_token(self.store.bounds().log_id, position)
+    }
+
+    fn event_to_proto(&self, event: &CustomerEvent) -> pb::CustomerEvent {
+        event_to_proto(self.store.bounds().log_id, event)
+    }
+}
+
+fn resume_token(log_id: u64, position: Position) -> String {
+    token::encode(RESUME_TOKEN, &[log_id, position.0])
+}
+
+fn check_position(position: Position, bounds: &LogBounds) -> Result<(), Error> {
+    if position.0 > bounds.head {
+        return Err(Error::TokenAhead {
+            position: position.0,
+            head: bounds.head,
+        });
+    }
+    if position.0 < bounds.pruned_through {
+        return Err(Error::TokenExpired {
+            position: position.0,
+            pruned_through: bounds.pruned_through,
+        });
+    }
+    Ok(())
+}
+
+/// What to tell a client about a token it should not have sent.
+pub(crate) fn token_reason(error: TokenError) -> &'static str {
+    match error {
+        TokenError::Malformed => "is malformed; pass a token exactly as the server returned it",
+        TokenError::WrongKind => "was issued for a different request",
+    }
+}
+
+fn token_error(field: &'static str, error: TokenError) -> Error {
+    Error::InvalidField {
+        field,
+        reason: token_reason(error).to_owned(),
+    }
+}
+
+/// Reads `page_size`: 0 is the default, negatives are refused, large values are lowered.
+pub(crate) fn page_size(violations: &mut Violations, raw: i32) -> usize {
+    match raw {
+        0 => DEFAULT_PAGE_SIZE,
+        n if n < 0 => {
+            violations.add("page_size", "must not be negative");
+            DEFAULT_PAGE_SIZE
+        }
+        n => usize::try_from(n)
+            .unwrap_or(MAX_PAGE_SIZE)
+            .min(MAX_PAGE_SIZE),
+    }
+}
+
+fn parse_id(violations: &mut Violations, field: &str, raw: &str) -> Option<Uuid> {
+    if raw.is_empty() {
+        violations.add(field, "is required");
+        return None;
+    }
+    violations.check(
+        field,
+        Uuid::try_parse(raw.trim()).map_err(|_| "is not a UUID (expected 8-4-4-4-12 hex digits)"),
+    )
+}
+
+fn customer_to_proto(customer: &Customer) -> pb::Customer {
+    pb::Customer {
+        id: customer.id.to_string(),
+        name: customer.name.clone(),
+        email: customer.email.clone(),
+        create_time: Some(timestamp(customer.create_time)),
+        update_time: Some(timestamp(customer.update_time)),
+        version: customer.version,
+    }
+}
+
+fn event_to_proto(log_id: u64, event: &CustomerEvent) -> pb::CustomerEvent {
+    let kind = match event.kind {
+        EventType::Created => pb::CustomerEventType::Created,
+        EventType::Updated => pb::CustomerEventType::Updated,
+        EventType::Deleted => pb::CustomerEventType::Deleted,
+    };
+    pb::CustomerEvent {
+        event_id: event.event_id.to_string(),
+        r#type: kind.into(),
+        customer: Some(customer_to_proto(&event.customer)),
+        resume_token: resume_token(log_id, Position(event.seq)),
+        commit_time: Some(timestamp(event.commit_time)),
+        sequence: seq_i64(Position(event.seq)),
+    }
+}
+
+/// A position as the protobuf `int64` sequence field.
+fn seq_i64(position: Position) -> i64 {
+    i64::try_from(position.0).unwrap_or(i64::MAX)
+}
+
+/// The stream type of `WatchCustomers`.
+pub type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchCustomersResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
+    async fn create_customer(
+        &self,
+        request: Request<pb::CreateCustomerRequest>,
+    ) -> Result<Response<pb::Customer>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let name = violations.check("name", Name::parse(&request.name));
+        let email = violations.check("email", Email::parse(&request.email));
+        let request_id = if request.request_id.is_empty() {
+            None
+        } else {
+            parse_id(&mut violations, "request_id", &request.request_id)
+        };
+        violations.finish()?;
+        let (Some(name), Some(email)) = (name, email) else {
+            unreachable!("violations.finish() returned early")
+        };
+        let new = NewCustomer {
+            name,
+            email,
+            request_id,
+        };
+        let customer = self.store.create_customer(new, self.now()).await?;
+        debug!(customer_id = %customer.id, "customer created");
+        Ok(Response::new(customer_to_proto(&customer)))
+    }
+
+    async fn get_customer(
+        &self,
+        request: Request<pb::GetCustomerRequest>,
+    ) -> Result<Response<pb::Customer>, Status> {
+        let mut violations = Violations::new();
+        let id = parse_id(&mut violations, "id", &request.get_ref().id);
+        violations.finish()?;
+        let customer = self.store.get_customer(id.expect("validated")).await?;
+        Ok(Response::new(customer_to_proto(&customer)))
+    }
+
+    async fn update_customer(
+        &self,
+        request: Request<pb::UpdateCustomerRequest>,
+    ) -> Result<Response<pb::Customer>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let Some(customer) = request.customer else {
+            violations.add("customer", "is required");
+            return Err(violations.into_status());
+        };
+        let id = parse_id(&mut violations, "customer.id", &customer.id);
+        let paths: Vec<String> = request
+            .update_mask
+            .map(|m| m.paths)
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| vec!["name".into(), "email".into()]);
+        let mut patch = CustomerPatch::default();
+        for path in &paths {
+            match path.as_str() {
+                "name" => {
+                    patch.name = violations.check("customer.name", Name::parse(&customer.name))
+                }
+                "email" => {
+                    patch.email = violations.check("customer.email", Email::parse(&customer.email));
+                }
+                other => violations.add(
+                    "update_mask",
+                    format!("{other:?} cannot be updated; updatable fields are name and email"),
+                ),
+            }
+        }
+        violations.finish()?;
+        let customer = self
+            .store
+            .update_customer(id.expect("validated"), patch, self.now())
+            .await?;
+        Ok(Response::new(customer_to_proto(&customer)))
+    }
+
+    async fn delete_customer(
+        &self,
+        request: Request<pb::DeleteCustomerRequest>,
+    ) -> Result<Response<pb::DeleteCustomerResponse>, Status> {
+        let mut violations = Violations::new();
+        let id = parse_id(&mut violations, "id", &request.get_ref().id);
+        violations.finish()?;
+        let position = self
+            .store
+            .delete_customer(id.expect("validated"), self.now())
+            .await?;
+        Ok(Response::new(pb::DeleteCustomerResponse {
+            resume_token: self.resume_token(position),
+        }))
+    }
+
+    async fn list_customers(
+        &self,
+        request: Request<pb::ListCustomersRequest>,
+    ) -> Result<Response<pb::ListCustomersResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let limit = page_size(&mut violations, request.page_size);
+        let log_id = self.store.bounds().log_id;
+        let mut cursor = (0, None);
+        if !request.page_token.is_empty() {
+            match token::decode::<3>(CUSTOMER_PAGE_TOKEN, &request.page_token) {
+                Ok([token_log, snapshot, after]) if token_log == log_id => {
+                    cursor = (after, Some(Position(snapshot)));
+                }
+                Ok(_) => violations.add("page_token", "was issued by a different CRM database"),
+                Err(e) => violations.add("page_token", token_reason(e)),
+            }
+        }
+        violations.finish()?;
+        let page = self.store.list_customers(cursor.0, limit, cursor.1).await?;
+        Ok(Response::new(pb::ListCustomersResponse {
+            customers: page.customers.iter().map(customer_to_proto).collect(),
+            next_page_token: page
+                .next_after
+                .map(|after| token::encode(CUSTOMER_PAGE_TOKEN, &[log_id, page.snapshot.0, after]))
+                .unwrap_or_default(),
+            resume_token: self.resume_token(page.snapshot),
+            resume_sequence: seq_i64(page.snapshot),
+        }))
+    }
+
+    type WatchCustomersStream = WatchStream;
+
+    async fn watch_customers(
+        &self,
+        request: Request<pb::WatchCustomersRequest>,
+    ) -> Result<Response<Self::WatchCustomersStream>, Status> {
+        if self.options.disable_watch {
+            return Err(Error::WatchDisabled.into());
+        }
+        let request = request.into_inner();
+        let start = self.parse_start(&request.resume_token, request.start_position)?;
+        let permit = Arc::clone(&self.watchers)
+            .try_acquire_owned()
+            .map_err(|_| Error::TooManyWatchers(self.options.max_watchers))?;
+        let (sender, receiver) = mpsc::channel(WATCH_BUFFER);
+        let watcher = Watcher {
+            store: Arc::clone(&self.store),
+            clock: Arc::clone(&self.clock),
+            heartbeat: self.options.heartbeat_interval,
+            sender,
+            shutdown: self.shutdown.clone(),
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            watcher.run(start).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn list_customer_events(
+        &self,
+        request: Request<pb::ListCustomerEventsRequest>,
+    ) -> Result<Response<pb::ListCustomerEventsResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let limit = page_size(&mut violations, request.page_size);
+        violations.finish()?;
+        let start = self.parse_start(&request.resume_token, request.start_position)?;
+        let events = self.store.events_after(start, limit).await?;
+        let next = events.last().map_or(start, |e| Position(e.seq));
+        let remaining = self.store.bounds().head.saturating_sub(next.0);
+        Ok(Response::new(pb::ListCustomerEventsResponse {
+            events: events.iter().map(|e| self.event_to_proto(e)).collect(),
+            next_resume_token: self.resume_token(next),
+            remaining_events: i64::try_from(remaining).unwrap_or(i64::MAX),
+            next_sequence: seq_i64(next),
+        }))
+    }
+}
+
+/// One open `WatchCustomers` stream: a cursor, and a task that moves it.
+struct Watcher<S> {
+    /// Where events come from.
+    store: Arc<S>,
+    /// Heartbeat timestamps.
+    clock: SharedClock,
+    /// Heartbeat interval.
+    heartbeat: Duration,
+    /// The stream to the client; bounded, so a slow client holds back only this task.
+    sender: mpsc::Sender<Result<pb::WatchCustomersResponse, Status>>,
+    /// Ends the stream when the server shuts down.
+    shutdown: CancellationToken,
+}
+
+impl<S: CrmStore> Watcher<S> {
+    async fn run(self, start: Position) {
+        let mut cursor = start;
+        let mut bounds = self.store.subscribe();
+        let log_id = self.store.bounds().log_id;
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat, self.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Catch up: from the in-memory ring when close, from the database when far behind.
+            while cursor.0 < bounds.borrow_and_update().head {
+                let events = match self.store.events_after(cursor, WATCH_BATCH).await {
+                    Ok(events) => events,
+                    Err(error) => {
+                        let _ = self.sender.send(Err(error.into())).await;
+                        return;
+                    }
+                };
+                if events.is_empty() {
+                    break;
+                }
+                for event in events {
+                    cursor = Position(event.seq);
+                    let message = pb::WatchCustomersResponse {
+                        kind: Some(pb::watch_customers_response::Kind::Event(event_to_proto(
+                            log_id, &event,
+                        ))),
+                    };
+                    tokio::select! {
+                        sent = self.sender.send(Ok(message)) => if sent.is_err() { return },
+                        () = self.shutdown.cancelled() => return self.end().await,
+                    }
+                }
+                heartbeat.reset();
+            }
+            tokio::select! {
+                changed = bounds.changed() => if changed.is_err() { return },
+                _ = heartbeat.tick() => {
+                    let message = pb::WatchCustomersResponse {
+                        kind: Some(pb::watch_customers_response::Kind::Heartbeat(pb::Heartbeat {
+                            resume_token: resume_token(log_id, cursor),
+                            send_time: Some(timestamp(self.clock.now())),
+                            sequence: seq_i64(cursor),
+                        })),
+                    };
+                    if self.sender.send(Ok(message)).await.is_err() {
+                        return;
+                    }
+                }
+                () = self.sender.closed() => return,
+                () = self.shutdown.cancelled() => return self.end().await,
+            }
+        }
+    }
+
+    /// Tells the client the server is going away, so it reconnects (to this server once it is
+    /// back, or to another) from its last token.
+    async fn end(&self) {
+        info!("ending watch stream: server shutting down");
+        let _ = self.sender.try_send(Err(Status::unavailable(
+            "server is shutting down; resume from your last token",
+        )));
+    }
+}

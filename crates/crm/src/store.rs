@@ -1,0 +1,531 @@
+//! Where customers and the change log live.
+//!
+//! [`CrmStore`] is what the service needs from storage; [`SqliteStore`] is the embedded
+//! implementation. Every change and its event commit in one transaction, and sequence numbers
+//! are handed out by the single writer, so the log's order is the commit order, with no gaps.
+//! The SQL sticks to what PostgreSQL also runs (`BIGINT`, `TEXT`, `RETURNING`, `ON CONFLICT`).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use mip_runtime::clock::{from_micros, to_micros};
+use mip_runtime::sqlite::{Db, Durability};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite_migration::{M, Migrations};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::domain::{
+    Customer, CustomerEvent, CustomerPage, CustomerPatch, EventType, LogBounds, NewCustomer,
+    Position,
+};
+use crate::error::Error;
+use crate::feed::Feed;
+
+/// What the CRM service needs from storage.
+#[async_trait]
+pub trait CrmStore: Send + Sync + 'static {
+    /// Creates a customer and its CREATED event; a repeated `request_id` returns the original.
+    async fn create_customer(&self, new: NewCustomer, now: SystemTime) -> Result<Customer, Error>;
+    /// One customer.
+    async fn get_customer(&self, id: Uuid) -> Result<Customer, Error>;
+    /// Applies a patch and appends an UPDATED event (none if nothing changed).
+    async fn update_customer(
+        &self,
+        id: Uuid,
+        patch: CustomerPatch,
+        now: SystemTime,
+    ) -> Result<Customer, Error>;
+    /// Deletes a customer and appends a DELETED event; returns the event's position.
+    async fn delete_customer(&self, id: Uuid, now: SystemTime) -> Result<Position, Error>;
+    /// Customers created after creation position `after`, and the log position of the snapshot
+    /// (`snapshot` if given, for later pages of one listing).
+    async fn list_customers(
+        &self,
+        after: u64,
+        limit: usize,
+        snapshot: Option<Position>,
+    ) -> Result<CustomerPage, Error>;
+    /// Up to `limit` events after `after`, in order. Fails with `TokenExpired` if retention has
+    /// deleted any of them.
+    async fn events_after(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<Arc<CustomerEvent>>, Error>;
+    /// Deletes events committed before `cutoff`; returns how many.
+    async fn prune_events(&self, cutoff: SystemTime) -> Result<u64, Error>;
+    /// The log's bounds as of the last commit.
+    fn bounds(&self) -> LogBounds;
+    /// Wakes whenever an event commits or retention runs.
+    fn subscribe(&self) -> watch::Receiver<LogBounds>;
+}
+
+/// Database file name under the data directory.
+pub const DB_FILE: &str = "crm.db";
+
+/// Events kept in memory for watchers that are nearly caught up.
+const FEED_CAPACITY: usize = 8192;
+
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(
+        "CREATE TABLE customers (
+            id          TEXT PRIMARY KEY,
+            name        TEXT NOT NULL,
+            email       TEXT NOT NULL,
+            email_key   TEXT NOT NULL UNIQUE,
+            create_time BIGINT NOT NULL,
+            update_time BIGINT NOT NULL,
+            version     BIGINT NOT NULL,
+            created_seq BIGINT NOT NULL UNIQUE
+        );
+        CREATE TABLE customer_events (
+            seq         BIGINT PRIMARY KEY,
+            event_id    TEXT NOT NULL,
+            event_type  BIGINT NOT NULL,
+            customer_id TEXT NOT NULL,
+            name        TEXT NOT NULL,
+            email       TEXT NOT NULL,
+            create_time BIGINT NOT NULL,
+            update_time BIGINT NOT NULL,
+            version     BIGINT NOT NULL,
+            commit_time BIGINT NOT NULL
+        );
+        CREATE INDEX customer_events_commit_time ON customer_events (commit_time);
+        CREATE TABLE create_requests (
+            request_id  TEXT PRIMARY KEY,
+            fingerprint TEXT NOT NULL,
+            customer_id TEXT NOT NULL
+        );
+        CREATE TABLE change_log (
+            id             BIGINT PRIMARY KEY CHECK (id = 1),
+            log_id         BIGINT NOT NULL,
+            head           BIGINT NOT NULL,
+            pruned_through BIGINT NOT NULL
+        );",
+    )])
+}
+
+/// The embedded store: SQLite through the shared group-commit writer.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    /// The database.
+    db: Db,
+    /// Recent events and bounds, published by the writer thread on commit.
+    feed: Arc<Feed>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `dir/crm.db`.
+    pub async fn open(dir: &Path, durability: Durability) -> Result<Self, Error> {
+        let db = Db::open(dir, DB_FILE, &migrations(), durability)?;
+        let fresh_log_id = rand::random::<u64>() >> 1;
+        let bounds = db
+            .write(move |c| {
+                c.execute(
+                    "INSERT INTO change_log (id, log_id, head, pruned_through) VALUES (1, ?1, 0, 0)
+                     ON CONFLICT (id) DO NOTHING",
+                    [i64::try_from(fresh_log_id).unwrap_or_default()],
+                )?;
+                read_bounds(c)
+            })
+            .await?;
+        Ok(Self {
+            db,
+            feed: Arc::new(Feed::new(bounds, FEED_CAPACITY)),
+        })
+    }
+
+    /// Appends an event inside the current write; returns it with its new sequence number.
+    fn append(
+        c: &Connection,
+        kind: EventType,
+        customer: &Customer,
+        now: SystemTime,
+    ) -> Result<CustomerEvent, Error> {
+        let seq: i64 = c.query_row(
+            "UPDATE change_log SET head = head + 1 WHERE id = 1 RETURNING head",
+            [],
+            |r| r.get(0),
+        )?;
+        let event = CustomerEvent {
+            seq: seq.unsigned_abs(),
+            event_id: Uuid::now_v7(),
+            kind,
+            customer: customer.clone(),
+            commit_time: now,
+        };
+        c.execute(
+            "INSERT INTO customer_events
+                (seq, event_id, event_type, customer_id, name, email, create_time, update_time, version, commit_time)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                seq,
+                event.event_id.to_string(),
+                kind.code(),
+                customer.id.to_string(),
+                customer.name,
+                customer.email,
+                to_micros(customer.create_time),
+                to_micros(customer.update_time),
+                customer.version,
+                to_micros(now),
+            ],
+        )?;
+        Ok(event)
+    }
+
+    /// Runs a write whose result carries events, and publishes them to watchers on commit.
+    async fn write_events<T, F>(&self, work: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<(T, Vec<Arc<CustomerEvent>>), Error> + Send + 'static,
+    {
+        let feed = Arc::clone(&self.feed);
+        let (value, _) = self
+            .db
+            .write_then(work, move |(_, events): &(T, Vec<Arc<CustomerEvent>>)| {
+                feed.publish(events);
+            })
+            .await?;
+        Ok(value)
+    }
+}
+
+fn read_bounds(c: &Connection) -> Result<LogBounds, Error> {
+    Ok(c.query_row(
+        "SELECT log_id, head, pruned_through FROM change_log WHERE id = 1",
+        [],
+        |r| {
+            Ok(LogBounds {
+                log_id: r.get::<_, i64>(0)?.unsigned_abs(),
+                head: r.get::<_, i64>(1)?.unsigned_abs(),
+                pruned_through: r.get::<_, i64>(2)?.unsigned_abs(),
+            })
+        },
+    )?)
+}
+
+const CUSTOMER_COLUMNS: &str = "id, name, email, create_time, update_time, version";
+
+fn customer_from_row(row: &Row<'_>) -> rusqlite::Result<Customer> {
+    let id: String = row.get(0)?;
+    Ok(Customer {
+        id: parse_uuid(&id, 0)?,
+        name: row.get(1)?,
+        email: row.get(2)?,
+        create_time: from_micros(row.get(3)?),
+        update_time: from_micros(row.get(4)?),
+        version: row.get(5)?,
+    })
+}
+
+fn parse_uuid(text: &str, column: usize) -> rusqlite::Result<Uuid> {
+    Uuid::parse_str(text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn find_customer(c: &Connection, id: Uuid) -> Result<Option<Customer>, Error> {
+    Ok(c.query_row(
+        &format!("SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = ?1"),
+        [id.to_string()],
+        customer_from_row,
+    )
+    .optional()?)
+}
+
+/// Whether another customer (not `except`) already uses this email key.
+fn email_taken(c: &Connection, key: &str, except: Option<Uuid>) -> Result<bool, Error> {
+    let owner: Option<String> = c
+        .query_row(
+            "SELECT id FROM customers WHERE email_key = ?1",
+            [key],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(owner.is_some_and(|owner| except.is_none_or(|e| e.to_string() != owner)))
+}
+
+#[async_trait]
+impl CrmStore for SqliteStore {
+    async fn create_customer(&self, new: NewCustomer, now: SystemTime) -> Result<Customer, Error> {
+        self.write_events(move |c| {
+            if let Some(request_id) = new.request_id {
+                let previous: Option<(String, String)> = c
+                    .query_row(
+                        "SELECT fingerprint, customer_id FROM create_requests WHERE request_id = ?1",
+                        [request_id.to_string()],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                if let Some((fingerprint, customer_id)) = previous {
+                    if fingerprint != new.fingerprint() {
+                        return Err(Error::RequestIdReused(request_id));
+                    }
+                    let customer_id = parse_uuid(&customer_id, 1)?;
+                    return match find_customer(c, customer_id)? {
+                        Some(customer) => Ok((customer, Vec::new())),
+                        None => Err(Error::CreatedThenDeleted {
+                            request_id,
+                            customer_id,
+                        }),
+                    };
+                }
+            }
+            if email_taken(c, &new.email.key(), None)? {
+                return Err(Error::EmailTaken(new.email.as_str().to_owned()));
+            }
+            let customer = Customer {
+                id: Uuid::now_v7(),
+                name: new.name.as_str().to_owned(),
+                email: new.email.as_str().to_owned(),
+                create_time: now,
+                update_time: now,
+                version: 1,
+            };
+            let event = Self::append(c, EventType::Created, &customer, now)?;
+            c.execute(
+                "INSERT INTO customers (id, name, email, email_key, create_time, update_time, version, created_seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    customer.id.to_string(),
+                    customer.name,
+                    customer.email,
+                    new.email.key(),
+                    to_micros(now),
+                    to_micros(now),
+                    customer.version,
+                    i64::try_from(event.seq).unwrap_or(i64::MAX),
+                ],
+            )?;
+            if let Some(request_id) = new.request_id {
+                c.execute(
+                    "INSERT INTO create_requests (request_id, fingerprint, customer_id) VALUES (?1, ?2, ?3)",
+                    params![request_id.to_string(), new.fingerprint(), customer.id.to_string()],
+                )?;
+            }
+            Ok((customer, vec![Arc::new(event)]))
+        })
+        .await
+    }
+
+    async fn get_customer(&self, id: Uuid) -> Result<Customer, Error> {
+        self.db
+            .read(move |c| find_customer(c, id)?.ok_or(Error::NotFound(id)))
+            .await
+    }
+
+    async fn update_customer(
+        &self,
+        id: Uuid,
+        patch: CustomerPatch,
+        now: SystemTime,
+    ) -> Result<Customer, Error> {
+        self.write_events(move |c| {
+            let mut customer = find_customer(c, id)?.ok_or(Error::NotFound(id))?;
+            let mut changed = false;
+            if let Some(name) = patch.name.filter(|n| n.as_str() != customer.name) {
+                customer.name = name.as_str().to_owned();
+                changed = true;
+            }
+            let mut email_key = None;
+            if let Some(email) = patch.email.filter(|e| e.as_str() != customer.email) {
+                if email_taken(c, &email.key(), Some(id))? {
+                    return Err(Error::EmailTaken(email.as_str().to_owned()));
+                }
+                customer.email = email.as_str().to_owned();
+                email_key = Some(email.key());
+                changed = true;
+            }
+            if !changed {
+                return Ok((customer, Vec::new()));
+            }
+            customer.update_time = now;
+            customer.version += 1;
+            let event = Self::append(c, EventType::Updated, &customer, now)?;
+            c.execute(
+                "UPDATE customers SET name = ?2, email = ?3, email_key = COALESCE(?4, email_key),
+                     update_time = ?5, version = ?6
+                 WHERE id = ?1",
+                params![
+                    id.to_string(),
+                    customer.name,
+                    customer.email,
+                    email_key,
+                    to_micros(now),
+                    customer.version,
+                ],
+            )?;
+            Ok((customer, vec![Arc::new(event)]))
+        })
+        .await
+    }
+
+    async fn delete_customer(&self, id: Uuid, now: SystemTime) -> Result<Position, Error> {
+        self.write_events(move |c| {
+            let customer = find_customer(c, id)?.ok_or(Error::NotFound(id))?;
+            let event = Self::append(c, EventType::Deleted, &customer, now)?;
+            c.execute("DELETE FROM customers WHERE id = ?1", [id.to_string()])?;
+            Ok((Position(event.seq), vec![Arc::new(event)]))
+        })
+        .await
+    }
+
+    async fn list_customers(
+        &self,
+        after: u64,
+        limit: usize,
+        snapshot: Option<Position>,
+    ) -> Result<CustomerPage, Error> {
+        self.db
+            .read(move |c| {
+                // One read transaction: the head and the rows are the same snapshot, so a
+                // watch from `snapshot` sees exactly the changes the listing may have missed.
+                let tx = c.unchecked_transaction()?;
+                let snapshot = match snapshot {
+                    Some(p) => p,
+                    None => Position(read_bounds(&tx)?.head),
+                };
+                let mut statement = tx.prepare_cached(&format!(
+                    "SELECT {CUSTOMER_COLUMNS}, created_seq FROM customers
+                     WHERE created_seq > ?1 ORDER BY created_seq LIMIT ?2"
+                ))?;
+                let mut last = None;
+                let customers = statement
+                    .query_map(
+                        params![
+                            i64::try_from(after).unwrap_or(i64::MAX),
+                            i64::try_from(limit).unwrap_or(i64::MAX)
+                        ],
+                        |row| {
+                            let created: i64 = row.get(6)?;
+                            Ok((customer_from_row(row)?, created))
+                        },
+                    )?
+                    .map(|r| {
+                        r.map(|(customer, created)| {
+                            last = Some(created.unsigned_abs());
+                            customer
+                        })
+                    })
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let next_after = if customers.len() == limit { last } else { None };
+                Ok(CustomerPage {
+                    customers,
+                    next_after,
+                    snapshot,
+                })
+            })
+            .await
+    }
+
+    async fn events_after(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<Arc<CustomerEvent>>, Error> {
+        let bounds = self.feed.bounds();
+        if after.0 < bounds.pruned_through {
+            return Err(Error::TokenExpired {
+                position: after.0,
+                pruned_through: bounds.pruned_through,
+            });
+        }
+        if let Some(events) = self.feed.read_after(after.0, limit) {
+            return Ok(events);
+        }
+        self.db
+            .read(move |c| {
+                let tx = c.unchecked_transaction()?;
+                let bounds = read_bounds(&tx)?;
+                if after.0 < bounds.pruned_through {
+                    return Err(Error::TokenExpired {
+                        position: after.0,
+                        pruned_through: bounds.pruned_through,
+                    });
+                }
+                let mut statement = tx.prepare_cached(
+                    "SELECT seq, event_id, event_type, customer_id, name, email, create_time,
+                            update_time, version, commit_time
+                     FROM customer_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )?;
+                let events = statement
+                    .query_map(
+                        params![
+                            i64::try_from(after.0).unwrap_or(i64::MAX),
+                            i64::try_from(limit).unwrap_or(i64::MAX)
+                        ],
+                        |row| {
+                            let event_id: String = row.get(1)?;
+                            let customer_id: String = row.get(3)?;
+                            let code: i64 = row.get(2)?;
+                            Ok(Arc::new(CustomerEvent {
+                                seq: row.get::<_, i64>(0)?.unsigned_abs(),
+                                event_id: parse_uuid(&event_id, 1)?,
+                                kind: EventType::from_code(code).ok_or_else(|| {
+                                    rusqlite::Error::IntegralValueOutOfRange(2, code)
+                                })?,
+                                customer: Customer {
+                                    id: parse_uuid(&customer_id, 3)?,
+                                    name: row.get(4)?,
+                                    email: row.get(5)?,
+                                    create_time: from_micros(row.get(6)?),
+                                    update_time: from_micros(row.get(7)?),
+                                    version: row.get(8)?,
+                                },
+                                commit_time: from_micros(row.get(9)?),
+                            }))
+                        },
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(events)
+            })
+            .await
+    }
+
+    async fn prune_events(&self, cutoff: SystemTime) -> Result<u64, Error> {
+        let feed = Arc::clone(&self.feed);
+        let (deleted, through) = self
+            .db
+            .write_then(
+                move |c| {
+                    let through: Option<i64> = c.query_row(
+                        "SELECT MAX(seq) FROM customer_events WHERE commit_time < ?1",
+                        [to_micros(cutoff)],
+                        |r| r.get(0),
+                    )?;
+                    let Some(through) = through else {
+                        return Ok::<_, Error>((0, 0));
+                    };
+                    let deleted =
+                        c.execute("DELETE FROM customer_events WHERE seq <= ?1", [through])?;
+                    c.execute(
+                        "UPDATE change_log SET pruned_through = ?1 WHERE id = 1 AND pruned_through < ?1",
+                        [through],
+                    )?;
+                    Ok((deleted as u64, through.unsigned_abs()))
+                },
+                move |&(_, through)| {
+                    if through > 0 {
+                        feed.pruned(through);
+                    }
+                },
+            )
+            .await?;
+        if deleted > 0 {
+            tracing::info!(deleted, through, "retention deleted old change events");
+        }
+        Ok(deleted)
+    }
+
+    fn bounds(&self) -> LogBounds {
+        self.feed.bounds()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<LogBounds> {
+        self.feed.subscribe()
+    }
+}

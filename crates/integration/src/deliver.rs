@@ -1,0 +1,243 @@
+//! Creating one welcome package request, reliably.
+//!
+//! The request id is derived from the customer id (UUIDv5), so every attempt, redelivery,
+//! reconnect or relist for the same customer carries the same idempotency key, and Inventory
+//! creates at most one package request per customer however often it is asked. That is what
+//! turns at-least-once delivery into an exactly-once effect.
+//!
+//! Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED) are retried
+//! with capped exponential backoff and jitter; anything else fails at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mip_proto::inventory::v1 as pb;
+use mip_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use mip_runtime::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::Stats;
+
+/// What every package this service creates is.
+pub const PACKAGE_TYPE: &str = "welcome_package";
+
+/// Namespace of the derived request ids. Fixed forever: changing it would give every customer
+/// a new idempotency key and so a second package.
+const REQUEST_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6d69_7000_7765_6c63_6f6d_6500_0000_0001);
+
+/// The idempotency key of a customer's welcome package request.
+pub fn request_id(customer_id: &str) -> Uuid {
+    Uuid::new_v5(
+        &REQUEST_ID_NAMESPACE,
+        format!("{PACKAGE_TYPE}/{customer_id}").as_bytes(),
+    )
+}
+
+/// How hard to try.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts before giving up and dead-lettering.
+    pub max_attempts: u32,
+    /// Backoff before the second attempt.
+    pub initial_backoff: Duration,
+    /// Backoff never grows beyond this.
+    pub max_backoff: Duration,
+    /// Deadline of each call.
+    pub call_timeout: Duration,
+}
+
+impl RetryPolicy {
+    /// The backoff after `attempt` failed attempts, before jitter.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
+        self.initial_backoff
+            .saturating_mul(factor)
+            .min(self.max_backoff)
+    }
+}
+
+/// Spreads retries so that many deliveries failing together do not retry together.
+pub trait Jitter: Send + Sync + std::fmt::Debug + 'static {
+    /// A duration between half of `delay` and all of it.
+    fn apply(&self, delay: Duration) -> Duration;
+}
+
+/// Uniform jitter from the thread-local random generator.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RandomJitter;
+
+impl Jitter for RandomJitter {
+    fn apply(&self, delay: Duration) -> Duration {
+        delay.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+    }
+}
+
+/// Whether a failed call may succeed if tried again.
+pub fn is_transient(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted
+    )
+}
+
+/// How a delivery ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The package request exists (created now, or found created by an earlier attempt).
+    Delivered {
+        /// Its id.
+        package_request_id: String,
+        /// Attempts it took.
+        attempts: u32,
+    },
+    /// It failed for good: a permanent error, or every attempt failed.
+    Failed {
+        /// Status code and message of the last attempt.
+        reason: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// Shutdown began; the event stays unhandled and is delivered after restart.
+    Cancelled,
+}
+
+/// Delivers welcome package requests to Inventory.
+#[derive(Debug, Clone)]
+pub struct Deliverer {
+    /// Inventory client over a shared, lazily connected channel.
+    client: InventoryServiceClient<Channel>,
+    /// Retry policy.
+    policy: RetryPolicy,
+    /// Jitter source.
+    jitter: Arc<dyn Jitter>,
+    /// Counters for status and metrics.
+    stats: Arc<Stats>,
+}
+
+impl Deliverer {
+    /// A deliverer over `channel`.
+    pub fn new(
+        channel: Channel,
+        policy: RetryPolicy,
+        jitter: Arc<dyn Jitter>,
+        stats: Arc<Stats>,
+        max_message_bytes: usize,
+    ) -> Self {
+        Self {
+            client: InventoryServiceClient::new(channel)
+                .max_decoding_message_size(max_message_bytes),
+            policy,
+            jitter,
+            stats,
+        }
+    }
+
+    /// Creates the customer's welcome package request, retrying transient failures.
+    pub async fn deliver(&self, customer_id: &str, shutdown: &CancellationToken) -> Outcome {
+        let request_id = request_id(customer_id).to_string();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            debug!(customer_id, attempt = attempts, "creating package request");
+            let mut request = Request::new(pb::CreatePackageRequestRequest {
+                customer_id: customer_id.to_owned(),
+                package_type: PACKAGE_TYPE.to_owned(),
+                request_id: request_id.clone(),
+            });
+            request.set_timeout(self.policy.call_timeout);
+            let mut client = self.client.clone();
+            let call = tokio::time::timeout(
+                self.policy.call_timeout,
+                client.create_package_request(request),
+            );
+            let result = tokio::select! {
+                result = call => result,
+                () = shutdown.cancelled() => return Outcome::Cancelled,
+            };
+            let status = match result {
+                Ok(Ok(response)) => {
+                    let package = response.into_inner();
+                    info!(customer_id, package_request_id = %package.id, "package request created");
+                    return Outcome::Delivered {
+                        package_request_id: package.id,
+                        attempts,
+                    };
+                }
+                Ok(Err(status)) if status.code() == Code::AlreadyExists => {
+                    info!(customer_id, "package request already existed");
+                    return Outcome::Delivered {
+                        package_request_id: String::new(),
+                        attempts,
+                    };
+                }
+                Ok(Err(status)) => status,
+                Err(_) => tonic::Status::deadline_exceeded("call timed out"),
+            };
+            let reason = format!("{:?}: {}", status.code(), status.message());
+            if !is_transient(status.code()) || attempts >= self.policy.max_attempts {
+                return Outcome::Failed { reason, attempts };
+            }
+            let delay = self.jitter.apply(self.policy.backoff(attempts));
+            self.stats
+                .retried
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            warn!(customer_id, attempt = attempts, %reason, retry_in = ?delay, "retrying package request");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => return Outcome::Cancelled,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_is_stable_per_customer() {
+        let a = "0190f2b4-0000-7000-8000-000000000001";
+        assert_eq!(request_id(a), request_id(a));
+        assert_ne!(
+            request_id(a),
+            request_id("0190f2b4-0000-7000-8000-000000000002")
+        );
+        assert_eq!(request_id(a).get_version_num(), 5);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let policy = RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            call_timeout: Duration::from_secs(1),
+        };
+        let steps: Vec<_> = (1..=6).map(|a| policy.backoff(a).as_millis()).collect();
+        assert_eq!(steps, [100, 200, 400, 800, 1000, 1000]);
+    }
+
+    #[test]
+    fn only_transient_codes_are_retried() {
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Aborted,
+        ] {
+            assert!(is_transient(code));
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::AlreadyExists,
+            Code::FailedPrecondition,
+            Code::PermissionDenied,
+            Code::Internal,
+        ] {
+            assert!(!is_transient(code));
+        }
+    }
+}

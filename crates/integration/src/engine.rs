@@ -1,0 +1,652 @@
+//! Following CRM's change feed and turning every CREATED event into a delivery.
+//!
+//! One reader task walks the feed in log order, by streaming (`WatchCustomers`) or by polling
+//! (`ListCustomerEvents`) from the same cursor, and hands each CREATED event to a delivery
+//! task. At most `max_in_flight` deliveries run at once; when all slots are busy the reader
+//! waits, so a slow Inventory slows the reader instead of filling memory. A checkpoint task
+//! saves the tracker's low watermark, so after any crash the service resumes at or before the
+//! oldest unfinished event. Redelivering the events after it is safe: their request ids make
+//! Inventory create nothing twice.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mip_proto::crm::v1 as crm;
+use mip_proto::crm::v1::crm_service_client::CrmServiceClient;
+use mip_runtime::CancellationToken;
+use mip_runtime::clock::SharedClock;
+use mip_runtime::status::reason;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status, Streaming};
+use tracing::{error, info, warn};
+
+use crate::deliver::{Deliverer, Outcome};
+use crate::store::{DeadLetter, IntegrationStore};
+use crate::tracker::{Mark, Tracker};
+use crate::{Mode, StartPosition, Stats};
+
+/// `ErrorInfo.reason`s from CRM that mean "relist, then watch from the snapshot".
+const RELIST_REASONS: &[&str] = &["RESUME_TOKEN_EXPIRED", "RESUME_TOKEN_UNKNOWN_LOG"];
+
+/// Events per `ListCustomerEvents` call.
+const POLL_BATCH: i32 = 1000;
+
+/// How often the checkpoint is written while it moves: often enough that a crash redelivers
+/// little, rarely enough that checkpoint writes stay a small share of the database's work.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// Feed-following settings.
+#[derive(Debug, Clone)]
+pub struct FeedSettings {
+    /// auto, stream or poll.
+    pub mode: Mode,
+    /// Where to start without a checkpoint.
+    pub start_position: StartPosition,
+    /// Pause between polls once caught up.
+    pub poll_interval: Duration,
+    /// While polling in auto mode, how often to try streaming again.
+    pub stream_probe_interval: Duration,
+    /// Consecutive stream failures before auto mode falls back to polling.
+    pub stream_failures_before_poll: u32,
+    /// A stream silent for this long (no event, no heartbeat) is considered dead.
+    pub stream_idle_timeout: Duration,
+    /// Deliveries in flight at once.
+    pub max_in_flight: usize,
+    /// Deadline of each CRM call (the watch call itself is exempt).
+    pub call_timeout: Duration,
+    /// Backoff between reconnects is this, doubled per failure up to `max_backoff`.
+    pub initial_backoff: Duration,
+    /// Reconnect backoff cap.
+    pub max_backoff: Duration,
+}
+
+/// How a stream ended.
+enum StreamEnd {
+    /// The service is shutting down.
+    Shutdown,
+    /// The stream failed; `progressed` says whether it delivered anything first.
+    Failed { status: Status, progressed: bool },
+}
+
+/// The feed reader and its delivery pipeline.
+pub struct Engine<S> {
+    /// Checkpoint and dead letters.
+    store: Arc<S>,
+    /// CRM client.
+    crm: CrmServiceClient<Channel>,
+    /// Delivers package requests.
+    deliverer: Deliverer,
+    /// Settings.
+    settings: FeedSettings,
+    /// Shared counters and state for the admin API.
+    stats: Arc<Stats>,
+    /// Time source for checkpoint and dead-letter timestamps.
+    clock: SharedClock,
+    /// Ends the reader and cancels deliveries.
+    shutdown: CancellationToken,
+    /// Events in flight and the low watermark.
+    tracker: Arc<Mutex<Tracker>>,
+    /// Wakes the checkpoint task when the watermark may have moved.
+    moved: Arc<Notify>,
+    /// Delivery slots.
+    slots: Arc<Semaphore>,
+}
+
+impl<S: IntegrationStore> Engine<S> {
+    /// An engine; nothing runs until [`Engine::run`].
+    pub fn new(
+        store: Arc<S>,
+        crm: CrmServiceClient<Channel>,
+        deliverer: Deliverer,
+        settings: FeedSettings,
+        stats: Arc<Stats>,
+        clock: SharedClock,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
+            store,
+            crm,
+            deliverer,
+            settings,
+            stats,
+            clock,
+            shutdown,
+            tracker: Arc::new(Mutex::new(Tracker::new())),
+            moved: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Follows the feed until shutdown, then waits for in-flight deliveries to stop and saves
+    /// the final checkpoint.
+    pub async fn run(self, checkpoint: Option<Mark>) {
+        if let Some(mark) = &checkpoint {
+            self.stats.set_checkpoint(mark);
+            info!(sequence = mark.sequence, "resuming from checkpoint");
+        } else {
+            info!(start = ?self.settings.start_position, "no checkpoint yet; starting from the feed's start position");
+        }
+        let checkpointer = tokio::spawn(checkpoint_loop(
+            Arc::clone(&self.store),
+            Arc::clone(&self.tracker),
+            Arc::clone(&self.moved),
+            Arc::clone(&self.stats),
+            Arc::clone(&self.clock),
+            self.shutdown.clone(),
+        ));
+        self.follow(checkpoint).await;
+        // Deliveries see the same token and return promptly; wait until every slot is back,
+        // then save the final watermark.
+        let slots = u32::try_from(self.settings.max_in_flight.max(1)).unwrap_or(u32::MAX);
+        let _all = self.slots.acquire_many(slots).await;
+        let _ = checkpointer.await;
+        save_watermark(&*self.store, &self.tracker, &self.stats, &self.clock).await;
+        info!("feed reader stopped; checkpoint saved");
+    }
+
+    async fn follow(&self, mut cursor: Option<Mark>) {
+        let mut mode = match self.settings.mode {
+            Mode::Poll => crate::FeedState::Poll,
+            Mode::Auto | Mode::Stream => crate::FeedState::Stream,
+        };
+        self.stats.set_mode(mode);
+        let mut failures = 0u32;
+        let mut last_probe = Instant::now();
+        // A stream opened by a successful probe while polling, consumed on the next turn.
+        let mut probed = None;
+        while !self.shutdown.is_cancelled() {
+            match mode {
+                crate::FeedState::Stream => {
+                    let opened = match probed.take() {
+                        Some(stream) => Ok(stream),
+                        None => self.open_stream(&cursor).await,
+                    };
+                    let status = match opened {
+                        Ok(stream) => match self.consume(stream, &mut cursor).await {
+                            StreamEnd::Shutdown => return,
+                            StreamEnd::Failed { status, progressed } => {
+                                if progressed {
+                                    failures = 0;
+                                }
+                                status
+                            }
+                        },
+                        Err(status) => status,
+                    };
+                    if let Some(next) = self
+                        .on_feed_error(&status, &mut cursor, &mut failures)
+                        .await
+                    {
+                        mode = self.switch(mode, next, &status);
+                    }
+                }
+                crate::FeedState::Poll => {
+                    if self.settings.mode == Mode::Auto
+                        && last_probe.elapsed() >= self.settings.stream_probe_interval
+                    {
+                        last_probe = Instant::now();
+                        if let Ok(stream) = self.open_stream(&cursor).await {
+                            mode = self.switch(mode, crate::FeedState::Stream, &Status::ok(""));
+                            failures = 0;
+                            probed = Some(stream);
+                            continue;
+                        }
+                    }
+                    match self.poll_once(&mut cursor).await {
+                        Ok(caught_up) => {
+                            failures = 0;
+                            if caught_up {
+                                self.pause(self.settings.poll_interval).await;
+                            }
+                        }
+                        Err(status) => {
+                            self.on_feed_error(&status, &mut cursor, &mut failures)
+                                .await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles a failed feed call: relists on an expired token, otherwise backs off. Returns the
+    /// mode to switch to, if the failure calls for a switch.
+    async fn on_feed_error(
+        &self,
+        status: &Status,
+        cursor: &mut Option<Mark>,
+        failures: &mut u32,
+    ) -> Option<crate::FeedState> {
+        if self.shutdown.is_cancelled() {
+            return None;
+        }
+        if status.code() == Code::FailedPrecondition
+            && reason(status).is_some_and(|r| RELIST_REASONS.contains(&r.as_str()))
+        {
+            warn!(reason = %status.message(), "resume token no longer valid; relisting every customer");
+            self.relist(cursor).await;
+            return None;
+        }
+        let streaming = self.stats.mode() == crate::FeedState::Stream;
+        if streaming && self.settings.mode == Mode::Auto {
+            if status.code() == Code::Unimplemented {
+                return Some(crate::FeedState::Poll);
+            }
+            *failures += 1;
+            if *failures >= self.settings.stream_failures_before_poll {
+                *failures = 0;
+                return Some(crate::FeedState::Poll);
+            }
+        } else {
+            *failures += 1;
+        }
+        let delay = backoff(
+            self.settings.initial_backoff,
+            self.settings.max_backoff,
+            *failures,
+        );
+        warn!(code = ?status.code(), message = %status.message(), retry_in = ?delay, "CRM feed call failed");
+        self.pause(delay).await;
+        None
+    }
+
+    fn switch(
+        &self,
+        from: crate::FeedState,
+        to: crate::FeedState,
+        why: &Status,
+    ) -> crate::FeedState {
+        if from != to {
+            self.stats.mode_switches.fetch_add(1, Ordering::Relaxed);
+            self.stats.set_mode(to);
+            match to {
+                crate::FeedState::Poll => {
+                    warn!(code = ?why.code(), reason = %why.message(), "switched to polling")
+                }
+                crate::FeedState::Stream => info!("resumed streaming"),
+            }
+        }
+        to
+    }
+
+    /// Sleeps, unless shutdown comes first.
+    async fn pause(&self, delay: Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = self.shutdown.cancelled() => {}
+        }
+    }
+
+    async fn open_stream(
+        &self,
+        cursor: &Option<Mark>,
+    ) -> Result<Streaming<crm::WatchCustomersResponse>, Status> {
+        let request = crm::WatchCustomersRequest {
+            resume_token: cursor.as_ref().map(|m| m.token.clone()).unwrap_or_default(),
+            start_position: self.start_position(),
+        };
+        let mut client = self.crm.clone();
+        let call =
+            tokio::time::timeout(self.settings.call_timeout, client.watch_customers(request));
+        match call.await {
+            Ok(result) => result.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded(
+                "opening the watch stream timed out",
+            )),
+        }
+    }
+
+    fn start_position(&self) -> i32 {
+        match self.settings.start_position {
+            StartPosition::Earliest => crm::StartPosition::Earliest.into(),
+            StartPosition::Latest => crm::StartPosition::Latest.into(),
+        }
+    }
+
+    async fn consume(
+        &self,
+        mut stream: Streaming<crm::WatchCustomersResponse>,
+        cursor: &mut Option<Mark>,
+    ) -> StreamEnd {
+        self.stats.stream_connected.store(true, Ordering::Relaxed);
+        info!("watching CRM customers");
+        let mut progressed = false;
+        let end = loop {
+            let next = tokio::select! {
+                next = tokio::time::timeout(self.settings.stream_idle_timeout, stream.message()) => next,
+                () = self.shutdown.cancelled() => break StreamEnd::Shutdown,
+            };
+            let message = match next {
+                Ok(Ok(Some(message))) => message,
+                Ok(Ok(None)) => {
+                    break StreamEnd::Failed {
+                        status: Status::unavailable("CRM ended the watch stream"),
+                        progressed,
+                    };
+                }
+                Ok(Err(status)) => break StreamEnd::Failed { status, progressed },
+                Err(_) => {
+                    break StreamEnd::Failed {
+                        status: Status::deadline_exceeded(format!(
+                            "no event or heartbeat for {:?}",
+                            self.settings.stream_idle_timeout
+                        )),
+                        progressed,
+                    };
+                }
+            };
+            progressed = true;
+            match message.kind {
+                Some(crm::watch_customers_response::Kind::Event(event)) => {
+                    self.dispatch(event, cursor).await;
+                }
+                Some(crm::watch_customers_response::Kind::Heartbeat(beat)) => {
+                    let mark = Mark {
+                        sequence: beat.sequence,
+                        token: beat.resume_token,
+                    };
+                    self.stats.saw_head(mark.sequence);
+                    self.idle_at(mark.clone());
+                    *cursor = Some(mark);
+                }
+                None => {}
+            }
+        };
+        self.stats.stream_connected.store(false, Ordering::Relaxed);
+        end
+    }
+
+    /// One `ListCustomerEvents` call. `Ok(true)` when caught up.
+    async fn poll_once(&self, cursor: &mut Option<Mark>) -> Result<bool, Status> {
+        let mut request = Request::new(crm::ListCustomerEventsRequest {
+            resume_token: cursor.as_ref().map(|m| m.token.clone()).unwrap_or_default(),
+            start_position: self.start_position(),
+            page_size: POLL_BATCH,
+        });
+        request.set_timeout(self.settings.call_timeout);
+        let mut client = self.crm.clone();
+        let response = tokio::time::timeout(
+            self.settings.call_timeout,
+            client.list_customer_events(request),
+        )
+        .await
+        .map_err(|_| Status::deadline_exceeded("ListCustomerEvents timed out"))??
+        .into_inner();
+        self.stats.saw_head(
+            response
+                .next_sequence
+                .saturating_add(response.remaining_events),
+        );
+        let caught_up = response.events.is_empty();
+        for event in response.events {
+            self.dispatch(event, cursor).await;
+        }
+        let mark = Mark {
+            sequence: response.next_sequence,
+            token: response.next_resume_token,
+        };
+        if caught_up {
+            self.idle_at(mark.clone());
+        }
+        *cursor = Some(mark);
+        Ok(caught_up && response.remaining_events == 0)
+    }
+
+    fn idle_at(&self, mark: Mark) {
+        self.tracker.lock().expect("tracker lock").idle_at(mark);
+        self.moved.notify_one();
+    }
+
+    /// Hands one event to the pipeline, waiting for a delivery slot if all are busy.
+    async fn dispatch(&self, event: crm::CustomerEvent, cursor: &mut Option<Mark>) {
+        let mark = Mark {
+            sequence: event.sequence,
+            token: event.resume_token.clone(),
+        };
+        self.stats.saw_head(mark.sequence);
+        *cursor = Some(mark.clone());
+        let created = event.r#type() == crm::CustomerEventType::Created;
+        let customer_id = event.customer.map(|c| c.id).unwrap_or_default();
+        if !created || customer_id.is_empty() {
+            let mut tracker = self.tracker.lock().expect("tracker lock");
+            tracker.start(mark.clone());
+            tracker.finish(mark.sequence);
+            drop(tracker);
+            self.moved.notify_one();
+            return;
+        }
+        info!(customer_id, sequence = mark.sequence, "found new customer");
+        let slot = tokio::select! {
+            slot = Arc::clone(&self.slots).acquire_owned() => slot.expect("slots never close"),
+            () = self.shutdown.cancelled() => return,
+        };
+        self.tracker
+            .lock()
+            .expect("tracker lock")
+            .start(mark.clone());
+        let handler = self.handler();
+        let tracker = Arc::clone(&self.tracker);
+        let moved = Arc::clone(&self.moved);
+        tokio::spawn(async move {
+            let _slot = slot;
+            if handler
+                .handle(&event.event_id, &customer_id)
+                .await
+                .is_done()
+            {
+                tracker.lock().expect("tracker lock").finish(mark.sequence);
+                moved.notify_one();
+            }
+        });
+    }
+
+    fn handler(&self) -> Handler<S> {
+        Handler {
+            store: Arc::clone(&self.store),
+            deliverer: self.deliverer.clone(),
+            stats: Arc::clone(&self.stats),
+            clock: Arc::clone(&self.clock),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// The resume token is no longer usable: deliver for every existing customer (the request
+    /// ids make repeats harmless), then continue from the listing's snapshot position.
+    async fn relist(&self, cursor: &mut Option<Mark>) {
+        // Let in-flight deliveries finish so the checkpoint can jump to the snapshot safely.
+        while !self.tracker.lock().expect("tracker lock").is_idle() {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut page_token = String::new();
+        let mut snapshot = None;
+        let mut deliveries = JoinSet::new();
+        let mut listed = 0usize;
+        loop {
+            let mut client = self.crm.clone();
+            let mut request = Request::new(crm::ListCustomersRequest {
+                page_size: 1000,
+                page_token: page_token.clone(),
+            });
+            request.set_timeout(self.settings.call_timeout);
+            let page = match client.list_customers(request).await {
+                Ok(page) => page.into_inner(),
+                Err(status) => {
+                    warn!(code = ?status.code(), message = %status.message(), "relist failed; will retry");
+                    deliveries.join_all().await;
+                    self.pause(self.settings.max_backoff).await;
+                    return;
+                }
+            };
+            if snapshot.is_none() {
+                snapshot = Some(Mark {
+                    sequence: page.resume_sequence,
+                    token: page.resume_token.clone(),
+                });
+            }
+            for customer in page.customers {
+                let slot = tokio::select! {
+                    slot = Arc::clone(&self.slots).acquire_owned() => slot.expect("slots never close"),
+                    () = self.shutdown.cancelled() => return,
+                };
+                listed += 1;
+                let handler = self.handler();
+                deliveries.spawn(async move {
+                    let _slot = slot;
+                    handler
+                        .handle(&format!("relist:{}", customer.id), &customer.id)
+                        .await
+                        .is_done()
+                });
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        let done = deliveries.join_all().await;
+        if self.shutdown.is_cancelled() || done.iter().any(|ok| !ok) {
+            return;
+        }
+        let Some(snapshot) = snapshot else { return };
+        info!(
+            customers = listed,
+            sequence = snapshot.sequence,
+            "relist finished; watching from the snapshot"
+        );
+        if let Err(e) = self
+            .store
+            .save_checkpoint(snapshot.clone(), self.clock.now())
+            .await
+        {
+            error!(error = %e, "cannot save the checkpoint after relisting");
+            return;
+        }
+        self.stats.set_checkpoint(&snapshot);
+        *cursor = Some(snapshot);
+    }
+}
+
+/// Delivers one customer's package and records the outcome. Shared by the feed, relisting and
+/// dead-letter re-drives.
+#[derive(Clone)]
+pub struct Handler<S> {
+    /// Where dead letters go.
+    pub store: Arc<S>,
+    /// Calls Inventory.
+    pub deliverer: Deliverer,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Timestamps.
+    pub clock: SharedClock,
+    /// Cancels the delivery.
+    pub shutdown: CancellationToken,
+}
+
+/// What became of one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// The package request exists.
+    Delivered,
+    /// It failed for good and is on the dead-letter list.
+    DeadLettered,
+    /// Neither: shutdown interrupted it, or the dead letter could not be saved. It must be
+    /// tried again, so the checkpoint must not pass it.
+    Unfinished,
+}
+
+impl Handled {
+    /// Whether the checkpoint may move past the event.
+    pub fn is_done(self) -> bool {
+        self != Handled::Unfinished
+    }
+}
+
+impl<S: IntegrationStore> Handler<S> {
+    /// Delivers and records the outcome.
+    pub async fn handle(&self, event_id: &str, customer_id: &str) -> Handled {
+        match self.deliverer.deliver(customer_id, &self.shutdown).await {
+            Outcome::Delivered { .. } => {
+                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                Handled::Delivered
+            }
+            Outcome::Cancelled => Handled::Unfinished,
+            Outcome::Failed { reason, attempts } => {
+                let now = self.clock.now();
+                let letter = DeadLetter {
+                    event_id: event_id.to_owned(),
+                    customer_id: customer_id.to_owned(),
+                    reason: reason.clone(),
+                    attempts,
+                    create_time: now,
+                    update_time: now,
+                };
+                match self.store.put_dead_letter(letter).await {
+                    Ok(()) => {
+                        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        error!(customer_id, event_id, attempts, %reason, "dead-lettered package request");
+                        Handled::DeadLettered
+                    }
+                    Err(e) => {
+                        error!(customer_id, event_id, error = %e, "cannot record dead letter; the event will be retried after restart");
+                        Handled::Unfinished
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reconnect backoff after `failures` consecutive failures.
+fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
+    initial
+        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(20)))
+        .min(max)
+}
+
+/// Saves the watermark whenever it moves, at most every [`CHECKPOINT_EVERY`], until shutdown.
+async fn checkpoint_loop<S: IntegrationStore>(
+    store: Arc<S>,
+    tracker: Arc<Mutex<Tracker>>,
+    moved: Arc<Notify>,
+    stats: Arc<Stats>,
+    clock: SharedClock,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = moved.notified() => {}
+            () = shutdown.cancelled() => return,
+        }
+        save_watermark(&*store, &tracker, &stats, &clock).await;
+        tokio::select! {
+            () = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Saves the watermark if it moved since the last save.
+async fn save_watermark<S: IntegrationStore>(
+    store: &S,
+    tracker: &Mutex<Tracker>,
+    stats: &Stats,
+    clock: &SharedClock,
+) {
+    let mark = tracker.lock().expect("tracker lock").take();
+    let Some(mark) = mark else { return };
+    match store.save_checkpoint(mark.clone(), clock.now()).await {
+        Ok(()) => stats.set_checkpoint(&mark),
+        Err(e) => {
+            // Put the mark back so the next round saves it (or a later one).
+            tracker.lock().expect("tracker lock").restore(mark);
+            warn!(error = %e, "cannot save checkpoint; will retry");
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The admin API (`integration.v1.IntegrationService`): status, and the dead-letter list.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use mip_proto::integration::v1 as pb;
+use mip_proto::timestamp;
+use mip_runtime::status::{Violations, invalid_field};
+use mip_runtime::token;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::engine::{Handled, Handler};
+use crate::store::IntegrationStore;
+use crate::{FeedState, Stats};
+
+/// Token kind of `ListDeadLetters` page tokens: `[after_id]`.
+const DEAD_LETTER_PAGE_TOKEN: u8 = 4;
+
+/// The admin API over the engine's shared state.
+pub struct IntegrationApi<S> {
+    /// Delivers re-driven dead letters and records their outcome.
+    handler: Handler<S>,
+    /// Counters and feed state.
+    stats: Arc<Stats>,
+    /// `auto`, `stream` or `poll`, as configured.
+    configured_mode: String,
+}
+
+impl<S: IntegrationStore> IntegrationApi<S> {
+    /// An admin API.
+    pub fn new(handler: Handler<S>, stats: Arc<Stats>, configured_mode: String) -> Self {
+        Self {
+            handler,
+            stats,
+            configured_mode,
+        }
+    }
+}
+
+fn storage(e: mip_runtime::sqlite::DbError) -> Status {
+    if e.is_transient() {
+        Status::unavailable(e.to_string())
+    } else {
+        tracing::error!(error = %e, "storage failure");
+        Status::internal("internal storage error; see the server log")
+    }
+}
+
+#[tonic::async_trait]
+impl<S: IntegrationStore> pb::integration_service_server::IntegrationService for IntegrationApi<S> {
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let stats = &self.stats;
+        let (checkpoint, checkpoint_sequence) = stats.checkpoint();
+        let pending = self
+            .handler
+            .store
+            .count_dead_letters()
+            .await
+            .map_err(storage)?;
+        Ok(Response::new(pb::GetStatusResponse {
+            mode: match stats.mode() {
+                FeedState::Stream => pb::FeedMode::Stream,
+                FeedState::Poll => pb::FeedMode::Poll,
+            }
+            .into(),
+            stream_connected: stats.stream_connected.load(Ordering::Relaxed),
+            checkpoint,
+            checkpoint_sequence,
+            lag_events: stats.lag(),
+            delivered: count(stats.delivered.load(Ordering::Relaxed)),
+            retried: count(stats.retried.load(Ordering::Relaxed)),
+            dead_lettered: count(stats.dead_lettered.load(Ordering::Relaxed)),
+            mode_switches: count(stats.mode_switches.load(Ordering::Relaxed)),
+            dead_letters_pending: count(pending),
+            configured_mode: self.configured_mode.clone(),
+        }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let limit = match request.page_size {
+            0 => 100,
+            n if n < 0 => {
+                violations.add("page_size", "must not be negative");
+                100
+            }
+            n => usize::try_from(n).unwrap_or(1000).min(1000),
+        };
+        let mut after = 0i64;
+        if !request.page_token.is_empty() {
+            match token::decode::<1>(DEAD_LETTER_PAGE_TOKEN, &request.page_token) {
+                Ok([id]) => after = i64::try_from(id).unwrap_or(i64::MAX),
+                Err(_) => violations.add(
+                    "page_token",
+                    "is malformed; pass next_page_token exactly as returned",
+                ),
+            }
+        }
+        violations.finish()?;
+        let rows = self
+            .handler
+            .store
+            .dead_letters(after, limit)
+            .await
+            .map_err(storage)?;
+        let next_page_token = match rows.last() {
+            Some((id, _)) if rows.len() == limit => {
+                token::encode(DEAD_LETTER_PAGE_TOKEN, &[id.unsigned_abs()])
+            }
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListDeadLettersResponse {
+            dead_letters: rows
+                .into_iter()
+                .map(|(_, letter)| pb::DeadLetter {
+                    event_id: letter.event_id,
+                    customer_id: letter.customer_id,
+                    reason: letter.reason,
+                    attempts: i32::try_from(letter.attempts).unwrap_or(i32::MAX),
+                    create_time: Some(timestamp(letter.create_time)),
+                    update_time: Some(timestamp(letter.update_time)),
+                })
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn retry_dead_letters(
+        &self,
+        request: Request<pb::RetryDeadLettersRequest>,
+    ) -> Result<Response<pb::RetryDeadLettersResponse>, Status> {
+        let wanted = request.into_inner().event_ids;
+        if wanted.iter().any(String::is_empty) {
+            return Err(invalid_field("event_ids", "must not contain empty ids"));
+        }
+        let mut delivered = 0;
+        let mut still_failing = 0;
+        let mut after = 0;
+        loop {
+            let rows = self
+                .handler
+                .store
+                .dead_letters(after, 500)
+                .await
+                .map_err(storage)?;
+            let Some((last, _)) = rows.last() else { break };
+            after = *last;
+            for (_, letter) in rows {
+                if !wanted.is_empty() && !wanted.contains(&letter.event_id) {
+                    continue;
+                }
+                let handled = self
+                    .handler
+                    .handle(&letter.event_id, &letter.customer_id)
+                    .await;
+                if handled == Handled::Unfinished {
+                    return Err(Status::unavailable("shutting down; retry later"));
+                }
+                if handled == Handled::Delivered {
+                    self.handler
+                        .store
+                        .remove_dead_letter(&letter.event_id)
+                        .await
+                        .map_err(storage)?;
+                    delivered += 1;
+                    info!(customer_id = %letter.customer_id, event_id = %letter.event_id, "dead letter re-driven");
+                } else {
+                    still_failing += 1;
+                }
+            }
+        }
+        Ok(Response::new(pb::RetryDeadLettersResponse {
+            delivered,
+            still_failing,
+        }))
+    }
+}
+
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}

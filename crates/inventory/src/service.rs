@@ -1,0 +1,293 @@
+//! The gRPC edge of Inventory: requests become validated domain values here, results become
+//! protobuf here, and nothing past this module sees either protobuf or SQL.
+
+use std::sync::Arc;
+
+use mip_proto::inventory::v1 as pb;
+use mip_proto::timestamp;
+use mip_runtime::clock::SharedClock;
+use mip_runtime::status::Violations;
+use mip_runtime::token::{self, TokenError};
+use tonic::{Request, Response, Status};
+use tracing::{debug, info};
+use uuid::Uuid;
+
+use crate::domain::{NewPackageRequest, PackageRequest, PackageStatus, PackageType};
+use crate::store::InventoryStore;
+
+/// Token kind of `ListPackageRequests` page tokens: `[filter_fingerprint, after_seq]`. Kinds 1
+/// and 2 are CRM's, so a CRM token pasted here is recognised as one.
+const PACKAGE_PAGE_TOKEN: u8 = 3;
+
+/// Page size when the request leaves it at 0.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest page; larger requests are lowered to it.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// The `inventory.v1.InventoryService` implementation.
+pub struct InventoryApi<S> {
+    /// Package requests.
+    store: Arc<S>,
+    /// Where timestamps come from.
+    clock: SharedClock,
+}
+
+impl<S: InventoryStore> InventoryApi<S> {
+    /// A service over `store`.
+    pub fn new(store: Arc<S>, clock: SharedClock) -> Self {
+        Self { store, clock }
+    }
+}
+
+/// What to tell a client about a token it should not have sent.
+fn token_reason(error: TokenError) -> &'static str {
+    match error {
+        TokenError::Malformed => "is malformed; pass a token exactly as the server returned it",
+        TokenError::WrongKind => "was issued for a different request",
+    }
+}
+
+/// Reads `page_size`: 0 is the default, negatives are refused, large values are lowered.
+fn page_size(violations: &mut Violations, raw: i32) -> usize {
+    match raw {
+        0 => DEFAULT_PAGE_SIZE,
+        n if n < 0 => {
+            violations.add("page_size", "must not be negative");
+            DEFAULT_PAGE_SIZE
+        }
+        n => usize::try_from(n)
+            .unwrap_or(MAX_PAGE_SIZE)
+            .min(MAX_PAGE_SIZE),
+    }
+}
+
+fn parse_id(violations: &mut Violations, field: &str, raw: &str) -> Option<Uuid> {
+    if raw.is_empty() {
+        violations.add(field, "is required");
+        return None;
+    }
+    parse_optional_id(violations, field, raw)
+}
+
+/// An id the request may leave empty: `None` when empty or invalid (then a violation is added).
+fn parse_optional_id(violations: &mut Violations, field: &str, raw: &str) -> Option<Uuid> {
+    if raw.is_empty() {
+        return None;
+    }
+    violations.check(
+        field,
+        Uuid::try_parse(raw.trim()).map_err(|_| "is not a UUID (expected 8-4-4-4-12 hex digits)"),
+    )
+}
+
+fn status_from_proto(raw: i32) -> Result<PackageStatus, String> {
+    match pb::PackageStatus::try_from(raw) {
+        Ok(pb::PackageStatus::Pending) => Ok(PackageStatus::Pending),
+        Ok(pb::PackageStatus::Shipped) => Ok(PackageStatus::Shipped),
+        Ok(pb::PackageStatus::Delivered) => Ok(PackageStatus::Delivered),
+        Ok(pb::PackageStatus::Cancelled) => Ok(PackageStatus::Cancelled),
+        Ok(pb::PackageStatus::Unspecified) => Err(
+            "is required: one of PACKAGE_STATUS_PENDING, PACKAGE_STATUS_SHIPPED, PACKAGE_STATUS_DELIVERED, PACKAGE_STATUS_CANCELLED"
+                .to_owned(),
+        ),
+        Err(_) => Err(format!("unknown value {raw}")),
+    }
+}
+
+fn status_to_proto(status: PackageStatus) -> pb::PackageStatus {
+    match status {
+        PackageStatus::Pending => pb::PackageStatus::Pending,
+        PackageStatus::Shipped => pb::PackageStatus::Shipped,
+        PackageStatus::Delivered => pb::PackageStatus::Delivered,
+        PackageStatus::Cancelled => pb::PackageStatus::Cancelled,
+    }
+}
+
+fn package_request_to_proto(request: &PackageRequest) -> pb::PackageRequest {
+    pb::PackageRequest {
+        id: request.id.to_string(),
+        customer_id: request.customer_id.to_string(),
+        package_type: request.package_type.clone(),
+        status: status_to_proto(request.status).into(),
+        create_time: Some(timestamp(request.create_time)),
+        update_time: Some(timestamp(request.update_time)),
+        request_id: request
+            .request_id
+            .map(|r| r.to_string())
+            .unwrap_or_default(),
+    }
+}
+
+/// What a page token is bound to: the customer filter, canonicalised so that the same filter
+/// spelled in upper case still matches.
+fn filter_fingerprint(customer_id: Option<Uuid>) -> u64 {
+    let filter = customer_id.map(|c| c.to_string()).unwrap_or_default();
+    token::fingerprint(&[&filter])
+}
+
+#[tonic::async_trait]
+impl<S: InventoryStore> pb::inventory_service_server::InventoryService for InventoryApi<S> {
+    async fn create_package_request(
+        &self,
+        request: Request<pb::CreatePackageRequestRequest>,
+    ) -> Result<Response<pb::PackageRequest>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let customer_id = parse_id(&mut violations, "customer_id", &request.customer_id);
+        let package_type =
+            violations.check("package_type", PackageType::parse(&request.package_type));
+        let request_id = parse_optional_id(&mut violations, "request_id", &request.request_id);
+        violations.finish()?;
+        let (Some(customer_id), Some(package_type)) = (customer_id, package_type) else {
+            unreachable!("violations.finish() returned early")
+        };
+        let new = NewPackageRequest {
+            customer_id,
+            package_type,
+            request_id,
+        };
+        let created = self
+            .store
+            .create_package_request(new, self.clock.now())
+            .await?;
+        let package_request = created.package_request;
+        debug!(
+            customer_id = %package_request.customer_id,
+            package_request_id = %package_request.id,
+            package_type = %package_request.package_type,
+            replayed = created.replayed,
+            "package request created"
+        );
+        Ok(Response::new(package_request_to_proto(&package_request)))
+    }
+
+    async fn get_package_request(
+        &self,
+        request: Request<pb::GetPackageRequestRequest>,
+    ) -> Result<Response<pb::PackageRequest>, Status> {
+        let mut violations = Violations::new();
+        let id = parse_id(&mut violations, "id", &request.get_ref().id);
+        violations.finish()?;
+        let package_request = self
+            .store
+            .get_package_request(id.expect("validated"))
+            .await?;
+        Ok(Response::new(package_request_to_proto(&package_request)))
+    }
+
+    async fn list_package_requests(
+        &self,
+        request: Request<pb::ListPackageRequestsRequest>,
+    ) -> Result<Response<pb::ListPackageRequestsResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let customer_id = parse_optional_id(&mut violations, "customer_id", &request.customer_id);
+        let filter_valid = request.customer_id.is_empty() || customer_id.is_some();
+        let limit = page_size(&mut violations, request.page_size);
+        let filter = filter_fingerprint(customer_id);
+        let mut after = 0;
+        if !request.page_token.is_empty() {
+            match token::decode::<2>(PACKAGE_PAGE_TOKEN, &request.page_token) {
+                Ok([fingerprint, token_after]) if fingerprint == filter => after = token_after,
+                // An invalid filter is already reported; comparing against it would add a
+                // second, misleading violation.
+                Ok(_) if !filter_valid => {}
+                Ok(_) => violations.add(
+                    "page_token",
+                    "was issued for a different customer_id filter; pass the same customer_id as the first page, or start again without a page_token",
+                ),
+                Err(e) => violations.add("page_token", token_reason(e)),
+            }
+        }
+        violations.finish()?;
+        let page = self
+            .store
+            .list_package_requests(customer_id, after, limit)
+            .await?;
+        Ok(Response::new(pb::ListPackageRequestsResponse {
+            package_requests: page
+                .package_requests
+                .iter()
+                .map(package_request_to_proto)
+                .collect(),
+            next_page_token: page
+                .next_after
+                .map(|after| token::encode(PACKAGE_PAGE_TOKEN, &[filter, after]))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn update_package_request_status(
+        &self,
+        request: Request<pb::UpdatePackageRequestStatusRequest>,
+    ) -> Result<Response<pb::PackageRequest>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let id = parse_id(&mut violations, "id", &request.id);
+        let status = violations.check("status", status_from_proto(request.status));
+        violations.finish()?;
+        let (Some(id), Some(status)) = (id, status) else {
+            unreachable!("violations.finish() returned early")
+        };
+        let change = self
+            .store
+            .update_status(id, status, self.clock.now())
+            .await?;
+        let package_request = change.package_request;
+        if change.previous != package_request.status {
+            info!(
+                customer_id = %package_request.customer_id,
+                package_request_id = %package_request.id,
+                from = %change.previous,
+                to = %package_request.status,
+                "package request status changed"
+            );
+        }
+        Ok(Response::new(package_request_to_proto(&package_request)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_size_defaults_clamps_and_refuses_negatives() {
+        let mut violations = Violations::new();
+        assert_eq!(page_size(&mut violations, 0), DEFAULT_PAGE_SIZE);
+        assert_eq!(page_size(&mut violations, 7), 7);
+        assert_eq!(page_size(&mut violations, 1000), MAX_PAGE_SIZE);
+        assert_eq!(page_size(&mut violations, i32::MAX), MAX_PAGE_SIZE);
+        assert!(violations.is_empty());
+        page_size(&mut violations, -1);
+        assert!(!violations.is_empty());
+    }
+
+    #[test]
+    fn every_status_but_unspecified_is_accepted() {
+        for status in [
+            PackageStatus::Pending,
+            PackageStatus::Shipped,
+            PackageStatus::Delivered,
+            PackageStatus::Cancelled,
+        ] {
+            assert_eq!(
+                status_from_proto(status_to_proto(status).into()),
+                Ok(status)
+            );
+        }
+        assert!(status_from_proto(0).is_err());
+        assert_eq!(status_from_proto(99), Err("unknown value 99".to_owned()));
+    }
+
+    #[test]
+    fn filter_fingerprint_ignores_uuid_spelling() {
+        let id = Uuid::now_v7();
+        let upper = Uuid::try_parse(&id.to_string().to_uppercase()).unwrap();
+        assert_eq!(
+            filter_fingerprint(Some(id)),
+            filter_fingerprint(Some(upper))
+        );
+        assert_ne!(filter_fingerprint(Some(id)), filter_fingerprint(None));
+    }
+}
