@@ -33,8 +33,19 @@ mod generated {
 
 pub use generated::{crm, integration, inventory};
 
-/// The encoded `FileDescriptorSet` of every contract, for reflection.
+/// The encoded `FileDescriptorSet` of every contract.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("mip_descriptor");
+
+/// `crm/v1/crm.proto` and its imports, for the CRM server's reflection.
+pub const CRM_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("crm_descriptor");
+
+/// `inventory/v1/inventory.proto` and its imports, for the Inventory server's reflection.
+pub const INVENTORY_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("inventory_descriptor");
+
+/// `integration/v1/integration.proto` and its imports, for the integration server's reflection.
+pub const INTEGRATION_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("integration_descriptor");
 
 /// Fully-qualified names of every service the platform serves, in the order `mip all` starts them.
 pub const SERVICE_NAMES: &[&str] = &[
@@ -72,6 +83,30 @@ mod tests {
             assert!(
                 services.iter().any(|s| s == name),
                 "{name} missing from {services:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_service_set_holds_only_its_service() {
+        for (set, name) in [
+            (CRM_DESCRIPTOR_SET, "crm.v1.CrmService"),
+            (INVENTORY_DESCRIPTOR_SET, "inventory.v1.InventoryService"),
+            (INTEGRATION_DESCRIPTOR_SET, "integration.v1.IntegrationService"),
+        ] {
+            let set = prost_types::FileDescriptorSet::decode(set).expect("set decodes");
+            let services: Vec<String> = set
+                .file
+                .iter()
+                .flat_map(|f| {
+                    let package = f.package().to_owned();
+                    f.service.iter().map(move |s| format!("{package}.{}", s.name()))
+                })
+                .collect();
+            assert_eq!(services, [name]);
+            assert!(
+                set.file.iter().any(|f| f.name() == "google/protobuf/timestamp.proto"),
+                "imports are included so reflection clients can resolve every type"
             );
         }
     }

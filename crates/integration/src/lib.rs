@@ -327,7 +327,7 @@ pub async fn serve(
     ));
     let engine_task = tokio::spawn(engine.run(checkpoint));
     health.set_serving().await;
-    let served = mip_runtime::server::serve(listener, routes, health, server, shutdown).await;
+    let served = mip_runtime::server::serve(listener, mip_proto::INTEGRATION_DESCRIPTOR_SET, routes, health, server, shutdown).await;
     let _ = engine_task.await;
     served?;
     Ok(())

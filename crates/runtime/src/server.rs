@@ -140,27 +140,30 @@ impl Health {
 }
 
 /// Serves `routes` on `listener`, with health and reflection (v1 and v1alpha, so grpcurl 1.8
-/// works too), until `shutdown` is cancelled.
+/// works too) over `descriptor_set`, until `shutdown` is cancelled.
 ///
 /// On shutdown: health turns NOT_SERVING, the listener stops accepting, open streams are ended
 /// by their handlers (which watch the same token), in-flight calls get
 /// [`ServerOptions::shutdown_grace`] to finish, and then the server returns regardless.
 pub async fn serve(
     listener: TcpListener,
+    descriptor_set: &'static [u8],
     routes: Routes,
     health: Health,
     options: &ServerOptions,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr().ok();
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mip_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(mip_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    // The service's own contract, health, and the standard error details, so that grpcurl can
+    // also decode the field violations in an INVALID_ARGUMENT.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(descriptor_set)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let routes = routes
         .add_service(health.server())
         .add_service(reflection_v1)
