@@ -473,3 +473,86 @@ impl<S: CrmStore> Watcher<S> {
         )));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use mip_proto::crm::v1::crm_service_server::CrmService;
+    use mip_runtime::clock::SystemClock;
+    use mip_runtime::sqlite::Durability;
+    use tokio_stream::StreamExt;
+
+    use super::*;
+    use crate::store::SqliteStore;
+
+    /// Calls the service directly (no network), so the heartbeat timer runs on paused time and
+    /// the test checks the exact interval without waiting for it.
+    #[tokio::test(start_paused = true)]
+    async fn idle_watch_sends_heartbeats_at_the_configured_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            SqliteStore::open(dir.path(), Durability::Normal)
+                .await
+                .unwrap(),
+        );
+        let options = CrmOptions {
+            heartbeat_interval: Duration::from_secs(30),
+            ..CrmOptions::default()
+        };
+        let api = CrmApi::new(
+            store,
+            options,
+            Arc::new(SystemClock),
+            CancellationToken::new(),
+        );
+        let started = tokio::time::Instant::now();
+        let mut stream = api
+            .watch_customers(Request::new(pb::WatchCustomersRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        for beat in 1..=2u32 {
+            let message = stream.next().await.expect("stream open").expect("no error");
+            let Some(pb::watch_customers_response::Kind::Heartbeat(heartbeat)) = message.kind
+            else {
+                panic!("expected a heartbeat, got {message:?}");
+            };
+            assert_eq!(heartbeat.sequence, 0, "an empty log is at position 0");
+            assert!(!heartbeat.resume_token.is_empty());
+            let elapsed = started.elapsed();
+            assert!(
+                elapsed >= Duration::from_secs(30) * beat
+                    && elapsed < Duration::from_secs(30) * beat + Duration::from_secs(1),
+                "heartbeat {beat} after {elapsed:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_an_open_watch_with_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            SqliteStore::open(dir.path(), Durability::Normal)
+                .await
+                .unwrap(),
+        );
+        let shutdown = CancellationToken::new();
+        let api = CrmApi::new(
+            store,
+            CrmOptions::default(),
+            Arc::new(SystemClock),
+            shutdown.clone(),
+        );
+        let mut stream = api
+            .watch_customers(Request::new(pb::WatchCustomersRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        shutdown.cancel();
+        let end = stream.next().await.expect("a final status");
+        assert_eq!(end.unwrap_err().code(), tonic::Code::Unavailable);
+        assert!(
+            stream.next().await.is_none(),
+            "the stream ends after the status"
+        );
+    }
+}

@@ -225,18 +225,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let crm_listener = bind(args.crm_listen).await?;
             let inventory_listener = bind(args.inventory_listen).await?;
             let integration_listener = bind(args.integration_listen).await?;
+            // The bound addresses, not the requested ones: port 0 picks a free port.
+            let crm_addr = crm_listener.local_addr()?;
+            let inventory_addr = inventory_listener.local_addr()?;
+            let integration_addr = integration_listener.local_addr()?;
             // In one process the integration service talks to its neighbours where they listen.
-            args.integration.crm_addr = args.crm_listen.to_string();
-            args.integration.inventory_addr = args.inventory_listen.to_string();
-            announce("CRM", args.crm_listen, "crm.v1.CrmService/ListCustomers");
+            args.integration.crm_addr = crm_addr.to_string();
+            args.integration.inventory_addr = inventory_addr.to_string();
+            announce("CRM", crm_addr, "crm.v1.CrmService/ListCustomers");
             announce(
                 "Inventory",
-                args.inventory_listen,
+                inventory_addr,
                 "inventory.v1.InventoryService/ListPackageRequests",
             );
             announce(
                 "Integration",
-                args.integration_listen,
+                integration_addr,
                 "integration.v1.IntegrationService/GetStatus",
             );
             let crm = mip_crm::serve(
@@ -282,7 +286,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Crm(args) => {
             let listener = bind(args.listen).await?;
-            announce("CRM", args.listen, "crm.v1.CrmService/ListCustomers");
+            announce(
+                "CRM",
+                listener.local_addr()?,
+                "crm.v1.CrmService/ListCustomers",
+            );
             mip_crm::serve(
                 listener,
                 &args.store.data_dir,
@@ -299,7 +307,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let listener = bind(args.listen).await?;
             announce(
                 "Inventory",
-                args.listen,
+                listener.local_addr()?,
                 "inventory.v1.InventoryService/ListPackageRequests",
             );
             mip_inventory::serve(
@@ -317,7 +325,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let listener = bind(args.listen).await?;
             announce(
                 "Integration",
-                args.listen,
+                listener.local_addr()?,
                 "integration.v1.IntegrationService/GetStatus",
             );
             mip_integration::serve(
