@@ -454,8 +454,9 @@ impl<S: CrmStore> Watcher<S> {
                             sequence: seq_i64(cursor),
                         })),
                     };
-                    if self.sender.send(Ok(message)).await.is_err() {
-                        return;
+                    tokio::select! {
+                        sent = self.sender.send(Ok(message)) => if sent.is_err() { return },
+                        () = self.shutdown.cancelled() => return self.end().await,
                     }
                 }
                 () = self.sender.closed() => return,

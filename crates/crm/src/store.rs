@@ -7,11 +7,11 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use mip_runtime::clock::{from_micros, to_micros};
-use mip_runtime::sqlite::{Db, Durability};
+use mip_runtime::sqlite::{Db, DbError, Durability};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use rusqlite_migration::{M, Migrations};
 use tokio::sync::watch;
@@ -68,6 +68,9 @@ pub const DB_FILE: &str = "crm.db";
 
 /// Events kept in memory for watchers that are nearly caught up.
 const FEED_CAPACITY: usize = 8192;
+
+/// Longest a read waits for the writer thread to publish a commit it has already seen.
+const PUBLISH_WAIT: Duration = Duration::from_secs(5);
 
 fn migrations() -> Migrations<'static> {
     Migrations::new(vec![M::up(
@@ -175,6 +178,22 @@ impl SqliteStore {
             ],
         )?;
         Ok(event)
+    }
+
+    /// Waits until the feed has published every event up to `position`.
+    ///
+    /// A read transaction can see a commit before the writer thread has published its events
+    /// (it publishes them one write at a time after each group commit). Tokens are checked
+    /// against the feed's head, so a position read from the database is handed out only once
+    /// the feed has caught up with it; otherwise a client using it at once gets OUT_OF_RANGE.
+    async fn published(&self, position: Position) -> Result<(), Error> {
+        let mut bounds = self.feed.subscribe();
+        // The commit is already visible, so publishing follows within moments; the bound only
+        // matters if the writer thread died between committing and publishing.
+        match tokio::time::timeout(PUBLISH_WAIT, bounds.wait_for(|b| b.head >= position.0)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(Error::Storage(DbError::Closed)),
+        }
     }
 
     /// Runs a write whose result carries events, and publishes them to watchers on commit.
@@ -380,8 +399,9 @@ impl CrmStore for SqliteStore {
         limit: usize,
         snapshot: Option<Position>,
     ) -> Result<CustomerPage, Error> {
-        self.db
-            .read(move |c| {
+        let page: CustomerPage = self
+            .db
+            .read(move |c| -> Result<_, Error> {
                 // One read transaction: the head and the rows are the same snapshot, so a
                 // watch from `snapshot` sees exactly the changes the listing may have missed.
                 let tx = c.unchecked_transaction()?;
@@ -391,14 +411,17 @@ impl CrmStore for SqliteStore {
                 };
                 let mut statement = tx.prepare_cached(&format!(
                     "SELECT {CUSTOMER_COLUMNS}, created_seq FROM customers
-                     WHERE created_seq > ?1 ORDER BY created_seq LIMIT ?2"
+                     WHERE created_seq > ?1 AND created_seq <= ?3 ORDER BY created_seq LIMIT ?2"
                 ))?;
                 let mut last = None;
                 let customers = statement
                     .query_map(
                         params![
                             i64::try_from(after).unwrap_or(i64::MAX),
-                            i64::try_from(limit).unwrap_or(i64::MAX)
+                            i64::try_from(limit).unwrap_or(i64::MAX),
+                            // Customers created after the snapshot come through the watch
+                            // from `snapshot` instead, so no customer is seen twice.
+                            i64::try_from(snapshot.0).unwrap_or(i64::MAX)
                         ],
                         |row| {
                             let created: i64 = row.get(6)?;
@@ -419,7 +442,9 @@ impl CrmStore for SqliteStore {
                     snapshot,
                 })
             })
-            .await
+            .await?;
+        self.published(page.snapshot).await?;
+        Ok(page)
     }
 
     async fn events_after(
@@ -437,6 +462,7 @@ impl CrmStore for SqliteStore {
         if let Some(events) = self.feed.read_after(after.0, limit) {
             return Ok(events);
         }
+        let published = bounds.head;
         self.db
             .read(move |c| {
                 let tx = c.unchecked_transaction()?;
@@ -447,16 +473,20 @@ impl CrmStore for SqliteStore {
                         pruned_through: bounds.pruned_through,
                     });
                 }
+                // Only events already published to the feed: later ones have committed, but
+                // positions past the feed's head are refused as ahead of the log until the
+                // writer thread has published them.
                 let mut statement = tx.prepare_cached(
                     "SELECT seq, event_id, event_type, customer_id, name, email, create_time,
                             update_time, version, commit_time
-                     FROM customer_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                     FROM customer_events WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2",
                 )?;
                 let events = statement
                     .query_map(
                         params![
                             i64::try_from(after.0).unwrap_or(i64::MAX),
-                            i64::try_from(limit).unwrap_or(i64::MAX)
+                            i64::try_from(limit).unwrap_or(i64::MAX),
+                            i64::try_from(published).unwrap_or(i64::MAX)
                         ],
                         |row| {
                             let event_id: String = row.get(1)?;

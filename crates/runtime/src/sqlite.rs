@@ -303,31 +303,42 @@ fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn WriteJob>
             }
         };
         let mut completions = Vec::with_capacity(size);
-        for job in batch.drain(..) {
+        // A savepoint that cannot be opened or released leaves the transaction in an unknown
+        // state: the whole batch is then rolled back and every write in it fails.
+        let mut broken = None;
+        let mut jobs = batch.drain(..);
+        for job in jobs.by_ref() {
             let savepoint = match tx.savepoint() {
                 Ok(sp) => sp,
                 Err(e) => {
-                    job.abort(DbError::from(e));
-                    continue;
+                    let e = DbError::from(e);
+                    job.abort(e.clone());
+                    broken = Some(e);
+                    break;
                 }
             };
             let (ok, completion) = job.run(&savepoint);
-            let outcome = if ok {
+            completions.push(completion);
+            let released = if ok {
                 savepoint.commit()
             } else {
-                savepoint.finish().and(Ok(()))
+                savepoint.finish()
             };
-            if let Err(e) = outcome {
-                // The savepoint itself failed: the transaction is in an unknown state, so the
-                // whole batch is rolled back below through this error.
-                completions.push(completion);
-                let e = DbError::from(e);
-                for c in completions.drain(..) {
-                    c(Err(e.clone()));
-                }
-                continue;
+            if let Err(e) = released {
+                broken = Some(DbError::from(e));
+                break;
             }
-            completions.push(completion);
+        }
+        if let Some(e) = broken {
+            error!(path = %path.display(), error = %e, "write batch failed; rolled back");
+            for job in jobs {
+                job.abort(e.clone());
+            }
+            drop(tx);
+            for completion in completions {
+                completion(Err(e.clone()));
+            }
+            continue;
         }
         let committed = tx.commit().map_err(DbError::from);
         if let Err(e) = &committed {
