@@ -20,7 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {
         let name = proto.split('/').nth(1).expect("proto/<service>/v1/<file>");
         let set = protox::compile([proto], ["proto"])?;
-        std::fs::write(out_dir.join(format!("{name}_descriptor.bin")), set.encode_to_vec())?;
+        std::fs::write(
+            out_dir.join(format!("{name}_descriptor.bin")),
+            set.encode_to_vec(),
+        )?;
     }
     let fds = protox::compile(PROTOS, ["proto"])?;
     std::fs::write(out_dir.join("mip_descriptor.bin"), fds.encode_to_vec())?;

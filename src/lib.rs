@@ -92,7 +92,10 @@ mod tests {
         for (set, name) in [
             (CRM_DESCRIPTOR_SET, "crm.v1.CrmService"),
             (INVENTORY_DESCRIPTOR_SET, "inventory.v1.InventoryService"),
-            (INTEGRATION_DESCRIPTOR_SET, "integration.v1.IntegrationService"),
+            (
+                INTEGRATION_DESCRIPTOR_SET,
+                "integration.v1.IntegrationService",
+            ),
         ] {
             let set = prost_types::FileDescriptorSet::decode(set).expect("set decodes");
             let services: Vec<String> = set
@@ -100,12 +103,16 @@ mod tests {
                 .iter()
                 .flat_map(|f| {
                     let package = f.package().to_owned();
-                    f.service.iter().map(move |s| format!("{package}.{}", s.name()))
+                    f.service
+                        .iter()
+                        .map(move |s| format!("{package}.{}", s.name()))
                 })
                 .collect();
             assert_eq!(services, [name]);
             assert!(
-                set.file.iter().any(|f| f.name() == "google/protobuf/timestamp.proto"),
+                set.file
+                    .iter()
+                    .any(|f| f.name() == "google/protobuf/timestamp.proto"),
                 "imports are included so reflection clients can resolve every type"
             );
         }

@@ -369,7 +369,10 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
         };
         tokio::spawn(async move {
             let _permit = permit;
+            let watchers = metrics::gauge!("mip_crm_watchers");
+            watchers.increment(1.0);
             watcher.run(start).await;
+            watchers.decrement(1.0);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }

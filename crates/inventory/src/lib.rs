@@ -52,7 +52,15 @@ pub async fn serve(
         server
     ));
     health.set_serving().await;
-    mip_runtime::server::serve(listener, mip_proto::INVENTORY_DESCRIPTOR_SET, routes, health, server, shutdown).await?;
+    mip_runtime::server::serve(
+        listener,
+        mip_proto::INVENTORY_DESCRIPTOR_SET,
+        routes,
+        health,
+        server,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 

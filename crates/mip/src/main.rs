@@ -28,6 +28,11 @@ struct Cli {
     #[arg(long, env = "MIP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9090). Off when
+    /// unset.
+    #[arg(long, env = "MIP_METRICS_ADDR", global = true)]
+    metrics_addr: Option<SocketAddr>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -168,7 +173,7 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Health(args) => health(args).await,
-            command => match run(command).await {
+            command => match run(command, cli.metrics_addr).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e:#}");
@@ -218,7 +223,12 @@ fn clock() -> SharedClock {
     Arc::new(SystemClock)
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+async fn run(command: Command, metrics_addr: Option<SocketAddr>) -> anyhow::Result<()> {
+    if let Some(addr) = metrics_addr {
+        mip_runtime::metrics::install(addr)
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        info!(%addr, "metrics at http://{addr}/metrics");
+    }
     let shutdown = shutdown_on_signal();
     match command {
         Command::All(mut args) => {

@@ -8,11 +8,13 @@
 //! - [`token`]: opaque, checksummed page and resume tokens.
 //! - [`status`]: building rich `tonic::Status` errors (field violations, error info).
 //! - [`clock`]: an injectable wall clock.
+//! - [`metrics`]: the Prometheus exporter and the per-RPC metrics layer.
 //! - [`probe`]: the client side of the standard health check, for `mip health`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod clock;
+pub mod metrics;
 pub mod probe;
 pub mod server;
 pub mod sqlite;

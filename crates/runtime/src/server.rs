@@ -180,6 +180,7 @@ pub async fn serve(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(options.keepalive_interval))
         .http2_keepalive_timeout(Some(options.keepalive_timeout))
+        .layer(crate::metrics::RpcMetricsLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
 
