@@ -9,7 +9,7 @@
 //! with capped exponential backoff and jitter; anything else fails at once.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use mip_proto::inventory::v1 as pb;
 use mip_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
@@ -92,6 +92,8 @@ pub enum Outcome {
         package_request_id: String,
         /// Attempts it took.
         attempts: u32,
+        /// When Inventory created it, if it said.
+        package_create_time: Option<SystemTime>,
     },
     /// It failed for good: a permanent error, or every attempt failed.
     Failed {
@@ -162,6 +164,9 @@ impl Deliverer {
                     let package = response.into_inner();
                     info!(customer_id, package_request_id = %package.id, "package request created");
                     return Outcome::Delivered {
+                        package_create_time: package
+                            .create_time
+                            .and_then(|t| SystemTime::try_from(t).ok()),
                         package_request_id: package.id,
                         attempts,
                     };
@@ -171,6 +176,7 @@ impl Deliverer {
                     return Outcome::Delivered {
                         package_request_id: String::new(),
                         attempts,
+                        package_create_time: None,
                     };
                 }
                 Ok(Err(status)) => status,
@@ -181,9 +187,7 @@ impl Deliverer {
                 return Outcome::Failed { reason, attempts };
             }
             let delay = self.jitter.apply(self.policy.backoff(attempts));
-            self.stats
-                .retried
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats.count_retried();
             warn!(customer_id, attempt = attempts, %reason, retry_in = ?delay, "retrying package request");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}

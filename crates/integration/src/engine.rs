@@ -10,7 +10,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use mip_proto::crm::v1 as crm;
 use mip_proto::crm::v1::crm_service_client::CrmServiceClient;
@@ -261,7 +261,7 @@ impl<S: IntegrationStore> Engine<S> {
         why: &Status,
     ) -> crate::FeedState {
         if from != to {
-            self.stats.mode_switches.fetch_add(1, Ordering::Relaxed);
+            self.stats.count_mode_switch(to);
             self.stats.set_mode(to);
             match to {
                 crate::FeedState::Poll => {
@@ -410,6 +410,11 @@ impl<S: IntegrationStore> Engine<S> {
         self.stats.saw_head(mark.sequence);
         *cursor = Some(mark.clone());
         let created = event.r#type() == crm::CustomerEventType::Created;
+        let created_at = event
+            .customer
+            .as_ref()
+            .and_then(|c| c.create_time)
+            .and_then(|t| SystemTime::try_from(t).ok());
         let customer_id = event.customer.map(|c| c.id).unwrap_or_default();
         if !created || customer_id.is_empty() {
             let mut tracker = self.tracker.lock().expect("tracker lock");
@@ -434,7 +439,7 @@ impl<S: IntegrationStore> Engine<S> {
         tokio::spawn(async move {
             let _slot = slot;
             if handler
-                .handle(&event.event_id, &customer_id)
+                .handle(&event.event_id, &customer_id, created_at)
                 .await
                 .is_done()
             {
@@ -500,7 +505,7 @@ impl<S: IntegrationStore> Engine<S> {
                 deliveries.spawn(async move {
                     let _slot = slot;
                     handler
-                        .handle(&format!("relist:{}", customer.id), &customer.id)
+                        .handle(&format!("relist:{}", customer.id), &customer.id, None)
                         .await
                         .is_done()
                 });
@@ -520,15 +525,9 @@ impl<S: IntegrationStore> Engine<S> {
             sequence = snapshot.sequence,
             "relist finished; watching from the snapshot"
         );
-        if let Err(e) = self
-            .store
-            .save_checkpoint(snapshot.clone(), self.clock.now())
-            .await
-        {
-            error!(error = %e, "cannot save the checkpoint after relisting");
-            return;
-        }
-        self.stats.set_checkpoint(&snapshot);
+        // Through the tracker, not straight to the store: the checkpoint task saves marks one
+        // at a time, so an older mark it is still saving can never land after this one.
+        self.idle_at(snapshot.clone());
         *cursor = Some(snapshot);
     }
 }
@@ -564,16 +563,28 @@ pub enum Handled {
 impl Handled {
     /// Whether the checkpoint may move past the event.
     pub fn is_done(self) -> bool {
-        let _ = self; true
+        self != Handled::Unfinished
     }
 }
 
 impl<S: IntegrationStore> Handler<S> {
     /// Delivers and records the outcome.
-    pub async fn handle(&self, event_id: &str, customer_id: &str) -> Handled {
+    /// `customer_create_time` feeds the end-to-end delay metric when known.
+    pub async fn handle(
+        &self,
+        event_id: &str,
+        customer_id: &str,
+        customer_create_time: Option<SystemTime>,
+    ) -> Handled {
         match self.deliverer.deliver(customer_id, &self.shutdown).await {
-            Outcome::Delivered { .. } => {
-                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+            Outcome::Delivered {
+                package_create_time,
+                ..
+            } => {
+                let delay = customer_create_time
+                    .zip(package_create_time)
+                    .and_then(|(customer, package)| package.duration_since(customer).ok());
+                self.stats.count_delivered(delay);
                 Handled::Delivered
             }
             Outcome::Cancelled => Handled::Unfinished,
@@ -589,7 +600,7 @@ impl<S: IntegrationStore> Handler<S> {
                 };
                 match self.store.put_dead_letter(letter).await {
                     Ok(()) => {
-                        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        self.stats.count_dead_lettered();
                         error!(customer_id, event_id, attempts, %reason, "dead-lettered package request");
                         Handled::DeadLettered
                     }

@@ -197,11 +197,45 @@ impl Stats {
 
     fn saw_head(&self, sequence: i64) {
         self.head_seen.fetch_max(sequence, Ordering::Relaxed);
+        metrics::gauge!("mip_integration_checkpoint_lag_events").set(self.lag() as f64);
     }
 
     fn set_checkpoint(&self, mark: &Mark) {
-        self.saw_head(mark.sequence);
         *self.checkpoint.lock().expect("stats lock") = Some(mark.clone());
+        self.saw_head(mark.sequence);
+    }
+
+    /// Counts a delivered package request; `delay` is the time from the customer's creation
+    /// to the package request's, when both are known.
+    fn count_delivered(&self, delay: Option<Duration>) {
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mip_integration_delivered_total").increment(1);
+        if let Some(delay) = delay {
+            metrics::histogram!("mip_integration_end_to_end_delay_seconds")
+                .record(delay.as_secs_f64());
+        }
+    }
+
+    /// Counts a retried attempt.
+    fn count_retried(&self) {
+        self.retried.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mip_integration_retried_total").increment(1);
+    }
+
+    /// Counts a delivery that went to the dead-letter list.
+    fn count_dead_lettered(&self) {
+        self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mip_integration_dead_lettered_total").increment(1);
+    }
+
+    /// Counts a switch between streaming and polling.
+    fn count_mode_switch(&self, to: FeedState) {
+        self.mode_switches.fetch_add(1, Ordering::Relaxed);
+        let to = match to {
+            FeedState::Stream => "stream",
+            FeedState::Poll => "poll",
+        };
+        metrics::counter!("mip_integration_mode_switches_total", "to" => to).increment(1);
     }
 
     /// The saved checkpoint's token and sequence (empty and 0 before the first).
@@ -327,7 +361,15 @@ pub async fn serve(
     ));
     let engine_task = tokio::spawn(engine.run(checkpoint));
     health.set_serving().await;
-    let served = mip_runtime::server::serve(listener, mip_proto::INTEGRATION_DESCRIPTOR_SET, routes, health, server, shutdown).await;
+    let served = mip_runtime::server::serve(
+        listener,
+        mip_proto::INTEGRATION_DESCRIPTOR_SET,
+        routes,
+        health,
+        server,
+        shutdown,
+    )
+    .await;
     let _ = engine_task.await;
     served?;
     Ok(())

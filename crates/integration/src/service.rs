@@ -159,7 +159,7 @@ impl<S: IntegrationStore> pb::integration_service_server::IntegrationService for
                 }
                 let handled = self
                     .handler
-                    .handle(&letter.event_id, &letter.customer_id)
+                    .handle(&letter.event_id, &letter.customer_id, None)
                     .await;
                 if handled == Handled::Unfinished {
                     return Err(Status::unavailable("shutting down; retry later"));

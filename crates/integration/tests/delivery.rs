@@ -1,0 +1,451 @@
+//! The integration service's guarantee, end to end: CRM, Inventory and the integration
+//! service each run on a real loopback socket, and whatever happens to them (streaming or
+//! polling, restarts, crashes, outages, rejections, expired checkpoints) every customer ends
+//! up with exactly one welcome package request.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use common::{
+    CONVERGE_TIMEOUT, Crm, Dirs, Integration, InventoryClient, Load, Platform, all_customer_ids,
+    bounded, create_customers, crm_head, crm_options, eventually, integration_options,
+    system_clock, wait_for_exactly_one_package_each, welcome_packages_per_customer,
+};
+use mip_crm::CrmOptions;
+use mip_integration::Mode;
+use mip_proto::crm::v1::ListCustomerEventsRequest;
+use mip_proto::integration::v1::{
+    FeedMode, ListDeadLettersRequest, ListDeadLettersResponse, RetryDeadLettersRequest,
+};
+use mip_proto::inventory::v1 as inventory;
+use mip_proto::inventory::v1::inventory_service_server::{
+    InventoryService, InventoryServiceServer,
+};
+use mip_runtime::CancellationToken;
+use mip_runtime::clock::ManualClock;
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Code, Request, Response, Status};
+
+/// Customers per test, unless a test needs a different number.
+const CUSTOMERS: usize = 200;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_customer_gets_exactly_one_package_when_streaming() {
+    bounded(async {
+        let platform = Platform::start(Mode::Stream).await;
+        let ids = create_customers(&platform.crm.client(), CUSTOMERS).await;
+        wait_for_exactly_one_package_each(&platform.inventory.client(), &ids, CONVERGE_TIMEOUT)
+            .await;
+        let head = crm_head(&platform.crm.client()).await;
+        let status = platform.integration.wait_for_checkpoint(head).await;
+        assert_eq!(status.mode(), FeedMode::Stream);
+        assert_eq!(status.dead_lettered, 0);
+        assert!(status.delivered >= CUSTOMERS as i64, "{status:?}");
+        platform.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_customer_gets_exactly_one_package_when_polling() {
+    bounded(async {
+        let platform = Platform::start(Mode::Poll).await;
+        let ids = create_customers(&platform.crm.client(), CUSTOMERS).await;
+        wait_for_exactly_one_package_each(&platform.inventory.client(), &ids, CONVERGE_TIMEOUT)
+            .await;
+        let head = crm_head(&platform.crm.client()).await;
+        let status = platform.integration.wait_for_checkpoint(head).await;
+        assert_eq!(status.mode(), FeedMode::Poll);
+        assert_eq!(status.mode_switches, 0, "{status:?}");
+        assert!(!status.stream_connected);
+        platform.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_falls_back_to_polling_when_watch_is_disabled() {
+    bounded(async {
+        let dirs = Dirs::new();
+        let options = CrmOptions {
+            disable_watch: true,
+            ..crm_options()
+        };
+        let mut crm = Crm::start(&dirs.crm(), options, system_clock()).await;
+        let mut inventory = common::Inventory::start(&dirs.inventory()).await;
+        let mut integration = Integration::start(
+            &dirs.integration(),
+            integration_options(crm.addr, inventory.addr, Mode::Auto),
+        )
+        .await;
+        let ids = create_customers(&crm.client(), CUSTOMERS).await;
+        wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
+        let status = integration.status().await;
+        assert_eq!(status.mode(), FeedMode::Poll, "{status:?}");
+        assert!(status.mode_switches >= 1, "{status:?}");
+        assert!(!status.stream_connected);
+        assert_eq!(status.configured_mode, "auto");
+        integration.stop().await;
+        inventory.stop().await;
+        crm.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_customers_get_packages_on_first_start() {
+    bounded(async {
+        let dirs = Dirs::new();
+        let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
+        let mut inventory = common::Inventory::start(&dirs.inventory()).await;
+        let ids = create_customers(&crm.client(), CUSTOMERS).await;
+        // No checkpoint yet, and the default start position is the earliest event.
+        let mut integration = Integration::start(
+            &dirs.integration(),
+            integration_options(crm.addr, inventory.addr, Mode::Auto),
+        )
+        .await;
+        wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
+        integration.stop().await;
+        inventory.stop().await;
+        crm.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_of_integration_service_mid_run_loses_and_duplicates_nothing() {
+    bounded(async {
+        let mut platform = Platform::start(Mode::Auto).await;
+        let load = Load::start(&platform.crm.client(), 8);
+        load.wait_for(100).await;
+        platform.integration.crash().await;
+        load.wait_for(200).await;
+        platform.integration.restart().await;
+        load.wait_for(300).await;
+        let ids = load.finish().await;
+        assert_eq!(
+            sorted(all_customer_ids(&platform.crm.client()).await),
+            sorted(ids.clone()),
+            "CRM holds exactly the customers the test created"
+        );
+        wait_for_exactly_one_package_each(&platform.inventory.client(), &ids, CONVERGE_TIMEOUT)
+            .await;
+        let head = crm_head(&platform.crm.client()).await;
+        platform.integration.wait_for_checkpoint(head).await;
+        platform.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_with_deliveries_in_flight_redelivers_them_after_restart() {
+    bounded(async {
+        let mut platform = Platform::start(Mode::Stream).await;
+        let crm = platform.crm.client();
+        // With Inventory down every delivery keeps retrying, so the crash below is sure to
+        // interrupt deliveries in flight: the checkpoint must not have passed any of them.
+        platform.inventory.stop().await;
+        let ids = create_customers(&crm, CUSTOMERS).await;
+        eventually("deliveries to be retrying", CONVERGE_TIMEOUT, || async {
+            let status = platform.integration.status().await;
+            (status.retried >= CUSTOMERS as i64).then_some(())
+        })
+        .await;
+        platform.integration.crash().await;
+        platform.inventory.restart().await;
+        platform.integration.restart().await;
+        wait_for_exactly_one_package_each(&platform.inventory.client(), &ids, CONVERGE_TIMEOUT)
+            .await;
+        let status = platform.integration.status().await;
+        assert_eq!(status.dead_lettered, 0, "{status:?}");
+        platform.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_outage_backlog_drains_without_loss_or_duplicates() {
+    bounded(async {
+        let mut platform = Platform::start(Mode::Stream).await;
+        let crm = platform.crm.client();
+        let mut ids = create_customers(&crm, 50).await;
+        wait_for_exactly_one_package_each(&platform.inventory.client(), &ids, CONVERGE_TIMEOUT)
+            .await;
+
+        platform.inventory.stop().await;
+        ids.extend(create_customers(&crm, 150).await);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        platform.inventory.restart().await;
+
+        wait_for_exactly_one_package_each(&platform.inventory.client(), &ids, CONVERGE_TIMEOUT)
+            .await;
+        let head = crm_head(&crm).await;
+        let status = platform.integration.wait_for_checkpoint(head).await;
+        assert!(status.retried > 0, "the outage caused retries: {status:?}");
+        assert_eq!(status.dead_lettered, 0, "{status:?}");
+        platform.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crm_restart_mid_stream_resumes_without_gap() {
+    bounded(async {
+        let mut platform = Platform::start(Mode::Stream).await;
+        let load = Load::start(&platform.crm.client(), 8);
+        load.wait_for(100).await;
+        platform.crm.stop().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        platform.crm.restart().await;
+        load.wait_for(250).await;
+        let ids = load.finish().await;
+        assert_eq!(
+            sorted(all_customer_ids(&platform.crm.client()).await),
+            sorted(ids.clone()),
+            "CRM holds exactly the customers the test created"
+        );
+        wait_for_exactly_one_package_each(&platform.inventory.client(), &ids, CONVERGE_TIMEOUT)
+            .await;
+        let head = crm_head(&platform.crm.client()).await;
+        let status = platform.integration.wait_for_checkpoint(head).await;
+        assert_eq!(status.mode(), FeedMode::Stream);
+        platform.stop().await;
+    })
+    .await;
+}
+
+/// An Inventory in front of the real one that rejects one customer's package request as
+/// invalid while `reject` is set, and forwards everything else.
+struct RejectingInventory {
+    /// The real Inventory.
+    real: InventoryClient,
+    /// Whether to reject `customer_id` now.
+    reject: Arc<AtomicBool>,
+    /// The customer to reject.
+    customer_id: String,
+}
+
+#[tonic::async_trait]
+impl InventoryService for RejectingInventory {
+    async fn create_package_request(
+        &self,
+        request: Request<inventory::CreatePackageRequestRequest>,
+    ) -> Result<Response<inventory::PackageRequest>, Status> {
+        let request = request.into_inner();
+        if self.reject.load(Ordering::SeqCst) && request.customer_id == self.customer_id {
+            return Err(Status::invalid_argument(
+                "customer_id: rejected by the test",
+            ));
+        }
+        let response = self.real.clone().create_package_request(request).await?;
+        Ok(Response::new(response.into_inner()))
+    }
+
+    async fn get_package_request(
+        &self,
+        request: Request<inventory::GetPackageRequestRequest>,
+    ) -> Result<Response<inventory::PackageRequest>, Status> {
+        let response = self
+            .real
+            .clone()
+            .get_package_request(request.into_inner())
+            .await?;
+        Ok(Response::new(response.into_inner()))
+    }
+
+    async fn list_package_requests(
+        &self,
+        request: Request<inventory::ListPackageRequestsRequest>,
+    ) -> Result<Response<inventory::ListPackageRequestsResponse>, Status> {
+        let response = self
+            .real
+            .clone()
+            .list_package_requests(request.into_inner())
+            .await?;
+        Ok(Response::new(response.into_inner()))
+    }
+
+    async fn update_package_request_status(
+        &self,
+        request: Request<inventory::UpdatePackageRequestStatusRequest>,
+    ) -> Result<Response<inventory::PackageRequest>, Status> {
+        let response = self
+            .real
+            .clone()
+            .update_package_request_status(request.into_inner())
+            .await?;
+        Ok(Response::new(response.into_inner()))
+    }
+}
+
+async fn dead_letters(integration: &Integration) -> ListDeadLettersResponse {
+    integration
+        .client()
+        .list_dead_letters(ListDeadLettersRequest {
+            page_size: 100,
+            page_token: String::new(),
+        })
+        .await
+        .expect("ListDeadLetters")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_package_is_dead_lettered_and_redriven_after_fix() {
+    bounded(async {
+        let dirs = Dirs::new();
+        let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
+        let mut real_inventory = common::Inventory::start(&dirs.inventory()).await;
+        let inventory = real_inventory.client();
+        // The customer to reject exists before the integration service starts, so the proxy
+        // knows its id before any delivery is attempted.
+        let rejected = create_customers(&crm.client(), 1).await.remove(0);
+
+        let reject = Arc::new(AtomicBool::new(true));
+        let proxy = RejectingInventory {
+            real: inventory.clone(),
+            reject: Arc::clone(&reject),
+            customer_id: rejected.clone(),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = listener.local_addr().unwrap();
+        let proxy_shutdown = CancellationToken::new();
+        let proxy_task = tokio::spawn(
+            Server::builder()
+                .add_service(InventoryServiceServer::new(proxy))
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener),
+                    proxy_shutdown.clone().cancelled_owned(),
+                ),
+        );
+        let mut integration = Integration::start(
+            &dirs.integration(),
+            integration_options(crm.addr, proxy_addr, Mode::Stream),
+        )
+        .await;
+
+        // It is dead-lettered at once, as a permanent failure.
+        let letters = eventually("the dead letter", CONVERGE_TIMEOUT, || async {
+            let letters = dead_letters(&integration).await;
+            (!letters.dead_letters.is_empty()).then_some(letters)
+        })
+        .await;
+        assert_eq!(letters.dead_letters.len(), 1, "{letters:?}");
+        let letter = &letters.dead_letters[0];
+        assert_eq!(letter.customer_id, rejected);
+        assert!(
+            letter.reason.contains("InvalidArgument"),
+            "reason: {}",
+            letter.reason
+        );
+        assert_eq!(letter.attempts, 1, "permanent failures are not retried");
+        let status = integration.status().await;
+        assert_eq!(status.dead_lettered, 1, "{status:?}");
+        assert_eq!(status.dead_letters_pending, 1, "{status:?}");
+
+        // It does not hold back anyone else: later customers get their packages and the
+        // checkpoint moves past it to the head.
+        let later = create_customers(&crm.client(), 100).await;
+        wait_for_exactly_one_package_each(&inventory, &later, CONVERGE_TIMEOUT).await;
+        let head = crm_head(&crm.client()).await;
+        integration.wait_for_checkpoint(head).await;
+        let counts = welcome_packages_per_customer(&inventory).await.unwrap();
+        assert!(!counts.contains_key(&rejected));
+
+        // Once the cause is fixed, a re-drive delivers it.
+        reject.store(false, Ordering::SeqCst);
+        let retried = integration
+            .client()
+            .retry_dead_letters(RetryDeadLettersRequest { event_ids: vec![] })
+            .await
+            .expect("RetryDeadLetters")
+            .into_inner();
+        assert_eq!(retried.delivered, 1, "{retried:?}");
+        assert_eq!(retried.still_failing, 0, "{retried:?}");
+        let letters = dead_letters(&integration).await;
+        assert!(letters.dead_letters.is_empty(), "{letters:?}");
+        assert_eq!(integration.status().await.dead_letters_pending, 0);
+        let mut everyone = later;
+        everyone.push(rejected);
+        wait_for_exactly_one_package_each(&inventory, &everyone, CONVERGE_TIMEOUT).await;
+
+        integration.stop().await;
+        proxy_shutdown.cancel();
+        proxy_task.await.unwrap().unwrap();
+        real_inventory.stop().await;
+        crm.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_checkpoint_triggers_relist() {
+    bounded(async {
+        let dirs = Dirs::new();
+        // CRM's clock only moves when the test says so: events expire exactly when it jumps.
+        let clock = ManualClock::new(SystemTime::now());
+        let options = CrmOptions {
+            event_retention: Some(Duration::from_millis(200)),
+            ..crm_options()
+        };
+        let mut crm = Crm::start(&dirs.crm(), options, Arc::new(clock.clone())).await;
+        let mut inventory = common::Inventory::start(&dirs.inventory()).await;
+        let mut integration = Integration::start(
+            &dirs.integration(),
+            integration_options(crm.addr, inventory.addr, Mode::Stream),
+        )
+        .await;
+        let mut ids = create_customers(&crm.client(), 50).await;
+        wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
+        let head = crm_head(&crm.client()).await;
+        let saved = integration.wait_for_checkpoint(head).await.checkpoint;
+        integration.stop().await;
+
+        // While it is stopped, customers are created and then every event expires, so its
+        // checkpoint no longer points into the log.
+        ids.extend(create_customers(&crm.client(), 50).await);
+        clock.advance(Duration::from_secs(3600));
+        let client = crm.client();
+        eventually("the checkpoint to expire", CONVERGE_TIMEOUT, || {
+            let mut client = client.clone();
+            let saved = saved.clone();
+            async move {
+                let result = client
+                    .list_customer_events(ListCustomerEventsRequest {
+                        resume_token: saved,
+                        start_position: 0,
+                        page_size: 1,
+                    })
+                    .await;
+                matches!(result, Err(status) if status.code() == Code::FailedPrecondition)
+                    .then_some(())
+            }
+        })
+        .await;
+
+        // After a restart it relists, and the customers whose events expired get packages too.
+        integration.restart().await;
+        wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
+        // And it keeps following the feed from the listing's snapshot.
+        ids.extend(create_customers(&crm.client(), 20).await);
+        wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
+        let head = crm_head(&crm.client()).await;
+        integration.wait_for_checkpoint(head).await;
+
+        integration.stop().await;
+        inventory.stop().await;
+        crm.stop().await;
+    })
+    .await;
+}
+
+fn sorted(mut ids: Vec<String>) -> Vec<String> {
+    ids.sort();
+    ids
+}

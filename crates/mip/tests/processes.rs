@@ -1,0 +1,460 @@
+//! The `mip` binary as an operator runs it: CRM, Inventory and the integration service as three
+//! separate processes on loopback ports, checked only through their public gRPC APIs. The
+//! integration process is killed with SIGKILL mid-load, so nothing it had not written down
+//! survives, and every customer must still end up with exactly one welcome package.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use mip_proto::crm::v1::crm_service_client::CrmServiceClient;
+use mip_proto::crm::v1::{CreateCustomerRequest, ListCustomersRequest};
+use mip_proto::inventory::v1::ListPackageRequestsRequest;
+use mip_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// The binary under test.
+const MIP: &str = env!("CARGO_BIN_EXE_mip");
+
+/// Longest the load test may take; generous, so a slow machine never fails it.
+const TEST_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// How long a process gets to report SERVING, and the platform to serve every customer.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Pause between two looks at a condition that is not true yet.
+const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// Customers created by the load test.
+const CUSTOMERS: usize = 2000;
+
+/// After how many of them the integration process is killed.
+const KILL_AFTER: usize = 700;
+
+/// Customers created at once.
+const CREATE_CONCURRENCY: usize = 32;
+
+/// What every welcome package request is (`mip_integration::deliver::PACKAGE_TYPE`).
+const PACKAGE_TYPE: &str = "welcome_package";
+
+/// A port nothing listens on right now: bind an ephemeral one, read it, let it go.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("an ephemeral port")
+        .port()
+}
+
+/// A running `mip` process. Dropping it kills and reaps the process, on every exit path,
+/// including a failing assertion; while panicking it also prints the end of its log.
+struct Process {
+    /// `crm`, `inventory` or `integration`, for messages.
+    name: String,
+    /// The process, until killed.
+    child: Option<Child>,
+    /// Its stdout and stderr.
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `mip <args>`, appending its output to `<log_dir>/<name>.log`.
+    fn spawn(name: &str, args: &[String], log_dir: &Path) -> Self {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = Command::new(MIP)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("start mip");
+        Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Whether it has exited, and how.
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("process status"))
+    }
+
+    /// SIGKILL (what `Child::kill` sends on Unix), then reap.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The last lines of its log.
+    fn log_tail(&self, lines: usize) -> String {
+        let Ok(file) = File::open(&self.log) else {
+            return String::new();
+        };
+        let all: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of {} ({}):\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail(40)
+            );
+        }
+    }
+}
+
+async fn serving(port: u16) -> bool {
+    let Ok(channel) = endpoint(port).connect().await else {
+        return false;
+    };
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
+    matches!(response, Ok(r) if r.get_ref().status() == ServingStatus::Serving)
+}
+
+fn endpoint(port: u16) -> Endpoint {
+    Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .expect("valid endpoint")
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(5))
+}
+
+/// Arguments every service gets: its address and data directory, and `normal` durability
+/// (which survives a killed process, the only failure here) to keep the test quick.
+fn service_args(command: &str, port: u16, data_dir: &Path) -> Vec<String> {
+    vec![
+        command.to_owned(),
+        "--listen".to_owned(),
+        format!("127.0.0.1:{port}"),
+        "--data-dir".to_owned(),
+        data_dir.display().to_string(),
+        "--durability".to_owned(),
+        "normal".to_owned(),
+    ]
+}
+
+/// Starts a service and waits until it serves. If it exits first (most likely because another
+/// process took the free port in the meantime), tries again on another port.
+async fn launch(name: &str, log_dir: &Path, args: impl Fn(u16) -> Vec<String>) -> (Process, u16) {
+    for _ in 0..3 {
+        let port = free_port();
+        let mut process = Process::spawn(name, &args(port), log_dir);
+        let deadline = Instant::now() + CONVERGE_TIMEOUT;
+        loop {
+            if serving(port).await {
+                return (process, port);
+            }
+            if let Some(status) = process.exited() {
+                eprintln!(
+                    "{name} exited before serving on port {port} ({status}); trying another port:\n{}",
+                    process.log_tail(5)
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not report SERVING within {CONVERGE_TIMEOUT:?}"
+            );
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+    panic!("{name} could not be started");
+}
+
+/// Creates customer number `n`, retrying transient failures with the same request id (so a
+/// retried create that did commit returns the same customer); returns its id.
+async fn create_customer(mut crm: CrmServiceClient<Channel>, n: usize) -> String {
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let mut request = Request::new(CreateCustomerRequest {
+            name: format!("Customer {n}"),
+            email: format!("customer-{n}@example.com"),
+            request_id: format!("00000000-0000-4000-8000-{n:012x}"),
+        });
+        request.set_timeout(Duration::from_secs(5));
+        match crm.create_customer(request).await {
+            Ok(customer) => return customer.into_inner().id,
+            Err(status)
+                if matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(POLL_EVERY).await;
+            }
+            Err(status) => panic!("cannot create customer {n}: {status:?}"),
+        }
+    }
+}
+
+/// Every customer in CRM, through ListCustomers paging.
+async fn all_customer_ids(mut crm: CrmServiceClient<Channel>) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    let mut page_token = String::new();
+    loop {
+        let page = crm
+            .list_customers(ListCustomersRequest {
+                page_size: 500,
+                page_token,
+            })
+            .await
+            .expect("ListCustomers")
+            .into_inner();
+        ids.extend(page.customers.into_iter().map(|c| c.id));
+        if page.next_page_token.is_empty() {
+            return ids;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Welcome package requests per customer, through ListPackageRequests paging.
+async fn welcome_packages(
+    mut inventory: InventoryServiceClient<Channel>,
+) -> Result<HashMap<String, usize>, tonic::Status> {
+    let mut counts = HashMap::new();
+    let mut page_token = String::new();
+    loop {
+        let page = inventory
+            .list_package_requests(ListPackageRequestsRequest {
+                customer_id: String::new(),
+                page_size: 1000,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        for package in page.package_requests {
+            if package.package_type == PACKAGE_TYPE {
+                *counts.entry(package.customer_id).or_insert(0) += 1;
+            }
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(counts);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Waits until every customer has exactly one welcome package request; fails at once on a
+/// second one, or on one for a customer CRM does not have.
+async fn wait_for_exactly_one_package_each(
+    inventory: &InventoryServiceClient<Channel>,
+    customers: &HashSet<String>,
+) {
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        if let Ok(counts) = welcome_packages(inventory.clone()).await {
+            let duplicated: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+            assert!(
+                duplicated.is_empty(),
+                "{} customers have more than one welcome package: {:?}",
+                duplicated.len(),
+                &duplicated[..duplicated.len().min(5)]
+            );
+            let unknown: Vec<_> = counts.keys().filter(|c| !customers.contains(*c)).collect();
+            assert!(
+                unknown.is_empty(),
+                "welcome packages for customers CRM does not have: {unknown:?}"
+            );
+            let missing = customers.len() - counts.len();
+            if missing == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after {CONVERGE_TIMEOUT:?}, {missing} of {} customers have no welcome package",
+                customers.len()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ListPackageRequests kept failing"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+async fn bounded(test: impl Future<Output = ()>) {
+    tokio::time::timeout(TEST_TIMEOUT, test)
+        .await
+        .expect("test did not finish in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_integration_process_restarts_and_every_customer_gets_exactly_one_package() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path();
+        let (crm_dir, inventory_dir, integration_dir) = (
+            dir.path().join("crm"),
+            dir.path().join("inventory"),
+            dir.path().join("integration"),
+        );
+        let (_crm, crm_port) =
+            launch("crm", logs, |port| service_args("crm", port, &crm_dir)).await;
+        let (_inventory, inventory_port) = launch("inventory", logs, |port| {
+            service_args("inventory", port, &inventory_dir)
+        })
+        .await;
+        let integration_args = |port| {
+            let mut args = service_args("integration", port, &integration_dir);
+            args.extend([
+                "--crm-addr".to_owned(),
+                format!("127.0.0.1:{crm_port}"),
+                "--inventory-addr".to_owned(),
+                format!("127.0.0.1:{inventory_port}"),
+                "--retry-max".to_owned(),
+                "1s".to_owned(),
+            ]);
+            args
+        };
+        let (mut integration, _) = launch("integration", logs, &integration_args).await;
+
+        let crm = CrmServiceClient::new(endpoint(crm_port).connect_lazy());
+        let inventory = InventoryServiceClient::new(endpoint(inventory_port).connect_lazy());
+
+        let created = Arc::new(AtomicUsize::new(0));
+        let load = tokio::spawn({
+            let (crm, created) = (crm.clone(), Arc::clone(&created));
+            async move {
+                let slots = Arc::new(Semaphore::new(CREATE_CONCURRENCY));
+                let mut creates = JoinSet::new();
+                for n in 0..CUSTOMERS {
+                    let slot = Arc::clone(&slots).acquire_owned().await.unwrap();
+                    let (crm, created) = (crm.clone(), Arc::clone(&created));
+                    creates.spawn(async move {
+                        let _slot = slot;
+                        let id = create_customer(crm, n).await;
+                        created.fetch_add(1, Ordering::SeqCst);
+                        id
+                    });
+                }
+                creates.join_all().await
+            }
+        });
+
+        let deadline = Instant::now() + CONVERGE_TIMEOUT;
+        while created.load(Ordering::SeqCst) < KILL_AFTER {
+            assert!(Instant::now() < deadline, "customers are not being created");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        integration.kill();
+        drop(integration);
+        let (_integration, _) = launch("integration", logs, &integration_args).await;
+
+        let ids: HashSet<String> = load.await.expect("load task").into_iter().collect();
+        assert_eq!(ids.len(), CUSTOMERS);
+        assert_eq!(
+            all_customer_ids(crm.clone()).await,
+            ids,
+            "CRM holds exactly the customers the test created"
+        );
+        wait_for_exactly_one_package_each(&inventory, &ids).await;
+    })
+    .await;
+}
+
+/// Runs `mip <args>` to completion, with a bound on how long it may take.
+fn run_mip(args: &[&str]) -> (ExitStatus, String) {
+    let mut child = Command::new(MIP)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start mip");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("process status") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("mip {args:?} did not finish in time");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            stdout.push_str(&line);
+            stdout.push('\n');
+        }
+    }
+    (status, stdout)
+}
+
+#[test]
+fn mip_health_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut crm = Process::spawn(
+        "crm",
+        &service_args("crm", port, &dir.path().join("crm")),
+        dir.path(),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let health = ["health", "--addr", &addr, "--timeout", "1s"];
+
+    // Serving: exit 0 and SERVING (asked until CRM is up, within a bound).
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    let (status, stdout) = loop {
+        let (status, stdout) = run_mip(&health);
+        if status.success() || Instant::now() >= deadline {
+            break (status, stdout);
+        }
+        assert!(crm.exited().is_none(), "CRM exited:\n{}", crm.log_tail(20));
+        std::thread::sleep(POLL_EVERY);
+    };
+    assert_eq!(status.code(), Some(0), "{stdout}");
+    assert_eq!(stdout.trim(), "SERVING");
+    let (status, stdout) = run_mip(&[
+        "health",
+        "--addr",
+        &addr,
+        "--service",
+        "crm.v1.CrmService",
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(status.code(), Some(0), "{stdout}");
+    assert_eq!(stdout.trim(), "SERVING");
+
+    // Nothing listening: exit 2, nothing on stdout.
+    let closed = format!("127.0.0.1:{}", free_port());
+    let (status, stdout) = run_mip(&["health", "--addr", &closed, "--timeout", "1s"]);
+    assert_eq!(status.code(), Some(2), "{stdout}");
+    assert_eq!(stdout.trim(), "");
+
+    crm.kill();
+}
