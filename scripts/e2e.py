@@ -6,6 +6,7 @@ directory, then:
   * runs every grpcurl line of README.md (ports rewritten to the test's), asserting on output;
   * generates the Python client from proto/ and runs clients/python/demo.py;
   * checks `mip health` exit codes (0 SERVING, 2 unreachable);
+  * scrapes the Prometheus metrics and checks the documented series are there;
   * stops the platform with SIGTERM and checks it exits cleanly in bounded time.
 Prints one line per check and a final 'N passed, N failed'. Exits non-zero on any failure.
 """
@@ -21,6 +22,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MIP = os.environ.get("MIP_BIN", str(ROOT / "target" / "debug" / "mip"))
@@ -155,6 +157,31 @@ def run_health_exit_codes(ports: dict) -> None:
            f"exit {closed.returncode}")
 
 
+# Series the README documents, each with a label or suffix that shows it carries data.
+METRICS = [
+    'mip_rpc_requests_total{service="crm.v1.CrmService",method="CreateCustomer",code="OK"}',
+    'mip_rpc_requests_total{service="crm.v1.CrmService",method="CreateCustomer",code="INVALID_ARGUMENT"}',
+    'mip_rpc_duration_seconds_bucket{service="inventory.v1.InventoryService",method="CreatePackageRequest",code="OK"',
+    "mip_crm_watchers ",
+    "mip_integration_delivered_total ",
+    "mip_integration_end_to_end_delay_seconds_bucket",
+    "mip_integration_checkpoint_lag_events ",
+]
+
+
+def run_metrics_checks(metrics_port: int) -> None:
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    try:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+    except OSError as error:
+        report(False, "metrics endpoint answers", str(error))
+        return
+    for series in METRICS:
+        report(series in text, f"metrics: {series.split('{')[0].strip()} "
+               f"{series[series.find('{'):] if '{' in series else ''}".strip(),
+               "not in the scrape")
+
+
 def main() -> int:
     # pip puts grpcurl beside the interpreter's scripts, which may not be on PATH yet.
     scripts = sysconfig.get_path("scripts")
@@ -165,6 +192,7 @@ def main() -> int:
     if not os.path.exists(MIP):
         subprocess.run(["cargo", "build", "--bin", "mip"], cwd=ROOT, check=True)
     ports = {name: free_port() for name in ("crm", "inventory", "integration")}
+    metrics_port = free_port()
     data = tempfile.mkdtemp(prefix="mip-e2e-")
     log = open(os.path.join(data, "mip.log"), "w")
     process = subprocess.Popen(
@@ -172,7 +200,8 @@ def main() -> int:
          "--crm-listen", f"127.0.0.1:{ports['crm']}",
          "--inventory-listen", f"127.0.0.1:{ports['inventory']}",
          "--integration-listen", f"127.0.0.1:{ports['integration']}",
-         "--heartbeat-interval", "1s"],
+         "--heartbeat-interval", "1s",
+         "--metrics-addr", f"127.0.0.1:{metrics_port}"],
         stdout=log, stderr=subprocess.STDOUT,
     )
     try:
@@ -180,6 +209,7 @@ def main() -> int:
         run_readme_lines(ports)
         run_python_demo(ports)
         run_health_exit_codes(ports)
+        run_metrics_checks(metrics_port)
         process.send_signal(signal.SIGTERM)
         try:
             code = process.wait(timeout=15)
