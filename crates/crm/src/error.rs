@@ -1,7 +1,7 @@
 //! Every way a CRM call can fail, and the one place each becomes a gRPC status.
 
 use mip_runtime::sqlite::DbError;
-use mip_runtime::status::{invalid_field, with_reason};
+use mip_runtime::status::{invalid_field, storage, with_reason};
 use tonic::{Code, Status};
 use uuid::Uuid;
 
@@ -99,12 +99,7 @@ impl From<Error> for Status {
             }
             Error::WatchDisabled => Status::unimplemented(message),
             Error::TooManyWatchers(_) => Status::resource_exhausted(message),
-            Error::Storage(e) if e.is_disk_full() => Status::resource_exhausted(e.to_string()),
-            Error::Storage(e) if e.is_transient() => Status::unavailable(e.to_string()),
-            Error::Storage(e) => {
-                tracing::error!(error = %e, "storage failure");
-                Status::internal("internal storage error; see the server log")
-            }
+            Error::Storage(e) => storage(&e),
         }
     }
 }

@@ -9,14 +9,13 @@ use mip_proto::crm::v1 as pb;
 use mip_proto::timestamp;
 use mip_runtime::CancellationToken;
 use mip_runtime::clock::{SharedClock, from_micros, to_micros};
-use mip_runtime::status::Violations;
+use mip_runtime::status::{Violations, token_reason};
 use mip_runtime::token::{self, TokenError};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
-use uuid::Uuid;
 
 use crate::CrmOptions;
 use crate::domain::{
@@ -30,11 +29,6 @@ use crate::store::CrmStore;
 const RESUME_TOKEN: u8 = 1;
 /// Token kind of `ListCustomers` page tokens: `[log_id, snapshot, after_created_seq]`.
 const CUSTOMER_PAGE_TOKEN: u8 = 2;
-
-/// Page size when the request leaves it at 0.
-pub const DEFAULT_PAGE_SIZE: usize = 100;
-/// Largest page; larger requests are lowered to it.
-pub const MAX_PAGE_SIZE: usize = 1000;
 
 /// Events read per step by a watcher that is catching up.
 const WATCH_BATCH: usize = 256;
@@ -143,44 +137,11 @@ fn check_position(position: Position, bounds: &LogBounds) -> Result<(), Error> {
     Ok(())
 }
 
-/// What to tell a client about a token it should not have sent.
-pub(crate) fn token_reason(error: TokenError) -> &'static str {
-    match error {
-        TokenError::Malformed => "is malformed; pass a token exactly as the server returned it",
-        TokenError::WrongKind => "was issued for a different request",
-    }
-}
-
 fn token_error(field: &'static str, error: TokenError) -> Error {
     Error::InvalidField {
         field,
         reason: token_reason(error).to_owned(),
     }
-}
-
-/// Reads `page_size`: 0 is the default, negatives are refused, large values are lowered.
-pub(crate) fn page_size(violations: &mut Violations, raw: i32) -> usize {
-    match raw {
-        0 => DEFAULT_PAGE_SIZE,
-        n if n < 0 => {
-            violations.add("page_size", "must not be negative");
-            DEFAULT_PAGE_SIZE
-        }
-        n => usize::try_from(n)
-            .unwrap_or(MAX_PAGE_SIZE)
-            .min(MAX_PAGE_SIZE),
-    }
-}
-
-fn parse_id(violations: &mut Violations, field: &str, raw: &str) -> Option<Uuid> {
-    if raw.is_empty() {
-        violations.add(field, "is required");
-        return None;
-    }
-    violations.check(
-        field,
-        Uuid::try_parse(raw.trim()).map_err(|_| "is not a UUID (expected 8-4-4-4-12 hex digits)"),
-    )
 }
 
 fn customer_to_proto(customer: &Customer) -> pb::Customer {
@@ -232,7 +193,7 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
         let request_id = if request.request_id.is_empty() {
             None
         } else {
-            parse_id(&mut violations, "request_id", &request.request_id)
+            violations.id("request_id", &request.request_id)
         };
         violations.finish()?;
         let (Some(name), Some(email)) = (name, email) else {
@@ -253,7 +214,7 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
         request: Request<pb::GetCustomerRequest>,
     ) -> Result<Response<pb::Customer>, Status> {
         let mut violations = Violations::new();
-        let id = parse_id(&mut violations, "id", &request.get_ref().id);
+        let id = violations.id("id", &request.get_ref().id);
         violations.finish()?;
         let customer = self.store.get_customer(id.expect("validated")).await?;
         Ok(Response::new(customer_to_proto(&customer)))
@@ -269,7 +230,7 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
             violations.add("customer", "is required");
             return Err(violations.into_status());
         };
-        let id = parse_id(&mut violations, "customer.id", &customer.id);
+        let id = violations.id("customer.id", &customer.id);
         let paths: Vec<String> = request
             .update_mask
             .map(|m| m.paths)
@@ -303,7 +264,7 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
         request: Request<pb::DeleteCustomerRequest>,
     ) -> Result<Response<pb::DeleteCustomerResponse>, Status> {
         let mut violations = Violations::new();
-        let id = parse_id(&mut violations, "id", &request.get_ref().id);
+        let id = violations.id("id", &request.get_ref().id);
         violations.finish()?;
         let position = self
             .store
@@ -320,7 +281,7 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
     ) -> Result<Response<pb::ListCustomersResponse>, Status> {
         let request = request.into_inner();
         let mut violations = Violations::new();
-        let limit = page_size(&mut violations, request.page_size);
+        let limit = violations.page_size(request.page_size);
         let log_id = self.store.bounds().log_id;
         let mut cursor = (0, None);
         if !request.page_token.is_empty() {
@@ -329,7 +290,7 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
                     cursor = (after, Some(Position(snapshot)));
                 }
                 Ok(_) => violations.add("page_token", "was issued by a different CRM database"),
-                Err(e) => violations.add("page_token", token_reason(e)),
+                Err(e) => violations.token("page_token", e),
             }
         }
         violations.finish()?;
@@ -383,7 +344,7 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
     ) -> Result<Response<pb::ListCustomerEventsResponse>, Status> {
         let request = request.into_inner();
         let mut violations = Violations::new();
-        let limit = page_size(&mut violations, request.page_size);
+        let limit = violations.page_size(request.page_size);
         violations.finish()?;
         let start = self.parse_start(&request.resume_token, request.start_position)?;
         let events = self.store.events_after(start, limit).await?;

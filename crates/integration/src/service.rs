@@ -39,12 +39,7 @@ impl<S: IntegrationStore> IntegrationApi<S> {
 }
 
 fn storage(e: mip_runtime::sqlite::DbError) -> Status {
-    if e.is_transient() {
-        Status::unavailable(e.to_string())
-    } else {
-        tracing::error!(error = %e, "storage failure");
-        Status::internal("internal storage error; see the server log")
-    }
+    mip_runtime::status::storage(&e)
 }
 
 #[tonic::async_trait]
@@ -86,14 +81,7 @@ impl<S: IntegrationStore> pb::integration_service_server::IntegrationService for
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
         let request = request.into_inner();
         let mut violations = Violations::new();
-        let limit = match request.page_size {
-            0 => 100,
-            n if n < 0 => {
-                violations.add("page_size", "must not be negative");
-                100
-            }
-            n => usize::try_from(n).unwrap_or(1000).min(1000),
-        };
+        let limit = violations.page_size(request.page_size);
         let mut after = 0i64;
         if !request.page_token.is_empty() {
             match token::decode::<1>(DEAD_LETTER_PAGE_TOKEN, &request.page_token) {

@@ -58,12 +58,7 @@ impl From<Error> for Status {
             Error::NotFound(_) => Status::not_found(message),
             Error::RequestIdReused(_) => Status::already_exists(message),
             Error::IllegalMove { .. } => Status::failed_precondition(message),
-            Error::Storage(e) if e.is_disk_full() => Status::resource_exhausted(e.to_string()),
-            Error::Storage(e) if e.is_transient() => Status::unavailable(e.to_string()),
-            Error::Storage(e) => {
-                tracing::error!(error = %e, "storage failure");
-                Status::internal("internal storage error; see the server log")
-            }
+            Error::Storage(e) => mip_runtime::status::storage(&e),
         }
     }
 }

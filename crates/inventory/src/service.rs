@@ -7,7 +7,7 @@ use mip_proto::inventory::v1 as pb;
 use mip_proto::timestamp;
 use mip_runtime::clock::SharedClock;
 use mip_runtime::status::Violations;
-use mip_runtime::token::{self, TokenError};
+use mip_runtime::token;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 use uuid::Uuid;
@@ -18,11 +18,6 @@ use crate::store::InventoryStore;
 /// Token kind of `ListPackageRequests` page tokens: `[filter_fingerprint, after_seq]`. Kinds 1
 /// and 2 are CRM's, so a CRM token pasted here is recognised as one.
 const PACKAGE_PAGE_TOKEN: u8 = 3;
-
-/// Page size when the request leaves it at 0.
-pub const DEFAULT_PAGE_SIZE: usize = 100;
-/// Largest page; larger requests are lowered to it.
-pub const MAX_PAGE_SIZE: usize = 1000;
 
 /// The `inventory.v1.InventoryService` implementation.
 pub struct InventoryApi<S> {
@@ -37,47 +32,6 @@ impl<S: InventoryStore> InventoryApi<S> {
     pub fn new(store: Arc<S>, clock: SharedClock) -> Self {
         Self { store, clock }
     }
-}
-
-/// What to tell a client about a token it should not have sent.
-fn token_reason(error: TokenError) -> &'static str {
-    match error {
-        TokenError::Malformed => "is malformed; pass a token exactly as the server returned it",
-        TokenError::WrongKind => "was issued for a different request",
-    }
-}
-
-/// Reads `page_size`: 0 is the default, negatives are refused, large values are lowered.
-fn page_size(violations: &mut Violations, raw: i32) -> usize {
-    match raw {
-        0 => DEFAULT_PAGE_SIZE,
-        n if n < 0 => {
-            violations.add("page_size", "must not be negative");
-            DEFAULT_PAGE_SIZE
-        }
-        n => usize::try_from(n)
-            .unwrap_or(MAX_PAGE_SIZE)
-            .min(MAX_PAGE_SIZE),
-    }
-}
-
-fn parse_id(violations: &mut Violations, field: &str, raw: &str) -> Option<Uuid> {
-    if raw.is_empty() {
-        violations.add(field, "is required");
-        return None;
-    }
-    parse_optional_id(violations, field, raw)
-}
-
-/// An id the request may leave empty: `None` when empty or invalid (then a violation is added).
-fn parse_optional_id(violations: &mut Violations, field: &str, raw: &str) -> Option<Uuid> {
-    if raw.is_empty() {
-        return None;
-    }
-    violations.check(
-        field,
-        Uuid::try_parse(raw.trim()).map_err(|_| "is not a UUID (expected 8-4-4-4-12 hex digits)"),
-    )
 }
 
 fn status_from_proto(raw: i32) -> Result<PackageStatus, String> {
@@ -133,10 +87,10 @@ impl<S: InventoryStore> pb::inventory_service_server::InventoryService for Inven
     ) -> Result<Response<pb::PackageRequest>, Status> {
         let request = request.into_inner();
         let mut violations = Violations::new();
-        let customer_id = parse_id(&mut violations, "customer_id", &request.customer_id);
+        let customer_id = violations.id("customer_id", &request.customer_id);
         let package_type =
             violations.check("package_type", PackageType::parse(&request.package_type));
-        let request_id = parse_optional_id(&mut violations, "request_id", &request.request_id);
+        let request_id = violations.optional_id("request_id", &request.request_id);
         violations.finish()?;
         let (Some(customer_id), Some(package_type)) = (customer_id, package_type) else {
             unreachable!("violations.finish() returned early")
@@ -166,7 +120,7 @@ impl<S: InventoryStore> pb::inventory_service_server::InventoryService for Inven
         request: Request<pb::GetPackageRequestRequest>,
     ) -> Result<Response<pb::PackageRequest>, Status> {
         let mut violations = Violations::new();
-        let id = parse_id(&mut violations, "id", &request.get_ref().id);
+        let id = violations.id("id", &request.get_ref().id);
         violations.finish()?;
         let package_request = self
             .store
@@ -181,9 +135,9 @@ impl<S: InventoryStore> pb::inventory_service_server::InventoryService for Inven
     ) -> Result<Response<pb::ListPackageRequestsResponse>, Status> {
         let request = request.into_inner();
         let mut violations = Violations::new();
-        let customer_id = parse_optional_id(&mut violations, "customer_id", &request.customer_id);
+        let customer_id = violations.optional_id("customer_id", &request.customer_id);
         let filter_valid = request.customer_id.is_empty() || customer_id.is_some();
-        let limit = page_size(&mut violations, request.page_size);
+        let limit = violations.page_size(request.page_size);
         let filter = filter_fingerprint(customer_id);
         let mut after = 0;
         if !request.page_token.is_empty() {
@@ -196,7 +150,7 @@ impl<S: InventoryStore> pb::inventory_service_server::InventoryService for Inven
                     "page_token",
                     "was issued for a different customer_id filter; pass the same customer_id as the first page, or start again without a page_token",
                 ),
-                Err(e) => violations.add("page_token", token_reason(e)),
+                Err(e) => violations.token("page_token", e),
             }
         }
         violations.finish()?;
@@ -223,7 +177,7 @@ impl<S: InventoryStore> pb::inventory_service_server::InventoryService for Inven
     ) -> Result<Response<pb::PackageRequest>, Status> {
         let request = request.into_inner();
         let mut violations = Violations::new();
-        let id = parse_id(&mut violations, "id", &request.id);
+        let id = violations.id("id", &request.id);
         let status = violations.check("status", status_from_proto(request.status));
         violations.finish()?;
         let (Some(id), Some(status)) = (id, status) else {
@@ -250,18 +204,6 @@ impl<S: InventoryStore> pb::inventory_service_server::InventoryService for Inven
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn page_size_defaults_clamps_and_refuses_negatives() {
-        let mut violations = Violations::new();
-        assert_eq!(page_size(&mut violations, 0), DEFAULT_PAGE_SIZE);
-        assert_eq!(page_size(&mut violations, 7), 7);
-        assert_eq!(page_size(&mut violations, 1000), MAX_PAGE_SIZE);
-        assert_eq!(page_size(&mut violations, i32::MAX), MAX_PAGE_SIZE);
-        assert!(violations.is_empty());
-        page_size(&mut violations, -1);
-        assert!(!violations.is_empty());
-    }
 
     #[test]
     fn every_status_but_unspecified_is_accepted() {

@@ -6,9 +6,19 @@
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
+use uuid::Uuid;
+
+use crate::sqlite::DbError;
+use crate::token::TokenError;
 
 /// The `ErrorInfo.domain` of every error the platform returns.
 pub const ERROR_DOMAIN: &str = "mip.example.com";
+
+/// Page size of a list call that leaves `page_size` at 0.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+
+/// Largest page of any list call; larger requests are lowered to it, not refused.
+pub const MAX_PAGE_SIZE: usize = 1000;
 
 /// Collects field violations while a request is validated.
 #[derive(Debug, Default)]
@@ -48,6 +58,46 @@ impl Violations {
         }
     }
 
+    /// Reads a `page_size`: 0 is the default, negatives are refused, large values are lowered.
+    pub fn page_size(&mut self, raw: i32) -> usize {
+        match raw {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n < 0 => {
+                self.add("page_size", "must not be negative");
+                DEFAULT_PAGE_SIZE
+            }
+            n => usize::try_from(n)
+                .unwrap_or(MAX_PAGE_SIZE)
+                .min(MAX_PAGE_SIZE),
+        }
+    }
+
+    /// Reads a required UUID field.
+    pub fn id(&mut self, field: &str, raw: &str) -> Option<Uuid> {
+        if raw.is_empty() {
+            self.add(field, "is required");
+            return None;
+        }
+        self.optional_id(field, raw)
+    }
+
+    /// Reads an optional UUID field: empty means not set.
+    pub fn optional_id(&mut self, field: &str, raw: &str) -> Option<Uuid> {
+        if raw.is_empty() {
+            return None;
+        }
+        self.check(
+            field,
+            Uuid::try_parse(raw.trim())
+                .map_err(|_| "is not a UUID (expected 8-4-4-4-12 hex digits)"),
+        )
+    }
+
+    /// Records why a page or resume token was refused.
+    pub fn token(&mut self, field: &str, error: TokenError) {
+        self.add(field, token_reason(error));
+    }
+
     /// `Ok(())` when nothing was recorded, otherwise the INVALID_ARGUMENT status.
     pub fn finish(self) -> Result<(), Status> {
         if self.is_empty() {
@@ -71,6 +121,28 @@ impl Violations {
             details.add_bad_request_violation(field, description);
         }
         Status::with_error_details(Code::InvalidArgument, message, details)
+    }
+}
+
+/// What to tell a client about a token it should not have sent.
+pub fn token_reason(error: TokenError) -> &'static str {
+    match error {
+        TokenError::Malformed => "is malformed; pass a token exactly as the server returned it",
+        TokenError::WrongKind => "was issued for a different request",
+    }
+}
+
+/// The status of a storage failure, the same in every service: a full disk is
+/// RESOURCE_EXHAUSTED, a busy or closing store UNAVAILABLE (worth a retry), anything else
+/// INTERNAL, logged here with its detail and not shown to the client.
+pub fn storage(error: &DbError) -> Status {
+    if error.is_disk_full() {
+        Status::resource_exhausted(error.to_string())
+    } else if error.is_transient() {
+        Status::unavailable(error.to_string())
+    } else {
+        tracing::error!(error = %error, "storage failure");
+        Status::internal("internal storage error; see the server log")
     }
 }
 
@@ -116,6 +188,30 @@ mod tests {
             .collect();
         assert_eq!(fields, ["name", "email"]);
         assert!(status.message().contains("email: is not an email address"));
+    }
+
+    #[test]
+    fn page_size_defaults_clamps_and_refuses_negatives() {
+        let mut v = Violations::new();
+        assert_eq!(v.page_size(0), DEFAULT_PAGE_SIZE);
+        assert_eq!(v.page_size(7), 7);
+        assert_eq!(v.page_size(i32::MAX), MAX_PAGE_SIZE);
+        assert!(v.is_empty());
+        v.page_size(-1);
+        assert!(!v.is_empty());
+    }
+
+    #[test]
+    fn ids_must_be_uuids() {
+        let mut v = Violations::new();
+        assert!(v.optional_id("request_id", "").is_none());
+        assert!(v.is_empty(), "an empty optional id is not an error");
+        assert!(v.id("id", "").is_none());
+        assert!(v.id("id", "42").is_none());
+        assert!(v.id("id", "0190f2b4-0000-7000-8000-000000000001").is_some());
+        let status = v.into_status();
+        let bad = status.get_details_bad_request().unwrap();
+        assert_eq!(bad.field_violations.len(), 2);
     }
 
     #[test]
