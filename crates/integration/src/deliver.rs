@@ -137,6 +137,13 @@ impl Deliverer {
         }
     }
 
+    /// The same deliverer, giving up after `attempts` attempts.
+    pub fn with_max_attempts(&self, attempts: u32) -> Self {
+        let mut deliverer = self.clone();
+        deliverer.policy.max_attempts = attempts.max(1);
+        deliverer
+    }
+
     /// Creates the customer's welcome package request, retrying transient failures.
     pub async fn deliver(&self, customer_id: &str, shutdown: &CancellationToken) -> Outcome {
         let request_id = request_id(customer_id).to_string();

@@ -41,6 +41,9 @@ use crate::engine::{Engine, FeedSettings, Handler};
 use crate::store::{IntegrationStore, SqliteStore};
 use crate::tracker::Mark;
 
+/// Attempts per dead letter in one `RetryDeadLetters` call.
+const REDRIVE_ATTEMPTS: u32 = 3;
+
 /// Fully-qualified gRPC name of the admin service.
 pub const SERVICE_NAME: &str = "integration.v1.IntegrationService";
 
@@ -325,9 +328,10 @@ pub async fn serve(
         Arc::clone(&stats),
         server.max_message_bytes,
     );
+    // Re-drives answer an admin call, so they try a few times rather than for minutes.
     let handler = Handler {
         store: Arc::clone(&store),
-        deliverer: deliverer.clone(),
+        deliverer: deliverer.with_max_attempts(REDRIVE_ATTEMPTS),
         stats: Arc::clone(&stats),
         clock: Arc::clone(&clock),
         shutdown: shutdown.clone(),
