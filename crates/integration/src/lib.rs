@@ -81,11 +81,11 @@ pub enum FeedState {
 /// The integration service's flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct IntegrationOptions {
-    /// CRM address (HOST:PORT or URL).
+    /// CRM address (HOST:PORT or URL). `mip all` ignores it and uses its own CRM.
     #[arg(long, env = "MIP_CRM_ADDR", default_value = "127.0.0.1:50051")]
     pub crm_addr: String,
 
-    /// Inventory address (HOST:PORT or URL).
+    /// Inventory address (HOST:PORT or URL). `mip all` ignores it and uses its own Inventory.
     #[arg(long, env = "MIP_INVENTORY_ADDR", default_value = "127.0.0.1:50052")]
     pub inventory_addr: String,
 
