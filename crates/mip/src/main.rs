@@ -189,32 +189,44 @@ fn main() -> ExitCode {
 fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
+    // Installed here, not in the task: a SIGTERM sent as soon as the service says it serves
+    // must drain it, not kill it before the task has first run.
+    let signal = signal_received();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signal.await;
         info!("shutdown requested: draining");
         trigger.cancel();
     });
     token
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+/// Resolves on the first ctrl-c or SIGTERM. The handlers are installed when this is called
+/// (`tokio::signal::ctrl_c` would install its own only when first polled).
+#[cfg(unix)]
+fn signal_received() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    async fn received(signal: std::io::Result<Signal>) {
+        match signal {
+            Ok(mut signal) => {
+                signal.recv().await;
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            // Not installable: this signal cannot stop the server; the other still can.
+            Err(_) => std::future::pending().await,
         }
     }
-    #[cfg(not(unix))]
-    {
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        tokio::select! {
+            () = received(interrupt) => {}
+            () = received(terminate) => {}
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn signal_received() -> impl Future<Output = ()> {
+    async {
         let _ = tokio::signal::ctrl_c().await;
     }
 }

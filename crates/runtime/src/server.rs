@@ -5,16 +5,22 @@
 //! it bound itself (so tests bind `127.0.0.1:0` and read the real port) and a shutdown token
 //! (so `main` passes ctrl-c/SIGTERM and tests cancel it directly).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_server::{self, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse, health_check_response};
+use tonic_health::server::{HealthReporter, HealthService};
 use tracing::{info, warn};
 
 /// Transport settings shared by every server, set once here.
@@ -128,17 +134,93 @@ impl Health {
         self.reporter.set_service_status("", status).await;
     }
 
-    /// The gRPC health service answering for this handle.
-    fn server(
-        &self,
-    ) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>
-    {
-        tonic_health::pb::health_server::HealthServer::new(
-            tonic_health::server::HealthService::from_health_reporter(self.reporter.clone()),
-        )
+    /// The gRPC health service answering for this handle. Its Watch streams end once shutdown
+    /// has reported NOT_SERVING (`ended`), so an open health watch cannot hold up shutdown.
+    fn server(&self, ended: CancellationToken) -> HealthServer<ShutdownAwareHealth> {
+        HealthServer::new(ShutdownAwareHealth {
+            inner: HealthService::from_health_reporter(self.reporter.clone()),
+            ended,
+        })
     }
 }
 
+/// tonic-health's service, with Watch streams that end at shutdown and report unknown
+/// services the way the health protocol asks (a SERVICE_UNKNOWN message, not an error).
+struct ShutdownAwareHealth {
+    /// Answers Check and opens Watch streams.
+    inner: HealthService,
+    /// Cancelled after shutdown has set every status to NOT_SERVING.
+    ended: CancellationToken,
+}
+
+#[tonic::async_trait]
+impl health_server::Health for ShutdownAwareHealth {
+    async fn check(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = HealthWatch;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        let inner: Pin<Box<dyn Stream<Item = HealthItem> + Send>> =
+            match self.inner.watch(request).await {
+                Ok(response) => Box::pin(response.into_inner()),
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    Box::pin(tokio_stream::once(Ok(HealthCheckResponse {
+                        status: health_check_response::ServingStatus::ServiceUnknown.into(),
+                    })))
+                }
+                Err(status) => return Err(status),
+            };
+        Ok(tonic::Response::new(HealthWatch {
+            inner: inner.chain(tokio_stream::pending()),
+            ended: Box::pin(self.ended.clone().cancelled_owned()),
+            last_was_final: false,
+        }))
+    }
+}
+
+/// One Watch response.
+type HealthItem = Result<HealthCheckResponse, tonic::Status>;
+
+/// A health Watch stream that ends after shutdown, once it has delivered a final status.
+pub struct HealthWatch {
+    /// Status changes; never ends by itself.
+    inner: tokio_stream::adapters::Chain<
+        Pin<Box<dyn Stream<Item = HealthItem> + Send>>,
+        tokio_stream::Pending<HealthItem>,
+    >,
+    /// Resolves when shutdown has reported NOT_SERVING.
+    ended: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    /// Whether the last message sent was NOT_SERVING or SERVICE_UNKNOWN, after which ending
+    /// the stream loses nothing.
+    last_was_final: bool,
+}
+
+impl Stream for HealthWatch {
+    type Item = HealthItem;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<HealthItem>> {
+        let this = &mut *self;
+        if let Poll::Ready(item) = Pin::new(&mut this.inner).poll_next(cx) {
+            this.last_was_final = matches!(
+                &item,
+                Some(Ok(r)) if r.status() != health_check_response::ServingStatus::Serving
+            );
+            return Poll::Ready(item);
+        }
+        if this.last_was_final && this.ended.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    }
+}
 /// Serves `routes` on `listener`, with health and reflection (v1 and v1alpha, so grpcurl 1.8
 /// works too) over `descriptor_set`, until `shutdown` is cancelled.
 ///
@@ -164,8 +246,9 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
+    let health_ended = CancellationToken::new();
     let routes = routes
-        .add_service(health.server())
+        .add_service(health.server(health_ended.clone()))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
@@ -175,6 +258,7 @@ pub async fn serve(
     let signal = async move {
         signal_token.cancelled().await;
         signal_health.set_not_serving().await;
+        health_ended.cancel();
     };
     let server = Server::builder()
         .tcp_nodelay(true)

@@ -1,0 +1,899 @@
+//! The container deployment, checked without a container engine: `docker-compose.yml` and the
+//! `Dockerfile` are read as files and held against the real `mip` binary. Every subcommand,
+//! environment variable and health-check flag they use must be one `mip` documents in its
+//! `--help`, ports and addresses must agree across services, and each service must start from
+//! its compose environment (moved to loopback) and pass its own health check.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_norway::{Mapping, Value};
+
+/// The binary under test.
+const MIP: &str = env!("CARGO_BIN_EXE_mip");
+
+/// The compose services, each with the `mip` subcommand it must run, the gRPC name of the
+/// service it hosts, and the variable holding its listen address.
+const SERVICES: [Expected; 3] = [
+    Expected {
+        name: "crm",
+        grpc_name: mip_crm::SERVICE_NAME,
+        listen_var: "MIP_CRM_LISTEN",
+    },
+    Expected {
+        name: "inventory",
+        grpc_name: mip_inventory::SERVICE_NAME,
+        listen_var: "MIP_INVENTORY_LISTEN",
+    },
+    Expected {
+        name: "integration",
+        grpc_name: mip_integration::SERVICE_NAME,
+        listen_var: "MIP_INTEGRATION_LISTEN",
+    },
+];
+
+/// The ports the README and the compose file promise: CRM, Inventory, integration.
+const PORTS: std::ops::RangeInclusive<u16> = 50051..=50053;
+
+/// How long a service gets to pass its health check; generous, so a slow machine never fails.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long one `mip` run to completion (`--help`, `health`) may take.
+const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pause between two looks at a condition that is not true yet.
+const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// What one compose service must be.
+struct Expected {
+    /// Compose service name, also the `mip` subcommand.
+    name: &'static str,
+    /// Fully-qualified gRPC name its health check asks about.
+    grpc_name: &'static str,
+    /// Environment variable of its listen address.
+    listen_var: &'static str,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading the files
+// ---------------------------------------------------------------------------------------------
+
+fn repo_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(name)
+}
+
+fn read(name: &str) -> String {
+    let path = repo_file(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// `docker-compose.yml`'s `services`, by name.
+fn compose_services() -> BTreeMap<String, Mapping> {
+    let compose: Value = serde_norway::from_str(&read("docker-compose.yml")).expect("valid YAML");
+    let services = compose
+        .get("services")
+        .and_then(Value::as_mapping)
+        .expect("a `services` mapping");
+    services
+        .iter()
+        .map(|(name, service)| {
+            let name = name.as_str().expect("service names are strings").to_owned();
+            let service = service
+                .as_mapping()
+                .unwrap_or_else(|| panic!("service {name} is a mapping"))
+                .clone();
+            (name, service)
+        })
+        .collect()
+}
+
+/// The top-level `volumes` names.
+fn compose_volumes() -> BTreeSet<String> {
+    let compose: Value = serde_norway::from_str(&read("docker-compose.yml")).expect("valid YAML");
+    compose
+        .get("volumes")
+        .and_then(Value::as_mapping)
+        .map(|volumes| {
+            volumes
+                .keys()
+                .map(|k| k.as_str().expect("volume names are strings").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn service<'a>(services: &'a BTreeMap<String, Mapping>, name: &str) -> &'a Mapping {
+    services
+        .get(name)
+        .unwrap_or_else(|| panic!("compose has no service {name}"))
+}
+
+/// A scalar as compose reads it: strings, numbers and booleans all become strings.
+fn scalar(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        other => panic!("expected a scalar, found {other:?}"),
+    }
+}
+
+/// A string or a list of strings (compose's `command` and `healthcheck.test`), as a list.
+fn words(value: &Value) -> Vec<String> {
+    match value {
+        Value::String(s) => s.split_whitespace().map(str::to_owned).collect(),
+        Value::Sequence(items) => items.iter().map(scalar).collect(),
+        other => panic!("expected a string or a list, found {other:?}"),
+    }
+}
+
+/// A service's `command`.
+fn command(service: &Mapping) -> Vec<String> {
+    words(service.get("command").expect("a `command`"))
+}
+
+/// A service's `environment`, in either of compose's forms (mapping, or `KEY=VALUE` list).
+fn environment(service: &Mapping) -> BTreeMap<String, String> {
+    match service.get("environment") {
+        None => BTreeMap::new(),
+        Some(Value::Mapping(vars)) => vars
+            .iter()
+            .map(|(k, v)| {
+                (
+                    scalar(k),
+                    if v.is_null() {
+                        String::new()
+                    } else {
+                        scalar(v)
+                    },
+                )
+            })
+            .collect(),
+        Some(Value::Sequence(vars)) => vars
+            .iter()
+            .map(|entry| {
+                let entry = scalar(entry);
+                let (k, v) = entry.split_once('=').unwrap_or((&entry, ""));
+                (k.to_owned(), v.to_owned())
+            })
+            .collect(),
+        Some(other) => panic!("`environment` is a mapping or a list, not {other:?}"),
+    }
+}
+
+/// A service's published ports as (host port, container port), from the short syntax
+/// (`[IP:]HOST:CONTAINER[/PROTO]`) or the long one (`target`, `published`).
+fn ports(service: &Mapping) -> Vec<(Option<u16>, u16)> {
+    let Some(ports) = service.get("ports") else {
+        return Vec::new();
+    };
+    let port = |s: &str| -> u16 {
+        s.parse()
+            .unwrap_or_else(|_| panic!("{s:?} is a single port number"))
+    };
+    ports
+        .as_sequence()
+        .expect("`ports` is a list")
+        .iter()
+        .map(|entry| match entry {
+            Value::Mapping(long) => (
+                long.get("published").map(|p| port(&scalar(p))),
+                port(&scalar(long.get("target").expect("a port `target`"))),
+            ),
+            short => {
+                let short = scalar(short);
+                let short = short.split('/').next().unwrap_or_default();
+                let parts: Vec<&str> = short.rsplitn(3, ':').collect();
+                match parts.as_slice() {
+                    [container] => (None, port(container)),
+                    [container, host, ..] => (Some(port(host)), port(container)),
+                    [] => unreachable!("rsplitn yields at least one part"),
+                }
+            }
+        })
+        .collect()
+}
+
+/// A service's volumes as (source, target), from the short (`SOURCE:TARGET[:MODE]`) or long
+/// syntax.
+fn volumes(service: &Mapping) -> Vec<(String, String)> {
+    let Some(volumes) = service.get("volumes") else {
+        return Vec::new();
+    };
+    volumes
+        .as_sequence()
+        .expect("`volumes` is a list")
+        .iter()
+        .map(|entry| match entry {
+            Value::Mapping(long) => (
+                long.get("source").map(scalar).unwrap_or_default(),
+                scalar(long.get("target").expect("a volume `target`")),
+            ),
+            short => {
+                let short = scalar(short);
+                let mut parts = short.split(':');
+                match (parts.next(), parts.next()) {
+                    (Some(source), Some(target)) => (source.to_owned(), target.to_owned()),
+                    _ => (String::new(), short.clone()),
+                }
+            }
+        })
+        .collect()
+}
+
+/// The `--flag value` and `--flag=value` pairs of an argument list.
+fn flags(args: &[String]) -> BTreeMap<String, String> {
+    let mut flags = BTreeMap::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let flag = arg
+            .strip_prefix("--")
+            .unwrap_or_else(|| panic!("{arg:?} in {args:?} is not a --flag"));
+        match flag.split_once('=') {
+            Some((name, value)) => flags.insert(name.to_owned(), value.to_owned()),
+            None => flags.insert(
+                flag.to_owned(),
+                args.next()
+                    .unwrap_or_else(|| panic!("--{flag} has a value"))
+                    .clone(),
+            ),
+        };
+    }
+    flags
+}
+
+/// Splits `HOST:PORT` (optionally `http://HOST:PORT`) into host and port.
+fn host_port(addr: &str) -> (String, u16) {
+    let addr = addr.strip_prefix("http://").unwrap_or(addr);
+    let (host, port) = addr
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("{addr:?} is HOST:PORT"));
+    let port = port
+        .parse()
+        .unwrap_or_else(|_| panic!("{addr:?} has a numeric port"));
+    (host.to_owned(), port)
+}
+
+/// One Dockerfile instruction: the keyword (upper case) and the rest of the line.
+#[derive(Debug)]
+struct Instruction {
+    keyword: String,
+    args: String,
+}
+
+/// The Dockerfile's stages (each starting with its `FROM`), with continuations joined and
+/// comments dropped.
+fn dockerfile_stages() -> Vec<Vec<Instruction>> {
+    let mut logical = Vec::new();
+    let mut current = String::new();
+    for line in read("Dockerfile").lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
+            continue;
+        }
+        match trimmed.strip_suffix('\\') {
+            Some(part) => {
+                current.push_str(part);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(trimmed);
+                logical.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    let mut stages: Vec<Vec<Instruction>> = Vec::new();
+    for line in logical {
+        let (keyword, args) = line.split_once(char::is_whitespace).unwrap_or((&line, ""));
+        let instruction = Instruction {
+            keyword: keyword.to_uppercase(),
+            args: args.trim().to_owned(),
+        };
+        if instruction.keyword == "FROM" {
+            stages.push(Vec::new());
+        }
+        stages
+            .last_mut()
+            .expect("the Dockerfile starts with FROM")
+            .push(instruction);
+    }
+    stages
+}
+
+/// An instruction's arguments in exec form (`["a", "b"]`) or shell form, as words.
+fn exec_form(args: &str) -> Vec<String> {
+    match serde_json::from_str::<Vec<String>>(args) {
+        Ok(words) => words,
+        Err(_) => args.split_whitespace().map(str::to_owned).collect(),
+    }
+}
+
+/// `ENV` variables set in a stage (`KEY=VALUE ...` or the legacy `KEY VALUE`).
+fn env_of(stage: &[Instruction]) -> BTreeMap<String, String> {
+    let mut vars = BTreeMap::new();
+    for env in stage.iter().filter(|i| i.keyword == "ENV") {
+        if env.args.contains('=') {
+            for pair in env.args.split_whitespace() {
+                let (k, v) = pair.split_once('=').expect("KEY=VALUE");
+                vars.insert(k.to_owned(), v.trim_matches('"').to_owned());
+            }
+        } else {
+            let (k, v) = env.args.split_once(' ').expect("KEY VALUE");
+            vars.insert(k.to_owned(), v.trim().to_owned());
+        }
+    }
+    vars
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running the binary
+// ---------------------------------------------------------------------------------------------
+
+/// `mip` with no `MIP_*` variable inherited from whoever runs the tests.
+fn mip() -> Command {
+    let mut command = Command::new(MIP);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("MIP_") {
+            command.env_remove(name);
+        }
+    }
+    command.env("RUST_LOG", "info").stdin(Stdio::null());
+    command
+}
+
+/// Runs `mip <args>` to completion, with a bound on how long it may take; returns its status
+/// and stdout.
+fn run_mip(args: &[String], env: &BTreeMap<String, String>) -> (ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("stdout");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let mut child = mip()
+        .args(args)
+        .envs(env)
+        .stdout(out)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start mip");
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("process status") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("mip {args:?} did not finish within {RUN_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, std::fs::read_to_string(out_path).unwrap())
+}
+
+/// `mip <subcommand> --help`, which must succeed.
+fn help(subcommand: &[String]) -> String {
+    let mut args = subcommand.to_vec();
+    args.push("--help".to_owned());
+    let (status, stdout) = run_mip(&args, &BTreeMap::new());
+    assert!(
+        status.success(),
+        "`mip {}` failed ({status}): is it a real subcommand with real flags?",
+        args.join(" ")
+    );
+    stdout
+}
+
+/// The environment variables a `--help` text documents (clap prints `[env: NAME=...]`).
+fn documented_env(help: &str) -> BTreeSet<String> {
+    help.match_indices("[env: ")
+        .map(|(at, marker)| {
+            let rest = &help[at + marker.len()..];
+            let end = rest.find(['=', ']']).expect("`[env: NAME=...]`");
+            rest[..end].to_owned()
+        })
+        .collect()
+}
+
+/// The long flags a `--help` text documents.
+fn documented_flags(help: &str) -> BTreeSet<String> {
+    help.lines()
+        .flat_map(|line| line.trim().split([' ', ',']))
+        .filter_map(|word| word.strip_prefix("--"))
+        .map(|flag| flag.split('=').next().unwrap_or_default().to_owned())
+        .filter(|flag| !flag.is_empty())
+        .collect()
+}
+
+/// A port nothing listens on right now: bind an ephemeral one, read it, let it go.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("an ephemeral port")
+        .port()
+}
+
+/// A running `mip` process. Dropping it kills and reaps the process, on every exit path,
+/// including a failing assertion; while panicking it also prints the end of its log.
+struct Process {
+    /// The compose service it runs, for messages.
+    name: String,
+    /// The process, until killed.
+    child: Option<Child>,
+    /// Its stdout and stderr.
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `mip <args>` with `env` added, writing its output to `<log_dir>/<name>.log`.
+    fn spawn(name: &str, args: &[String], env: &BTreeMap<String, String>, log_dir: &Path) -> Self {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = mip()
+            .args(args)
+            .envs(env)
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("start mip");
+        Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Whether it has exited, and how.
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("process status"))
+    }
+
+    /// SIGKILL, then reap.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The last lines of its log.
+    fn log_tail(&self, lines: usize) -> String {
+        let all = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = all.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of {} ({}):\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail(40)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// docker-compose.yml
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn compose_runs_exactly_crm_inventory_and_integration_each_as_its_mip_subcommand() {
+    let services = compose_services();
+    let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
+    let expected: BTreeSet<&str> = SERVICES.iter().map(|s| s.name).collect();
+    assert_eq!(names, expected);
+
+    for expected in &SERVICES {
+        let command = command(service(&services, expected.name));
+        assert_eq!(
+            command.first().map(String::as_str),
+            Some(expected.name),
+            "compose service {} runs `mip {}`",
+            expected.name,
+            expected.name
+        );
+        // `--help` after the whole command: fails on an unknown subcommand or flag.
+        help(&command);
+    }
+}
+
+#[test]
+fn compose_sets_only_environment_variables_the_binary_documents() {
+    let services = compose_services();
+    for expected in &SERVICES {
+        let service = service(&services, expected.name);
+        let documented = documented_env(&help(&command(service)[..1]));
+        assert!(
+            documented.contains(expected.listen_var) && documented.contains("MIP_DATA_DIR"),
+            "`mip {} --help` documents its environment: {documented:?}",
+            expected.name
+        );
+        for var in environment(service).keys() {
+            assert!(
+                documented.contains(var),
+                "compose sets {var} for {}, but `mip {} --help` does not document it \
+                 (documented: {documented:?})",
+                expected.name,
+                expected.name
+            );
+        }
+    }
+}
+
+#[test]
+fn compose_publishes_each_listen_port_and_points_integration_at_its_neighbours() {
+    let services = compose_services();
+    let mut listen_ports = BTreeMap::new();
+    for expected in &SERVICES {
+        let service = service(&services, expected.name);
+        let env = environment(service);
+        let listen = env.get(expected.listen_var).unwrap_or_else(|| {
+            panic!(
+                "compose sets {} for {}: the default listens on loopback, unreachable \
+                 from outside the container",
+                expected.listen_var, expected.name
+            )
+        });
+        let listen: SocketAddr = listen
+            .parse()
+            .unwrap_or_else(|_| panic!("{}={listen} is an IP:PORT", expected.listen_var));
+        assert!(
+            listen.ip().is_unspecified(),
+            "{} listens on {listen}; in a container it must listen on every interface \
+             for its published port to reach it",
+            expected.name
+        );
+        assert!(
+            PORTS.contains(&listen.port()),
+            "{} listens on port {}, outside {PORTS:?}",
+            expected.name,
+            listen.port()
+        );
+        let published = ports(service);
+        assert!(
+            published
+                .iter()
+                .any(|&(host, container)| container == listen.port()
+                    && host.is_none_or(|h| PORTS.contains(&h))),
+            "{} publishes its listen port {} (in {PORTS:?}); it publishes {published:?}",
+            expected.name,
+            listen.port()
+        );
+        listen_ports.insert(expected.name, listen.port());
+    }
+    let distinct: BTreeSet<_> = listen_ports.values().collect();
+    assert_eq!(distinct.len(), SERVICES.len(), "{listen_ports:?}");
+
+    let integration = environment(service(&services, "integration"));
+    for (var, neighbour) in [("MIP_CRM_ADDR", "crm"), ("MIP_INVENTORY_ADDR", "inventory")] {
+        let addr = integration
+            .get(var)
+            .unwrap_or_else(|| panic!("compose sets {var} for integration"));
+        assert_eq!(
+            host_port(addr),
+            (neighbour.to_owned(), listen_ports[neighbour]),
+            "integration's {var}={addr} names the {neighbour} service and its listen port"
+        );
+    }
+}
+
+#[test]
+fn compose_healthchecks_ask_mip_health_about_each_service_by_its_grpc_name() {
+    let services = compose_services();
+    let health_flags = documented_flags(&help(&["health".to_owned()]));
+    for expected in &SERVICES {
+        let service = service(&services, expected.name);
+        let test = words(
+            service
+                .get("healthcheck")
+                .and_then(|h| h.get("test"))
+                .unwrap_or_else(|| panic!("{} has a healthcheck test", expected.name)),
+        );
+        assert_eq!(
+            test.get(..3).map(|w| w.join(" ")).as_deref(),
+            Some("CMD mip health"),
+            "{}'s healthcheck runs `mip health` in exec form: {test:?}",
+            expected.name
+        );
+        let flags = flags(&test[3..]);
+        for flag in flags.keys() {
+            assert!(
+                health_flags.contains(flag),
+                "{}'s healthcheck passes --{flag}, which `mip health --help` does not \
+                 document ({health_flags:?})",
+                expected.name
+            );
+        }
+        let listen: SocketAddr = environment(service)[expected.listen_var].parse().unwrap();
+        assert_eq!(
+            flags.get("addr").map(String::as_str),
+            Some(format!("127.0.0.1:{}", listen.port()).as_str()),
+            "{}'s healthcheck asks its own listen port",
+            expected.name
+        );
+        assert_eq!(
+            flags.get("service").map(String::as_str),
+            Some(expected.grpc_name),
+            "{}'s healthcheck asks about its gRPC service",
+            expected.name
+        );
+    }
+}
+
+#[test]
+fn compose_waits_for_healthy_dependencies_and_keeps_data_in_named_volumes() {
+    let services = compose_services();
+    let declared = compose_volumes();
+    for expected in &SERVICES {
+        let service = service(&services, expected.name);
+        if let Some(depends_on) = service.get("depends_on") {
+            let depends_on = depends_on.as_mapping().unwrap_or_else(|| {
+                panic!(
+                    "{}'s depends_on is the long form, with conditions",
+                    expected.name
+                )
+            });
+            for (dependency, how) in depends_on {
+                let dependency = scalar(dependency);
+                assert_eq!(
+                    how.get("condition").map(scalar).as_deref(),
+                    Some("service_healthy"),
+                    "{} waits for {dependency} to be healthy, not just started",
+                    expected.name
+                );
+                assert!(
+                    services
+                        .get(&dependency)
+                        .is_some_and(|d| d.contains_key("healthcheck")),
+                    "{dependency}, which {} waits for, has a healthcheck",
+                    expected.name
+                );
+            }
+        }
+
+        let data_dir = environment(service)
+            .get("MIP_DATA_DIR")
+            .cloned()
+            .unwrap_or_else(dockerfile_data_dir);
+        let mounts = volumes(service);
+        let data = mounts
+            .iter()
+            .find(|(_, target)| *target == data_dir)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} mounts a volume at its MIP_DATA_DIR {data_dir}: {mounts:?}",
+                    expected.name
+                )
+            });
+        assert!(
+            declared.contains(&data.0),
+            "{}'s data volume {:?} is a named volume declared under `volumes`: {declared:?}",
+            expected.name,
+            data.0
+        );
+    }
+
+    let integration = service(&services, "integration");
+    let dependencies: BTreeSet<String> = integration
+        .get("depends_on")
+        .and_then(Value::as_mapping)
+        .map(|d| d.keys().map(scalar).collect())
+        .unwrap_or_default();
+    assert!(
+        dependencies.contains("crm") && dependencies.contains("inventory"),
+        "integration waits for the services it calls: {dependencies:?}"
+    );
+}
+
+/// Starts a compose service the way its environment says, moved to loopback: its listen port
+/// becomes a free loopback port, its data directory a temporary one, and `overrides` apply.
+/// Once the server answers SERVING, runs its compose health check, aimed at that port, which
+/// must pass. Returns the process and its port.
+fn start_like_compose(
+    name: &str,
+    services: &BTreeMap<String, Mapping>,
+    overrides: &BTreeMap<String, String>,
+    dir: &Path,
+) -> (Process, u16) {
+    let expected = SERVICES.iter().find(|s| s.name == name).unwrap();
+    let service = service(services, name);
+    let healthcheck = words(service.get("healthcheck").unwrap().get("test").unwrap());
+    for _ in 0..3 {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut env = environment(service);
+        env.insert(expected.listen_var.to_owned(), addr.clone());
+        env.insert(
+            "MIP_DATA_DIR".to_owned(),
+            dir.join(name).display().to_string(),
+        );
+        env.extend(overrides.clone());
+        let mut process = Process::spawn(name, &command(service), &env, dir);
+
+        let ready = ["health", "--addr", &addr, "--timeout", "1s"].map(str::to_owned);
+        let deadline = Instant::now() + START_TIMEOUT;
+        let serving = loop {
+            if run_mip(&ready, &BTreeMap::new()).0.success() {
+                break true;
+            }
+            if let Some(status) = process.exited() {
+                eprintln!(
+                    "{name} exited before serving on port {port} ({status}); trying another \
+                     port:\n{}",
+                    process.log_tail(5)
+                );
+                break false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not report SERVING within {START_TIMEOUT:?}"
+            );
+            std::thread::sleep(POLL_EVERY);
+        };
+        if !serving {
+            continue;
+        }
+
+        // The health check exactly as compose runs it (after `CMD`), only the port changed.
+        let mut check: Vec<String> = healthcheck[2..].to_vec();
+        let at = check.iter().position(|w| w == "--addr").unwrap() + 1;
+        check[at] = addr;
+        let (status, stdout) = run_mip(&check, &BTreeMap::new());
+        assert!(
+            status.success() && stdout.trim() == "SERVING",
+            "{name}'s compose health check `mip {}` fails on a serving {name} ({status}): {stdout}",
+            check.join(" ")
+        );
+        return (process, port);
+    }
+    panic!("{name} could not be started");
+}
+
+#[test]
+fn each_service_starts_from_its_compose_environment_and_passes_its_healthcheck() {
+    let services = compose_services();
+    let dir = tempfile::tempdir().unwrap();
+    let none = BTreeMap::new();
+    let (_crm, crm_port) = start_like_compose("crm", &services, &none, dir.path());
+    let (_inventory, inventory_port) =
+        start_like_compose("inventory", &services, &none, dir.path());
+    // Service names only resolve inside compose's network: point at the loopback ports instead.
+    let neighbours = BTreeMap::from([
+        ("MIP_CRM_ADDR".to_owned(), format!("127.0.0.1:{crm_port}")),
+        (
+            "MIP_INVENTORY_ADDR".to_owned(),
+            format!("127.0.0.1:{inventory_port}"),
+        ),
+    ]);
+    let (_integration, _) = start_like_compose("integration", &services, &neighbours, dir.path());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dockerfile
+// ---------------------------------------------------------------------------------------------
+
+/// The data directory the image sets.
+fn dockerfile_data_dir() -> String {
+    let stages = dockerfile_stages();
+    env_of(stages.last().expect("a stage"))
+        .remove("MIP_DATA_DIR")
+        .expect("the final stage sets ENV MIP_DATA_DIR")
+}
+
+#[test]
+fn dockerfile_builds_in_stages_and_runs_mip_as_a_non_root_user() {
+    let stages = dockerfile_stages();
+    assert!(
+        stages.len() >= 2,
+        "a multi-stage build: {} FROM",
+        stages.len()
+    );
+    let builder = exec_form(&stages[0][0].args);
+    assert!(
+        builder[0].starts_with("rust:") || builder[0].starts_with("docker.io/library/rust:"),
+        "the first stage builds on a rust image: FROM {}",
+        stages[0][0].args
+    );
+    let stage_names: Vec<String> = stages
+        .iter()
+        .map(|stage| {
+            let from = exec_form(&stage[0].args);
+            match from.iter().position(|w| w.eq_ignore_ascii_case("AS")) {
+                Some(at) => from[at + 1].clone(),
+                None => String::new(),
+            }
+        })
+        .collect();
+    let last = stages.last().unwrap();
+
+    let user = last
+        .iter()
+        .rfind(|i| i.keyword == "USER")
+        .map(|i| i.args.clone())
+        .expect("the final stage sets USER");
+    let user_name = user.split(':').next().unwrap().to_owned();
+    assert!(
+        !["root", "0"].contains(&user_name.as_str()),
+        "the final stage runs as a non-root user, not {user}"
+    );
+
+    // The binary comes from an earlier stage, onto the PATH (the health checks run plain `mip`).
+    let copy = last
+        .iter()
+        .filter(|i| i.keyword == "COPY")
+        .map(|i| exec_form(&i.args))
+        .find(|words| {
+            words.iter().any(|w| w.starts_with("--from="))
+                && words
+                    .iter()
+                    .any(|w| !w.starts_with("--") && w.ends_with("/mip"))
+        })
+        .expect("the final stage copies the mip binary from a build stage");
+    let from = copy.iter().find_map(|w| w.strip_prefix("--from=")).unwrap();
+    assert!(
+        stage_names[..stage_names.len() - 1].contains(&from.to_owned()),
+        "COPY --from={from} names an earlier stage ({stage_names:?})"
+    );
+    let destination = copy.last().unwrap();
+    assert!(
+        ["/usr/local/bin/mip", "/usr/local/bin/", "/usr/local/bin"].contains(&destination.as_str()),
+        "the binary lands on the PATH, at /usr/local/bin/mip, not {destination}"
+    );
+
+    let entrypoint = last
+        .iter()
+        .rfind(|i| i.keyword == "ENTRYPOINT")
+        .map(|i| exec_form(&i.args))
+        .expect("an ENTRYPOINT");
+    assert!(
+        entrypoint
+            .first()
+            .is_some_and(|e| e == "mip" || e == "/usr/local/bin/mip"),
+        "ENTRYPOINT runs mip: {entrypoint:?}"
+    );
+
+    // The image's data directory is where compose mounts the volumes, and belongs to the user:
+    // Docker fills an empty named volume from the image's directory, ownership included.
+    let data_dir = dockerfile_data_dir();
+    let services = compose_services();
+    for expected in &SERVICES {
+        let service = service(&services, expected.name);
+        if let Some(dir) = environment(service).get("MIP_DATA_DIR") {
+            assert_eq!(
+                dir, &data_dir,
+                "compose's {} MIP_DATA_DIR is the image's",
+                expected.name
+            );
+        }
+        assert!(
+            volumes(service)
+                .iter()
+                .any(|(_, target)| *target == data_dir),
+            "{} mounts its volume at the image's MIP_DATA_DIR {data_dir}",
+            expected.name
+        );
+    }
+    let creates_data_dir = last.iter().any(|i| {
+        i.keyword == "RUN"
+            && i.args.contains(&data_dir)
+            && (i.args.contains(&format!("chown {user_name}"))
+                || i.args.contains(&format!("chown -R {user_name}"))
+                || i.args.contains(&format!("-o {user_name}")))
+    });
+    assert!(
+        creates_data_dir,
+        "the final stage creates {data_dir} owned by {user_name}, or a fresh named volume \
+         there belongs to root and mip cannot write its databases"
+    );
+}
