@@ -1,0 +1,423 @@
+//! `mip-bench`: benchmarks the Mini Integration Platform over real gRPC on loopback, and checks
+//! on every run that creates customers that each one got exactly one welcome package request.
+//!
+//! Build and run it in release mode; figures from a debug build say little:
+//!
+//! ```sh
+//! cargo run --release -p mip-bench -- throughput            # N customers at concurrency C
+//! cargo run --release -p mip-bench -- latency               # open loop at R/s for D seconds
+//! cargo run --release -p mip-bench -- unary                 # CreateCustomer alone
+//! cargo run --release -p mip-bench -- fanout                # W watchers while creating at R/s
+//! cargo run --release -p mip-bench -- poll                  # throughput + latency, poll mode
+//! cargo build --release && cargo run --release -p mip-bench -- memory   # peak RSS per process
+//! cargo run --release -p mip-bench -- all                   # every scenario, in that order
+//! cargo run -p mip-bench -- all --smoke                     # CI: small, quick, checks only
+//! ```
+//!
+//! Common flags (they go before or after the scenario): `-n` customers (100000), `-c`
+//! concurrency (64), `-r` rate per second (1000), `--duration` seconds (10), `-w` watchers
+//! (1000), `--mode stream|poll|auto` (auto), `--durability full|normal` (full), `--processes`,
+//! `--json PATH` (default `target/bench/<scenario>.json`). `--help` lists them all.
+//!
+//! By default the three services run in this process, each on its own `127.0.0.1:0` listener
+//! and temporary data directory, on a runtime of their own. `--processes` runs them as separate
+//! `mip crm|inventory|integration` processes instead: the `mip` binary must sit next to this one
+//! (`cargo build --release` builds it), and the children are killed on every way out, Ctrl-C
+//! included. `memory` always uses processes, since it reads each one's peak RSS.
+//!
+//! Every scenario prints a table and writes a JSON report:
+//!
+//! ```json
+//! { "scenario": "latency", "passed": true, "build": "release", "cpus": 2,
+//!   "started_unix_ms": 0, "elapsed_s": 6.1,
+//!   "settings": { "deployment": "in-process", "mode": "auto", "poll_interval_ms": 500,
+//!                 "durability": "full", "customers": 100000, "concurrency": 64,
+//!                 "rate_per_s": 1000.0, "duration_s": 10.0, "watchers": 1000,
+//!                 "connections": 4, "smoke": false },
+//!   "results": { "customers": 10000, "end_to_end": { "count": 10000, "mean_ms": 1.2,
+//!                "p50_ms": 1.0, "p90_ms": 1.7, "p99_ms": 4.5, "p999_ms": 9.0, "max_ms": 18.6 },
+//!                "...": "scenario-specific fields, see `scenarios::Results`" },
+//!   "checks": [ { "check": "one_welcome_package_each", "customers": 10000,
+//!                 "exactly_one": 10000, "missing": 0, "duplicated": 0, "unexpected": 0,
+//!                 "repeated_ids": 0 } ] }
+//! ```
+//!
+//! `all` writes each scenario's file and a combined `{ "scenario": "all", "passed", "runs":
+//! [...] }`. The exit status is 0 only if every check passed.
+//!
+//! Layout:
+//! - [`platform`]: starts and stops the services, in-process or as processes.
+//! - [`load`]: the client side: a few shared HTTP/2 connections, closed- and open-loop drivers.
+//! - [`watch`]: the fan-out watchers, which decode only the fields they time.
+//! - [`check`]: waiting for delivery, and the one-package-per-customer check.
+//! - [`scenarios`]: what each scenario does and reports.
+//! - [`report`]: percentiles, the printed table and the JSON file.
+#![forbid(unsafe_code)]
+
+mod check;
+mod load;
+mod platform;
+mod report;
+mod scenarios;
+mod watch;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use mip_integration::Mode;
+use mip_runtime::sqlite::Durability;
+
+use crate::scenarios::Scenario;
+
+/// Benchmarks the Mini Integration Platform (CRM, Inventory, integration service) over real
+/// gRPC on loopback, and checks that every customer got exactly one welcome package.
+#[derive(Debug, Parser)]
+#[command(name = "mip-bench", version, about, long_about = None)]
+struct Cli {
+    /// What to measure.
+    #[command(subcommand)]
+    command: Command,
+
+    /// Sizes and platform settings, shared by every scenario.
+    #[command(flatten)]
+    flags: Flags,
+}
+
+/// The scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+enum Command {
+    /// Create N customers at concurrency C; report customers/s for creation and end to end.
+    Throughput,
+    /// Create customers at R/s for D seconds (open loop); report end-to-end latency
+    /// (package create_time minus customer create_time).
+    Latency,
+    /// CreateCustomer alone (the integration service starts afterwards): requests/s and
+    /// latency percentiles.
+    Unary,
+    /// W WatchCustomers subscribers while customers are created at R/s: delay from commit to
+    /// receipt; every watcher must receive every event.
+    Fanout,
+    /// The throughput and latency scenarios with the integration service polling.
+    Poll,
+    /// Peak RSS of each service process after N customers (always runs separate processes).
+    Memory,
+    /// Every scenario above, in that order, with the same flags.
+    All,
+}
+
+/// Flags shared by every scenario. Options without a value take a default that depends on
+/// `--smoke`.
+#[derive(Debug, Clone, clap::Args)]
+struct Flags {
+    /// Customers to create in throughput, unary, memory and poll's throughput half
+    /// [default: 100000; 300 with --smoke].
+    #[arg(short = 'n', long, env = "MIP_BENCH_CUSTOMERS", global = true)]
+    customers: Option<usize>,
+
+    /// Concurrent CreateCustomer calls in the closed-loop scenarios (throughput, unary, memory).
+    #[arg(
+        short = 'c',
+        long,
+        env = "MIP_BENCH_CONCURRENCY",
+        default_value_t = 64,
+        global = true
+    )]
+    concurrency: usize,
+
+    /// Customers created per second in the open-loop scenarios (latency, fanout)
+    /// [default: 1000; 150 with --smoke].
+    #[arg(short = 'r', long, env = "MIP_BENCH_RATE", value_parser = parse_rate, global = true)]
+    rate: Option<f64>,
+
+    /// How long the open-loop scenarios send, in seconds or with a unit (`5`, `500ms`, `1m`)
+    /// [default: 10; 2 with --smoke].
+    #[arg(long, env = "MIP_BENCH_DURATION", value_parser = parse_seconds, global = true)]
+    duration: Option<Duration>,
+
+    /// WatchCustomers subscribers in fanout [default: 1000; 20 with --smoke].
+    #[arg(short = 'w', long, env = "MIP_BENCH_WATCHERS", global = true)]
+    watchers: Option<usize>,
+
+    /// Run each service as its own `mip` process (the binary next to this one) instead of in
+    /// this process.
+    #[arg(long, env = "MIP_BENCH_PROCESSES", global = true)]
+    processes: bool,
+
+    /// How the integration service reads CRM's feed (poll always polls).
+    #[arg(long, env = "MIP_BENCH_MODE", value_enum, default_value_t = Mode::Auto, global = true)]
+    mode: Mode,
+
+    /// The integration service's pause between polls once caught up, in poll mode.
+    #[arg(long, env = "MIP_BENCH_POLL_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration, global = true)]
+    poll_interval: Duration,
+
+    /// How durably every service commits: `full` fsyncs every group commit, `normal` does not.
+    #[arg(long, env = "MIP_BENCH_DURABILITY", value_enum, default_value_t = Durability::Full, global = true)]
+    durability: Durability,
+
+    /// HTTP/2 connections the load is spread over. A few, so the client neither funnels every
+    /// call through one socket nor pays for a connection per call.
+    #[arg(
+        long,
+        env = "MIP_BENCH_CONNECTIONS",
+        default_value_t = 4,
+        global = true
+    )]
+    connections: usize,
+
+    /// Fail a run when deliveries (or watchers) make no progress for this long.
+    #[arg(long, env = "MIP_BENCH_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
+    stall_timeout: Duration,
+
+    /// RUST_LOG of the service processes with --processes (their logs go to files in the
+    /// temporary data directory). `info`, the default, is what an operator runs.
+    #[arg(
+        long,
+        env = "MIP_BENCH_SERVICE_LOG",
+        default_value = "info",
+        global = true
+    )]
+    service_log: String,
+
+    /// Where to write the JSON report [default: target/bench/SCENARIO.json]. With `all`,
+    /// the combined report; each scenario also writes its own default file.
+    #[arg(long, env = "MIP_BENCH_JSON", global = true)]
+    json: Option<PathBuf>,
+
+    /// Short runs for CI: small sizes, short durations, same checks.
+    #[arg(long, env = "MIP_BENCH_SMOKE", global = true)]
+    smoke: bool,
+}
+
+/// Every setting a scenario reads, defaults resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Customers created by the closed-loop scenarios.
+    pub customers: usize,
+    /// Concurrent creates in the closed-loop scenarios.
+    pub concurrency: usize,
+    /// Creates per second in the open-loop scenarios.
+    pub rate: f64,
+    /// How long the open-loop scenarios send.
+    pub duration: Duration,
+    /// Watchers in fanout.
+    pub watchers: usize,
+    /// Services as separate processes.
+    pub processes: bool,
+    /// The integration service's feed mode.
+    pub mode: Mode,
+    /// Its poll interval.
+    pub poll_interval: Duration,
+    /// Every service's durability.
+    pub durability: Durability,
+    /// HTTP/2 connections for the load.
+    pub connections: usize,
+    /// No progress for this long fails the run.
+    pub stall_timeout: Duration,
+    /// RUST_LOG of service processes.
+    pub service_log: String,
+    /// Whether this is a smoke run (recorded in the JSON so nobody mistakes it for figures).
+    pub smoke: bool,
+}
+
+impl Settings {
+    fn resolve(flags: &Flags) -> anyhow::Result<Self> {
+        let smoke = flags.smoke;
+        let settings = Self {
+            customers: flags.customers.unwrap_or(if smoke { 300 } else { 100_000 }),
+            concurrency: flags.concurrency,
+            rate: flags.rate.unwrap_or(if smoke { 150.0 } else { 1000.0 }),
+            duration: flags
+                .duration
+                .unwrap_or(Duration::from_secs(if smoke { 2 } else { 10 })),
+            watchers: flags.watchers.unwrap_or(if smoke { 20 } else { 1000 }),
+            processes: flags.processes,
+            mode: flags.mode,
+            poll_interval: flags.poll_interval,
+            durability: flags.durability,
+            connections: flags.connections,
+            stall_timeout: flags.stall_timeout,
+            service_log: flags.service_log.clone(),
+            smoke,
+        };
+        anyhow::ensure!(settings.customers > 0, "--customers must be at least 1");
+        anyhow::ensure!(settings.concurrency > 0, "--concurrency must be at least 1");
+        anyhow::ensure!(settings.watchers > 0, "--watchers must be at least 1");
+        anyhow::ensure!(settings.connections > 0, "--connections must be at least 1");
+        Ok(settings)
+    }
+}
+
+/// A rate: a positive, finite number per second.
+fn parse_rate(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("{value:?} is not a positive number per second")),
+    }
+}
+
+/// A duration: plain seconds (`5`, `0.5`) as the issue asks, or humantime (`500ms`, `1m`).
+fn parse_seconds(value: &str) -> Result<Duration, String> {
+    if let Ok(seconds) = value.parse::<f64>() {
+        return if seconds.is_finite() && seconds > 0.0 {
+            Ok(Duration::from_secs_f64(seconds))
+        } else {
+            Err(format!("{value:?} is not a positive number of seconds"))
+        };
+    }
+    humantime::parse_duration(value).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::resolve(&cli.flags) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("mip-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cfg!(debug_assertions) && !settings.smoke {
+        eprintln!(
+            "mip-bench: note: this is a debug build; its figures are not representative \
+             (cargo run --release -p mip-bench -- …)"
+        );
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("bench-load")
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("mip-bench: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let outcome = runtime.block_on(async {
+        // Dropping `run` on a signal drops the platform, which kills child processes and stops
+        // in-process services: no leftovers on Ctrl-C either.
+        tokio::select! {
+            outcome = run(cli.command, &settings, cli.flags.json.clone()) => outcome,
+            signal = interrupted() => Err(anyhow::anyhow!("{signal}; stopped")),
+        }
+    });
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("mip-bench: FAILED: a correctness check did not pass (see above)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("mip-bench: FAILED: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the scenarios; `Ok(false)` when one ran to the end but a check failed.
+async fn run(command: Command, settings: &Settings, json: Option<PathBuf>) -> anyhow::Result<bool> {
+    let scenarios: Vec<Scenario> = match command {
+        Command::Throughput => vec![Scenario::Throughput],
+        Command::Latency => vec![Scenario::Latency],
+        Command::Unary => vec![Scenario::Unary],
+        Command::Fanout => vec![Scenario::Fanout],
+        Command::Poll => vec![Scenario::Poll],
+        Command::Memory => vec![Scenario::Memory],
+        Command::All => Scenario::ALL.to_vec(),
+    };
+    let single = scenarios.len() == 1;
+    let mut reports = Vec::new();
+    for scenario in scenarios {
+        let report = scenarios::run(scenario, settings)
+            .await
+            .map_err(|e| e.context(format!("{} scenario", scenario.name())))?;
+        report.print();
+        let path = match (&json, single) {
+            (Some(path), true) => path.clone(),
+            _ => report::default_json_path(scenario.name()),
+        };
+        report::write_json(&path, &report)?;
+        println!("  JSON report: {}\n", path.display());
+        reports.push(report);
+    }
+    let passed = reports.iter().all(|r| r.passed);
+    if !single {
+        let path = json.unwrap_or_else(|| report::default_json_path("all"));
+        report::write_json(&path, &report::Combined::new(reports))?;
+        println!(
+            "all scenarios: {}",
+            if passed { "passed" } else { "FAILED" }
+        );
+        println!("  JSON report: {}", path.display());
+    }
+    Ok(passed)
+}
+
+/// Resolves on Ctrl-C or SIGTERM, with what happened.
+async fn interrupted() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => "interrupted",
+                _ = term.recv() => "terminated",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "interrupted"
+}
+
+/// The name clap shows for a value, for reports (`auto`, `full`).
+pub fn value_name<T: ValueEnum>(value: &T) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_go_after_the_scenario_and_duration_takes_plain_seconds() {
+        let cli = Cli::try_parse_from(["mip-bench", "latency", "--duration", "5", "-r", "200"])
+            .expect("parses");
+        assert_eq!(cli.command, Command::Latency);
+        let settings = Settings::resolve(&cli.flags).unwrap();
+        assert_eq!(settings.duration, Duration::from_secs(5));
+        assert_eq!(settings.rate, 200.0);
+        assert_eq!(settings.customers, 100_000);
+    }
+
+    #[test]
+    fn smoke_shrinks_only_what_was_not_given() {
+        let cli = Cli::try_parse_from(["mip-bench", "all", "--smoke", "-n", "50"]).unwrap();
+        let settings = Settings::resolve(&cli.flags).unwrap();
+        assert_eq!(settings.customers, 50);
+        assert_eq!(settings.watchers, 20);
+        assert_eq!(settings.duration, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn durations_and_rates_must_be_positive() {
+        assert_eq!(parse_seconds("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_seconds("0").is_err());
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("nan").is_err());
+    }
+}

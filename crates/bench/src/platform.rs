@@ -1,0 +1,541 @@
+//! The platform under test: CRM, Inventory and the integration service on loopback ports and
+//! temporary data directories, either in this process (their own `serve` functions on a
+//! runtime of their own) or as separate `mip` processes.
+//!
+//! Either way the load reaches them only through gRPC, so the two deployments are measured
+//! through the same client code.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use mip_integration::deliver::RandomJitter;
+use mip_integration::{IntegrationOptions, Mode};
+use mip_proto::integration::v1::{FeedMode, GetStatusRequest};
+use mip_runtime::CancellationToken;
+use mip_runtime::clock::{SharedClock, SystemClock};
+use mip_runtime::server::ServerOptions;
+use mip_runtime::sqlite::Durability;
+use tokio::net::TcpListener;
+use tokio::runtime::Runtime;
+use tokio::task::JoinHandle;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::load;
+
+/// How long a service gets to report SERVING (a debug build with fsync is slow to start).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long in-process services get to stop after their shutdown token is cancelled: their
+/// own grace period plus slack.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Pause between two readiness probes.
+const PROBE_EVERY: Duration = Duration::from_millis(20);
+
+/// How the platform is run and configured.
+#[derive(Debug, Clone)]
+pub struct PlatformConfig {
+    /// Separate `mip` processes instead of in-process `serve` calls.
+    pub processes: bool,
+    /// The integration service's feed mode.
+    pub mode: Mode,
+    /// Its poll interval.
+    pub poll_interval: Duration,
+    /// Every service's durability.
+    pub durability: Durability,
+    /// RUST_LOG of the service processes.
+    pub service_log: String,
+}
+
+/// The running services. Dropping it stops them (kills the processes), so no exit path,
+/// error or panic included, leaves anything behind.
+pub struct Platform {
+    /// CRM's address.
+    pub crm: SocketAddr,
+    /// Inventory's address.
+    pub inventory: SocketAddr,
+    /// The integration service's admin API, once started.
+    pub integration: Option<SocketAddr>,
+    /// How it was configured; the integration service may start later.
+    config: PlatformConfig,
+    /// The services themselves.
+    services: Services,
+    /// Data directories and process logs; declared last so it outlives the services.
+    dir: tempfile::TempDir,
+}
+
+/// The two ways to run the services.
+enum Services {
+    /// `serve` tasks on a dedicated runtime.
+    InProcess(InProcess),
+    /// `mip` child processes.
+    Processes(Vec<Process>),
+}
+
+impl Platform {
+    /// Starts all three services and waits until the integration service follows CRM.
+    pub async fn start(config: &PlatformConfig) -> anyhow::Result<Self> {
+        let mut platform = Self::start_without_integration(config).await?;
+        platform.start_integration().await?;
+        Ok(platform)
+    }
+
+    /// Starts CRM and Inventory only, so a scenario can measure them without the integration
+    /// service competing for the CPU; [`Platform::start_integration`] adds it later.
+    pub async fn start_without_integration(config: &PlatformConfig) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("mip-bench-")
+            .tempdir()
+            .context("temporary data directory")?;
+        let (crm, inventory, services) = if config.processes {
+            let mip = mip_binary()?;
+            let (crm, inventory) = (free_addr()?, free_addr()?);
+            let crm_process = Process::spawn(
+                &mip,
+                "crm",
+                &service_args("crm", crm, dir.path(), config.durability),
+                dir.path(),
+                &config.service_log,
+            )?;
+            let inventory_process = Process::spawn(
+                &mip,
+                "inventory",
+                &service_args("inventory", inventory, dir.path(), config.durability),
+                dir.path(),
+                &config.service_log,
+            )?;
+            (
+                crm,
+                inventory,
+                Services::Processes(vec![crm_process, inventory_process]),
+            )
+        } else {
+            let mut in_process = InProcess::new()?;
+            let crm = in_process.start_crm(&dir.path().join("crm"), config.durability)?;
+            let inventory =
+                in_process.start_inventory(&dir.path().join("inventory"), config.durability)?;
+            (crm, inventory, Services::InProcess(in_process))
+        };
+        let mut platform = Self {
+            crm,
+            inventory,
+            integration: None,
+            config: config.clone(),
+            services,
+            dir,
+        };
+        platform.wait_serving("CRM", crm).await?;
+        platform.wait_serving("Inventory", inventory).await?;
+        Ok(platform)
+    }
+
+    /// Starts the integration service and waits until it reads CRM's feed (a stream is open,
+    /// or it polls in poll mode), so no scenario times its start-up.
+    pub async fn start_integration(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.integration.is_none(),
+            "the integration service already runs"
+        );
+        let options = IntegrationOptions {
+            crm_addr: self.crm.to_string(),
+            inventory_addr: self.inventory.to_string(),
+            mode: self.config.mode,
+            poll_interval: self.config.poll_interval,
+            ..IntegrationOptions::default()
+        };
+        let dir = self.dir.path().join("integration");
+        let addr = match &mut self.services {
+            Services::Processes(processes) => {
+                let addr = free_addr()?;
+                let mut args =
+                    service_args("integration", addr, self.dir.path(), self.config.durability);
+                args.extend([
+                    "--crm-addr".to_owned(),
+                    options.crm_addr,
+                    "--inventory-addr".to_owned(),
+                    options.inventory_addr,
+                    "--mode".to_owned(),
+                    crate::value_name(&options.mode),
+                    "--poll-interval".to_owned(),
+                    humantime::format_duration(options.poll_interval).to_string(),
+                ]);
+                processes.push(Process::spawn(
+                    &mip_binary()?,
+                    "integration",
+                    &args,
+                    self.dir.path(),
+                    &self.config.service_log,
+                )?);
+                addr
+            }
+            Services::InProcess(in_process) => {
+                in_process.start_integration(&dir, self.config.durability, options)?
+            }
+        };
+        self.integration = Some(addr);
+        self.wait_serving("integration service", addr).await?;
+        self.wait_following(addr).await
+    }
+
+    /// The service processes' names and ids (none when in-process).
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        match &self.services {
+            Services::Processes(processes) => {
+                processes.iter().map(|p| (p.name, p.child.id())).collect()
+            }
+            Services::InProcess(_) => Vec::new(),
+        }
+    }
+
+    /// Stops every service; fails if one had already died or stopped with an error.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        match &mut self.services {
+            Services::Processes(processes) => {
+                let mut died = Vec::new();
+                for process in processes.iter_mut() {
+                    if let Some(status) = process.child.try_wait()? {
+                        died.push(format!(
+                            "{} exited during the run ({status}); last lines of its log:\n{}",
+                            process.name,
+                            process.log_tail(20)
+                        ));
+                    }
+                }
+                // Killing is enough: the data directories are thrown away with the run.
+                processes.clear();
+                if !died.is_empty() {
+                    bail!("{}", died.join("\n"));
+                }
+                Ok(())
+            }
+            Services::InProcess(in_process) => in_process.stop().await,
+        }
+    }
+
+    /// Polls the standard health check until SERVING, failing early if the service died.
+    async fn wait_serving(&mut self, name: &str, addr: SocketAddr) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            self.check_alive().await?;
+            let probe =
+                mip_runtime::probe::check(&addr.to_string(), "", Duration::from_secs(1)).await;
+            if matches!(probe, Ok(ServingStatus::Serving)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{name} at {addr} is not SERVING after {START_TIMEOUT:?}: {probe:?}");
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+    }
+
+    /// Waits until the integration service reads the feed the configured way.
+    async fn wait_following(&mut self, addr: SocketAddr) -> anyhow::Result<()> {
+        let mut client = load::integration_client(addr).await?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            self.check_alive().await?;
+            let status = client.get_status(GetStatusRequest {}).await?.into_inner();
+            let following = match self.config.mode {
+                Mode::Poll => status.mode() == FeedMode::Poll,
+                Mode::Stream | Mode::Auto => status.stream_connected,
+            };
+            if following {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the integration service does not follow CRM after {START_TIMEOUT:?}: {status:?}"
+                );
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+    }
+
+    /// Fails if a service has already stopped.
+    async fn check_alive(&mut self) -> anyhow::Result<()> {
+        match &mut self.services {
+            Services::Processes(processes) => {
+                for process in processes {
+                    if let Some(status) = process.child.try_wait()? {
+                        bail!(
+                            "{} exited ({status}); last lines of its log:\n{}",
+                            process.name,
+                            process.log_tail(20)
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Services::InProcess(in_process) => in_process.check_alive().await,
+        }
+    }
+}
+
+/// Services running in this process, on their own runtime: the load generator's tasks then
+/// do not queue behind the services' on the same workers, as with separate processes.
+struct InProcess {
+    /// The services' runtime; `None` once shut down.
+    runtime: Option<Runtime>,
+    /// Cancelling it stops every service gracefully.
+    shutdown: CancellationToken,
+    /// Each service's `serve` task, by name.
+    tasks: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
+}
+
+impl InProcess {
+    fn new() -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("platform")
+            .build()
+            .context("the services' runtime")?;
+        Ok(Self {
+            runtime: Some(runtime),
+            shutdown: CancellationToken::new(),
+            tasks: Vec::new(),
+        })
+    }
+
+    fn runtime(&self) -> &Runtime {
+        self.runtime.as_ref().expect("runtime runs until stop")
+    }
+
+    /// Binds `127.0.0.1:0` here (so the address is known at once) and hands the socket to a
+    /// task on the services' runtime, whose reactor must own it.
+    fn spawn<F, Fut, E>(&mut self, name: &'static str, serve: F) -> anyhow::Result<SocketAddr>
+    where
+        F: FnOnce(TcpListener) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let listener = StdListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let task = self.runtime().spawn(async move {
+            let listener = TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+            serve(listener).await.map_err(|e| e.to_string())
+        });
+        self.tasks.push((name, task));
+        Ok(addr)
+    }
+
+    fn start_crm(&mut self, dir: &Path, durability: Durability) -> anyhow::Result<SocketAddr> {
+        let (dir, token) = (dir.to_owned(), self.shutdown.clone());
+        self.spawn("CRM", move |listener| async move {
+            mip_crm::serve(
+                listener,
+                &dir,
+                durability,
+                mip_crm::CrmOptions::default(),
+                &ServerOptions::default(),
+                clock(),
+                token,
+            )
+            .await
+        })
+    }
+
+    fn start_inventory(
+        &mut self,
+        dir: &Path,
+        durability: Durability,
+    ) -> anyhow::Result<SocketAddr> {
+        let (dir, token) = (dir.to_owned(), self.shutdown.clone());
+        self.spawn("Inventory", move |listener| async move {
+            mip_inventory::serve(
+                listener,
+                &dir,
+                durability,
+                &ServerOptions::default(),
+                clock(),
+                token,
+            )
+            .await
+        })
+    }
+
+    fn start_integration(
+        &mut self,
+        dir: &Path,
+        durability: Durability,
+        options: IntegrationOptions,
+    ) -> anyhow::Result<SocketAddr> {
+        let (dir, token) = (dir.to_owned(), self.shutdown.clone());
+        self.spawn("integration service", move |listener| async move {
+            mip_integration::serve(
+                listener,
+                &dir,
+                durability,
+                options,
+                &ServerOptions::default(),
+                clock(),
+                Arc::new(RandomJitter),
+                token,
+            )
+            .await
+        })
+    }
+
+    /// Fails with the service's error if its `serve` has returned.
+    async fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(index) = self.tasks.iter().position(|(_, t)| t.is_finished()) {
+            let (name, task) = self.tasks.remove(index);
+            match task.await {
+                Ok(Ok(())) => bail!("{name} stopped by itself"),
+                Ok(Err(e)) => bail!("{name} failed: {e}"),
+                Err(e) => bail!("{name} panicked: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Graceful stop: cancel, wait for every `serve` to return, then drop the runtime.
+    async fn stop(&mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let mut failures = Vec::new();
+        for (name, task) in self.tasks.drain(..) {
+            match tokio::time::timeout(STOP_TIMEOUT, task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => failures.push(format!("{name} failed: {e}")),
+                Ok(Err(e)) => failures.push(format!("{name} panicked: {e}")),
+                Err(_) => failures.push(format!("{name} did not stop in {STOP_TIMEOUT:?}")),
+            }
+        }
+        if let Some(runtime) = self.runtime.take() {
+            // Not a plain drop: dropping a runtime blocks, which a runtime thread (this code's)
+            // must not do. Every service has returned; only idle threads remain.
+            runtime.shutdown_background();
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", failures.join("; "))
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The wall clock every in-process service runs on.
+fn clock() -> SharedClock {
+    Arc::new(SystemClock)
+}
+
+/// A running `mip` child process. Dropping it kills and reaps it.
+struct Process {
+    /// `crm`, `inventory` or `integration`.
+    name: &'static str,
+    /// The process.
+    child: Child,
+    /// Its stdout and stderr.
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `mip <args>`, its output going to `<log_dir>/<name>.log`.
+    fn spawn(
+        mip: &Path,
+        name: &'static str,
+        args: &[String],
+        log_dir: &Path,
+        rust_log: &str,
+    ) -> anyhow::Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("log file {}", log.display()))?;
+        let mut command = Command::new(mip);
+        command
+            .args(args)
+            .env("RUST_LOG", rust_log)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        // The children get their settings from flags only: a MIP_* variable left in the
+        // environment (a metrics address, say) would change or break every one of them.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("MIP_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("start {} {name}", mip.display()))?;
+        Ok(Self { name, child, log })
+    }
+
+    /// The last lines of its log, for error messages.
+    fn log_tail(&self, lines: usize) -> String {
+        let Ok(file) = File::open(&self.log) else {
+            return String::new();
+        };
+        let all: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // SIGKILL and reap: nothing of a benchmark's throw-away data needs a graceful stop.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `mip` binary built next to this one (`target/<profile>/mip`).
+fn mip_binary() -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name("mip");
+    if !path.is_file() {
+        let profile = if cfg!(debug_assertions) {
+            ""
+        } else {
+            " --release"
+        };
+        bail!(
+            "{} not found; separate processes need the mip binary next to mip-bench: \
+             cargo build{profile} -p mip",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The flags every service process gets: where to listen, where its data goes, durability.
+fn service_args(
+    command: &str,
+    addr: SocketAddr,
+    root: &Path,
+    durability: Durability,
+) -> Vec<String> {
+    vec![
+        command.to_owned(),
+        "--listen".to_owned(),
+        addr.to_string(),
+        "--data-dir".to_owned(),
+        root.join(command).display().to_string(),
+        "--durability".to_owned(),
+        crate::value_name(&durability),
+    ]
+}
+
+/// A loopback address nothing listens on right now: bind an ephemeral port, read it, let it go
+/// for the child to bind.
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?)
+}

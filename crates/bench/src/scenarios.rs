@@ -1,0 +1,653 @@
+//! The scenarios: each starts a fresh platform (so no run inherits another's data), drives
+//! load through gRPC, checks that every customer got exactly one welcome package, and returns
+//! a [`Report`].
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use mip_integration::Mode;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::check::{self, Check, FanoutCheck};
+use crate::load::{self, Clients};
+use crate::platform::{Platform, PlatformConfig};
+use crate::report::{Percentiles, Report, Table, histogram, per_second, record_micros, round3};
+use crate::watch::Fanout;
+use crate::{Settings, value_name};
+
+/// A scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// Customers/s, creation and end to end.
+    Throughput,
+    /// End-to-end latency under an open-loop rate.
+    Latency,
+    /// CreateCustomer alone.
+    Unary,
+    /// Many watchers.
+    Fanout,
+    /// Throughput and latency with the integration service polling.
+    Poll,
+    /// Peak RSS per service process.
+    Memory,
+}
+
+impl Scenario {
+    /// Every scenario, in the order `all` runs them.
+    pub const ALL: [Scenario; 6] = [
+        Scenario::Throughput,
+        Scenario::Latency,
+        Scenario::Unary,
+        Scenario::Fanout,
+        Scenario::Poll,
+        Scenario::Memory,
+    ];
+
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Throughput => "throughput",
+            Scenario::Latency => "latency",
+            Scenario::Unary => "unary",
+            Scenario::Fanout => "fanout",
+            Scenario::Poll => "poll",
+            Scenario::Memory => "memory",
+        }
+    }
+}
+
+/// What a scenario part hands back: its figures and its checks (its rows go to the table).
+struct Part<R> {
+    /// Figures, for the JSON `results`.
+    results: R,
+    /// Checks run.
+    checks: Vec<Check>,
+}
+
+impl<R> Part<R> {
+    fn map(self, f: impl FnOnce(R) -> Results) -> Part<Results> {
+        Part {
+            results: f(self.results),
+            checks: self.checks,
+        }
+    }
+}
+
+/// A scenario's figures: the JSON `results` object, its fields in declaration order.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Results {
+    /// `throughput`.
+    Throughput(ThroughputResults),
+    /// `latency`.
+    Latency(LatencyResults),
+    /// `unary`.
+    Unary(UnaryResults),
+    /// `fanout`.
+    Fanout(FanoutResults),
+    /// `poll`: the other two, measured with the integration service polling.
+    Poll {
+        /// As in `throughput`.
+        throughput: ThroughputResults,
+        /// As in `latency`.
+        latency: LatencyResults,
+    },
+    /// `memory`.
+    Memory {
+        /// Customers created.
+        customers: usize,
+        /// Each process's memory.
+        processes: Vec<ProcessMemory>,
+    },
+}
+
+/// The settings a report records.
+#[derive(Debug, Serialize)]
+pub struct SettingsRecord {
+    /// `in-process` or `processes`.
+    deployment: &'static str,
+    /// The integration service's feed mode.
+    mode: String,
+    /// Its poll interval.
+    poll_interval_ms: u64,
+    /// Every service's durability.
+    durability: String,
+    /// `-n`.
+    customers: usize,
+    /// `-c`.
+    concurrency: usize,
+    /// `-r`.
+    rate_per_s: f64,
+    /// `--duration`.
+    duration_s: f64,
+    /// `-w`.
+    watchers: usize,
+    /// `--connections`.
+    connections: usize,
+    /// `--smoke`.
+    smoke: bool,
+}
+
+/// Runs one scenario on a fresh platform and reports it. An error means it could not run to
+/// the end; a failed check is a report with `passed: false`.
+pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Report> {
+    let started_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let started = Instant::now();
+    let mut table = Table::default();
+    // Memory reads each service process's RSS, so it always runs them as processes.
+    let processes = settings.processes || scenario == Scenario::Memory;
+    let mode = if scenario == Scenario::Poll {
+        Mode::Poll
+    } else {
+        settings.mode
+    };
+    let config = PlatformConfig {
+        processes,
+        mode,
+        poll_interval: settings.poll_interval,
+        durability: settings.durability,
+        service_log: settings.service_log.clone(),
+    };
+    let part = match scenario {
+        Scenario::Throughput => throughput(settings, &config, &mut table)
+            .await?
+            .map(Results::Throughput),
+        Scenario::Latency => latency(settings, &config, &mut table)
+            .await?
+            .map(Results::Latency),
+        Scenario::Unary => unary(settings, &config, &mut table)
+            .await?
+            .map(Results::Unary),
+        Scenario::Fanout => fanout(settings, &config, &mut table)
+            .await?
+            .map(Results::Fanout),
+        Scenario::Poll => {
+            table.section("throughput, integration service polling");
+            let throughput = throughput(settings, &config, &mut table).await?;
+            table.section("latency, integration service polling");
+            let latency = latency(settings, &config, &mut table).await?;
+            Part {
+                checks: [throughput.checks, latency.checks].concat(),
+                results: Results::Poll {
+                    throughput: throughput.results,
+                    latency: latency.results,
+                },
+            }
+        }
+        Scenario::Memory => memory(settings, &config, &mut table).await?,
+    };
+    let deployment = if processes {
+        "separate processes"
+    } else {
+        "in-process"
+    };
+    let title = format!(
+        "{} ({deployment}, mode {}, durability {}{})",
+        scenario.name(),
+        value_name(&mode),
+        value_name(&settings.durability),
+        if settings.smoke { ", smoke" } else { "" }
+    );
+    Ok(Report {
+        scenario: scenario.name(),
+        passed: part.checks.iter().all(Check::passed),
+        build: if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        started_unix_ms,
+        elapsed_s: round3(started.elapsed().as_secs_f64()),
+        settings: SettingsRecord {
+            deployment: if processes { "processes" } else { "in-process" },
+            mode: value_name(&mode),
+            poll_interval_ms: settings.poll_interval.as_millis() as u64,
+            durability: value_name(&settings.durability),
+            customers: settings.customers,
+            concurrency: settings.concurrency,
+            rate_per_s: settings.rate,
+            duration_s: settings.duration.as_secs_f64(),
+            watchers: settings.watchers,
+            connections: settings.connections,
+            smoke: settings.smoke,
+        },
+        results: part.results,
+        checks: part.checks,
+        table,
+        title,
+    })
+}
+
+/// Starts the platform and connects the load's clients.
+async fn start(
+    settings: &Settings,
+    config: &PlatformConfig,
+) -> anyhow::Result<(Platform, Clients)> {
+    let platform = Platform::start(config).await?;
+    let clients = Clients::connect(platform.crm, platform.inventory, settings.connections).await?;
+    Ok((platform, clients))
+}
+
+/// Waits until the integration service has handled every created customer, then runs the
+/// package check.
+async fn deliver_and_verify(
+    platform: &Platform,
+    clients: &Clients,
+    created: &[load::Created],
+    settings: &Settings,
+) -> anyhow::Result<(
+    check::PackageCheck,
+    std::collections::HashMap<uuid::Uuid, check::Packages>,
+)> {
+    let addr = platform
+        .integration
+        .context("the integration service is not running")?;
+    let mut integration = load::integration_client(addr).await?;
+    check::wait_delivered(&mut integration, created.len(), settings.stall_timeout).await?;
+    check::verify_packages(&clients.inventory, created).await
+}
+
+/// Figures of the throughput scenario.
+#[derive(Debug, Serialize)]
+pub struct ThroughputResults {
+    /// Customers created.
+    customers: usize,
+    /// Concurrent creates.
+    concurrency: usize,
+    /// From the first create to the last reply.
+    create_s: f64,
+    /// Customers created per second.
+    create_per_s: f64,
+    /// From the first create until the integration service had handled every customer.
+    end_to_end_s: f64,
+    /// Customers per second, created and given their package.
+    end_to_end_per_s: f64,
+    /// CreateCustomer latency as the callers saw it.
+    create_latency: Percentiles,
+    /// Transient CreateCustomer failures retried.
+    create_retries: u64,
+}
+
+/// N customers at concurrency C: how fast they are created, and how fast they all have
+/// their package.
+async fn throughput(
+    settings: &Settings,
+    config: &PlatformConfig,
+    table: &mut Table,
+) -> anyhow::Result<Part<ThroughputResults>> {
+    let (platform, clients) = start(settings, config).await?;
+    let mut integration =
+        load::integration_client(platform.integration.context("no integration service")?).await?;
+    let started = Instant::now();
+    let run = load::closed_loop(&clients, settings.customers, settings.concurrency).await?;
+    // The delivered counter is cheap to watch; the listing below then proves it.
+    check::wait_delivered(&mut integration, run.created.len(), settings.stall_timeout).await?;
+    let end_to_end = started.elapsed();
+    let (packages, _) = check::verify_packages(&clients.inventory, &run.created).await?;
+    platform.stop().await?;
+
+    let results = ThroughputResults {
+        customers: run.created.len(),
+        concurrency: settings.concurrency,
+        create_s: round3(run.elapsed.as_secs_f64()),
+        create_per_s: per_second(run.created.len(), run.elapsed),
+        end_to_end_s: round3(end_to_end.as_secs_f64()),
+        end_to_end_per_s: per_second(run.created.len(), end_to_end),
+        create_latency: Percentiles::of(&run.latency),
+        create_retries: run.retries,
+    };
+    table.row(
+        "customers",
+        format!(
+            "{} at concurrency {}",
+            results.customers, results.concurrency
+        ),
+    );
+    table.row(
+        "creation",
+        format!(
+            "{:.0} customers/s ({:.2} s)",
+            results.create_per_s, results.create_s
+        ),
+    );
+    table.row(
+        "end to end (all packaged)",
+        format!(
+            "{:.0} customers/s ({:.2} s)",
+            results.end_to_end_per_s, results.end_to_end_s
+        ),
+    );
+    table.row("CreateCustomer latency", results.create_latency.summary());
+    table.row("CreateCustomer retries", results.create_retries.to_string());
+    Ok(Part {
+        results,
+        checks: vec![Check::OneWelcomePackageEach(packages)],
+    })
+}
+
+/// Figures of the latency scenario.
+#[derive(Debug, Serialize)]
+pub struct LatencyResults {
+    /// Creates per second asked for.
+    target_rate_per_s: f64,
+    /// Creates per second actually sent.
+    sent_rate_per_s: f64,
+    /// Customers created.
+    customers: usize,
+    /// Package `create_time` minus customer `create_time`, both server timestamps.
+    end_to_end: Percentiles,
+    /// CreateCustomer reply time, from each call's scheduled send time.
+    create_response: Percentiles,
+    /// Largest delay of a send behind its schedule (the load generator falling behind).
+    max_send_lag_ms: f64,
+    /// Most creates in flight at once.
+    max_in_flight: usize,
+    /// Transient CreateCustomer failures retried.
+    create_retries: u64,
+}
+
+/// Customers created at a fixed rate, whatever the replies do; latency from each customer's
+/// creation to its package's.
+async fn latency(
+    settings: &Settings,
+    config: &PlatformConfig,
+    table: &mut Table,
+) -> anyhow::Result<Part<LatencyResults>> {
+    let (platform, clients) = start(settings, config).await?;
+    let run = load::open_loop(&clients, settings.rate, settings.duration).await?;
+    let (packages, found) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
+    platform.stop().await?;
+
+    let mut end_to_end = histogram();
+    for customer in &run.created {
+        if let Some(package) = found.get(&customer.id) {
+            let delay = (package.first_create_us - customer.create_us).max(0);
+            record_micros(&mut end_to_end, delay as u64);
+        }
+    }
+    let results = LatencyResults {
+        target_rate_per_s: settings.rate,
+        sent_rate_per_s: per_second(run.created.len().saturating_sub(1), run.send_elapsed),
+        customers: run.created.len(),
+        end_to_end: Percentiles::of(&end_to_end),
+        create_response: Percentiles::of(&run.response),
+        max_send_lag_ms: round3(run.max_send_lag.as_secs_f64() * 1000.0),
+        max_in_flight: run.max_in_flight,
+        create_retries: run.retries,
+    };
+    table.row(
+        "customers",
+        format!(
+            "{} at {:.0}/s asked, {:.0}/s sent",
+            results.customers, results.target_rate_per_s, results.sent_rate_per_s
+        ),
+    );
+    table.row(
+        "end to end (package − customer)",
+        results.end_to_end.summary(),
+    );
+    table.row(
+        "CreateCustomer (from schedule)",
+        results.create_response.summary(),
+    );
+    table.row(
+        "send lag max / in flight max",
+        format!("{} ms / {}", results.max_send_lag_ms, results.max_in_flight),
+    );
+    Ok(Part {
+        results,
+        checks: vec![Check::OneWelcomePackageEach(packages)],
+    })
+}
+
+/// Figures of the unary scenario.
+#[derive(Debug, Serialize)]
+pub struct UnaryResults {
+    /// Requests made.
+    requests: usize,
+    /// Concurrent requests.
+    concurrency: usize,
+    /// From the first request to the last reply.
+    elapsed_s: f64,
+    /// Requests per second.
+    requests_per_s: f64,
+    /// Latency as the callers saw it.
+    latency: Percentiles,
+    /// Transient failures retried.
+    retries: u64,
+}
+
+/// CreateCustomer alone: CRM and Inventory run, the integration service starts only after the
+/// measurement (it then serves every customer from the start of the log, for the check).
+async fn unary(
+    settings: &Settings,
+    config: &PlatformConfig,
+    table: &mut Table,
+) -> anyhow::Result<Part<UnaryResults>> {
+    let mut platform = Platform::start_without_integration(config).await?;
+    let clients = Clients::connect(platform.crm, platform.inventory, settings.connections).await?;
+    let run = load::closed_loop(&clients, settings.customers, settings.concurrency).await?;
+    platform.start_integration().await?;
+    let (packages, _) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
+    platform.stop().await?;
+
+    let results = UnaryResults {
+        requests: run.created.len(),
+        concurrency: settings.concurrency,
+        elapsed_s: round3(run.elapsed.as_secs_f64()),
+        requests_per_s: per_second(run.created.len(), run.elapsed),
+        latency: Percentiles::of(&run.latency),
+        retries: run.retries,
+    };
+    table.row(
+        "CreateCustomer",
+        format!(
+            "{} requests at concurrency {}: {:.0} requests/s ({:.2} s)",
+            results.requests, results.concurrency, results.requests_per_s, results.elapsed_s
+        ),
+    );
+    table.row("latency", results.latency.summary());
+    table.row("retries", results.retries.to_string());
+    Ok(Part {
+        results,
+        checks: vec![Check::OneWelcomePackageEach(packages)],
+    })
+}
+
+/// Figures of the fanout scenario.
+#[derive(Debug, Serialize)]
+pub struct FanoutResults {
+    /// Watchers subscribed.
+    watchers: usize,
+    /// Events each watcher had to receive.
+    events: u64,
+    /// Creates per second asked for.
+    target_rate_per_s: f64,
+    /// Creates per second actually sent.
+    sent_rate_per_s: f64,
+    /// Commit-to-receipt delay over every event at every watcher.
+    delay_all: Percentiles,
+    /// The highest per-watcher p99: the slowest watcher's experience.
+    p99_ms_slowest_watcher: f64,
+    /// The median of the per-watcher p99s.
+    p99_ms_median_watcher: f64,
+}
+
+/// W watchers while customers are created at rate R: delay from commit to receipt, and every
+/// watcher must get every event.
+async fn fanout(
+    settings: &Settings,
+    config: &PlatformConfig,
+    table: &mut Table,
+) -> anyhow::Result<Part<FanoutResults>> {
+    let (platform, clients) = start(settings, config).await?;
+    let head_before = clients.crm_head().await?;
+    let fanout = Fanout::start(platform.crm, settings.watchers).await?;
+    let run = load::open_loop(&clients, settings.rate, settings.duration).await?;
+    let head = clients.crm_head().await?;
+    let watchers = fanout.finish(head, settings.stall_timeout).await;
+    let (packages, _) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
+    platform.stop().await?;
+
+    let (first, expected) = (head_before + 1, (head - head_before).max(0) as u64);
+    let mut all = histogram();
+    let mut p99s = Vec::with_capacity(watchers.len());
+    let mut fanout_check = FanoutCheck {
+        watchers: settings.watchers,
+        expected_events: expected,
+        complete: 0,
+        examples: Vec::new(),
+    };
+    for (i, watcher) in watchers.iter().enumerate() {
+        all.add(&watcher.delays)?;
+        p99s.push(watcher.delays.value_at_quantile(0.99));
+        if watcher.complete(first, head) {
+            fanout_check.complete += 1;
+        } else if fanout_check.examples.len() < 5 {
+            fanout_check.examples.push(format!(
+                "watcher {i}: {} events, sequences {}..={}, {} out of order{}",
+                watcher.received,
+                watcher.first,
+                watcher.last,
+                watcher.out_of_order,
+                watcher
+                    .error
+                    .as_deref()
+                    .map(|e| format!(", {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    p99s.sort_unstable();
+    let ms = |micros: u64| round3(micros as f64 / 1000.0);
+    let results = FanoutResults {
+        watchers: settings.watchers,
+        events: expected,
+        target_rate_per_s: settings.rate,
+        sent_rate_per_s: per_second(run.created.len().saturating_sub(1), run.send_elapsed),
+        delay_all: Percentiles::of(&all),
+        p99_ms_slowest_watcher: ms(p99s.last().copied().unwrap_or(0)),
+        p99_ms_median_watcher: ms(p99s.get(p99s.len() / 2).copied().unwrap_or(0)),
+    };
+    table.row(
+        "watchers × events",
+        format!(
+            "{} × {} ({:.0}/s asked, {:.0}/s sent)",
+            results.watchers, results.events, results.target_rate_per_s, results.sent_rate_per_s
+        ),
+    );
+    table.row("commit → receipt, all", results.delay_all.summary());
+    table.row(
+        "p99 slowest / median watcher",
+        format!(
+            "{} / {} ms",
+            results.p99_ms_slowest_watcher, results.p99_ms_median_watcher
+        ),
+    );
+    Ok(Part {
+        results,
+        checks: vec![
+            Check::EveryWatcherEveryEvent(fanout_check),
+            Check::OneWelcomePackageEach(packages),
+        ],
+    })
+}
+
+/// One process's memory.
+#[derive(Debug, Serialize)]
+pub struct ProcessMemory {
+    /// `crm`, `inventory`, `integration`, or `mip-bench`: this process, the load generator,
+    /// whose peak covers its whole life (under `all`, the in-process scenarios before too).
+    process: String,
+    /// Its process id.
+    pid: u32,
+    /// Resident memory once ready, before any load.
+    rss_ready_mib: f64,
+    /// Resident memory after the run.
+    rss_end_mib: f64,
+    /// Peak resident memory over its life (VmHWM).
+    peak_rss_mib: f64,
+}
+
+/// VmRSS and VmHWM of a process, in MiB, from /proc (Linux only).
+fn rss(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let path = format!("/proc/{pid}/status");
+    let status =
+        std::fs::read_to_string(&path).with_context(|| format!("read {path} (Linux only)"))?;
+    let field = |name: &str| -> anyhow::Result<f64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("{name} missing from {path}"))?;
+        let kib: f64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .with_context(|| format!("bad {line:?} in {path}"))?;
+        Ok(round3(kib / 1024.0))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// N customers through three service processes; each one's peak RSS afterwards.
+async fn memory(
+    settings: &Settings,
+    config: &PlatformConfig,
+    table: &mut Table,
+) -> anyhow::Result<Part<Results>> {
+    let (platform, clients) = start(settings, config).await?;
+    let mut processes: Vec<(String, u32)> = platform
+        .pids()
+        .into_iter()
+        .map(|(name, pid)| (name.to_owned(), pid))
+        .collect();
+    processes.push(("mip-bench".to_owned(), std::process::id()));
+    let ready = processes
+        .iter()
+        .map(|(_, pid)| rss(*pid))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let run = load::closed_loop(&clients, settings.customers, settings.concurrency).await?;
+    let (packages, _) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
+    let mut memory = Vec::new();
+    for ((process, pid), (rss_ready, _)) in processes.into_iter().zip(ready) {
+        let (rss_end, peak) = rss(pid)?;
+        memory.push(ProcessMemory {
+            process,
+            pid,
+            rss_ready_mib: rss_ready,
+            rss_end_mib: rss_end,
+            peak_rss_mib: peak,
+        });
+    }
+    platform.stop().await?;
+
+    table.row(
+        "customers",
+        format!(
+            "{} at concurrency {}",
+            run.created.len(),
+            settings.concurrency
+        ),
+    );
+    for m in &memory {
+        table.row(
+            format!("{} (pid {})", m.process, m.pid),
+            format!(
+                "peak {:.1} MiB · ready {:.1} MiB · end {:.1} MiB",
+                m.peak_rss_mib, m.rss_ready_mib, m.rss_end_mib
+            ),
+        );
+    }
+    Ok(Part {
+        results: Results::Memory {
+            customers: run.created.len(),
+            processes: memory,
+        },
+        checks: vec![Check::OneWelcomePackageEach(packages)],
+    })
+}
