@@ -42,7 +42,7 @@ pub const SERVICE_NAME: &str = "crm.v1.CrmService";
 pub struct CrmOptions {
     /// Interval between heartbeats on an idle WatchCustomers stream. Heartbeats carry the
     /// current resume token and keep proxies from closing quiet streams.
-    #[arg(long, env = "MIP_CRM_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MIP_CRM_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = mip_runtime::parse_positive_duration)]
     pub heartbeat_interval: Duration,
 
     /// Delete change events older than this (for example `7d`). Resume tokens older than what

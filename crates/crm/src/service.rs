@@ -32,6 +32,8 @@ const CUSTOMER_PAGE_TOKEN: u8 = 2;
 
 /// Events read per step by a watcher that is catching up.
 const WATCH_BATCH: usize = 256;
+/// How long a watcher waits at shutdown to hand its client the final UNAVAILABLE.
+const END_NOTICE_WAIT: Duration = Duration::from_secs(1);
 /// Messages queued per watch stream before the watcher waits for the client to read.
 const WATCH_BUFFER: usize = 128;
 
@@ -287,6 +289,16 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
         if !request.page_token.is_empty() {
             match token::decode::<3>(CUSTOMER_PAGE_TOKEN, &request.page_token) {
                 Ok([token_log, snapshot, after]) if token_log == log_id => {
+                    // Tokens are checksummed, not signed: a made-up snapshot past the head
+                    // would otherwise wait for events that never come.
+                    let head = self.store.bounds().head;
+                    if snapshot > head {
+                        return Err(Error::TokenAhead {
+                            position: snapshot,
+                            head,
+                        }
+                        .into());
+                    }
                     cursor = (after, Some(Position(snapshot)));
                 }
                 Ok(_) => violations.add("page_token", "was issued by a different CRM database"),
@@ -433,9 +445,10 @@ impl<S: CrmStore> Watcher<S> {
     /// back, or to another) from its last token.
     async fn end(&self) {
         info!("ending watch stream: server shutting down");
-        let _ = self.sender.try_send(Err(Status::unavailable(
-            "server is shutting down; resume from your last token",
-        )));
+        // Waits briefly for room, so a client that is catching up (full buffer) still learns
+        // the stream ended because of shutdown and not because the feed is over.
+        let status = Status::unavailable("server is shutting down; resume from your last token");
+        let _ = tokio::time::timeout(END_NOTICE_WAIT, self.sender.send(Err(status))).await;
     }
 }
 

@@ -123,12 +123,19 @@ impl<S: IntegrationStore> Engine<S> {
 
     /// Follows the feed until shutdown, then waits for in-flight deliveries to stop and saves
     /// the final checkpoint.
-    pub async fn run(self, checkpoint: Option<Mark>) {
+    pub async fn run(self, mut checkpoint: Option<Mark>) {
         if let Some(mark) = &checkpoint {
             self.stats.set_checkpoint(mark);
             info!(sequence = mark.sequence, "resuming from checkpoint");
+        } else if self.settings.start_position == StartPosition::Latest {
+            // "Latest" must mean the head at the first start, not at every reconnect before
+            // the first checkpoint: pin it down durably before reading anything.
+            checkpoint = self.anchor_at_head().await;
+            if checkpoint.is_none() {
+                return;
+            }
         } else {
-            info!(start = ?self.settings.start_position, "no checkpoint yet; starting from the feed's start position");
+            info!("no checkpoint yet; starting from the oldest event CRM keeps");
         }
         let checkpointer = tokio::spawn(checkpoint_loop(
             Arc::clone(&self.store),
@@ -146,6 +153,65 @@ impl<S: IntegrationStore> Engine<S> {
         let _ = checkpointer.await;
         save_watermark(&*self.store, &self.tracker, &self.stats, &self.clock).await;
         info!("feed reader stopped; checkpoint saved");
+    }
+
+    /// Reads CRM's head position and saves it as the first checkpoint; retries until it
+    /// works or shutdown begins (`None`).
+    async fn anchor_at_head(&self) -> Option<Mark> {
+        let mut failures = 0;
+        loop {
+            let mut client = self.crm.clone();
+            let mut request = Request::new(crm::ListCustomerEventsRequest {
+                resume_token: String::new(),
+                start_position: crm::StartPosition::Latest.into(),
+                page_size: 1,
+            });
+            request.set_timeout(self.settings.call_timeout);
+            let head = match client.list_customer_events(request).await {
+                Ok(response) => {
+                    let response = response.into_inner();
+                    Mark {
+                        sequence: response.next_sequence,
+                        token: response.next_resume_token,
+                    }
+                }
+                Err(status) => {
+                    failures += 1;
+                    let delay = backoff(
+                        self.settings.initial_backoff,
+                        self.settings.max_backoff,
+                        failures,
+                    );
+                    warn!(code = ?status.code(), message = %status.message(), retry_in = ?delay, "cannot read CRM's head for --start-position latest");
+                    self.pause(delay).await;
+                    if self.shutdown.is_cancelled() {
+                        return None;
+                    }
+                    continue;
+                }
+            };
+            match self
+                .store
+                .save_checkpoint(head.clone(), self.clock.now())
+                .await
+            {
+                Ok(()) => {
+                    info!(
+                        sequence = head.sequence,
+                        "no checkpoint yet; starting at CRM's newest event"
+                    );
+                    self.stats.set_checkpoint(&head);
+                    return Some(head);
+                }
+                Err(e) => {
+                    error!(error = %e, "cannot save the first checkpoint");
+                    self.pause(self.settings.max_backoff).await;
+                    if self.shutdown.is_cancelled() {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     async fn follow(&self, mut cursor: Option<Mark>) {
@@ -231,7 +297,7 @@ impl<S: IntegrationStore> Engine<S> {
             self.relist(cursor).await;
             return None;
         }
-        let streaming = self.stats.mode() == crate::FeedState::Stream;
+        let streaming = self.stats.mode() == Some(crate::FeedState::Stream);
         if streaming && self.settings.mode == Mode::Auto {
             if status.code() == Code::Unimplemented {
                 return Some(crate::FeedState::Poll);
@@ -317,8 +383,9 @@ impl<S: IntegrationStore> Engine<S> {
         let mut progressed = false;
         let end = loop {
             let next = tokio::select! {
-                next = tokio::time::timeout(self.settings.stream_idle_timeout, stream.message()) => next,
+                biased;
                 () = self.shutdown.cancelled() => break StreamEnd::Shutdown,
+                next = tokio::time::timeout(self.settings.stream_idle_timeout, stream.message()) => next,
             };
             let message = match next {
                 Ok(Ok(Some(message))) => message,
@@ -383,6 +450,9 @@ impl<S: IntegrationStore> Engine<S> {
         );
         let caught_up = response.events.is_empty();
         for event in response.events {
+            if self.shutdown.is_cancelled() {
+                return Ok(false);
+            }
             self.dispatch(event, cursor).await;
         }
         let mark = Mark {
@@ -425,14 +495,17 @@ impl<S: IntegrationStore> Engine<S> {
             return;
         }
         info!(customer_id, sequence = mark.sequence, "found new customer");
-        let slot = tokio::select! {
-            slot = Arc::clone(&self.slots).acquire_owned() => slot.expect("slots never close"),
-            () = self.shutdown.cancelled() => return,
-        };
+        // Tracked before waiting for a slot: if shutdown wins the wait, the event stays
+        // pending, so the checkpoint can never pass it and it is delivered after restart.
         self.tracker
             .lock()
             .expect("tracker lock")
             .start(mark.clone());
+        let slot = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return,
+            slot = Arc::clone(&self.slots).acquire_owned() => slot.expect("slots never close"),
+        };
         let handler = self.handler();
         let tracker = Arc::clone(&self.tracker);
         let moved = Arc::clone(&self.moved);
@@ -456,6 +529,7 @@ impl<S: IntegrationStore> Engine<S> {
             stats: Arc::clone(&self.stats),
             clock: Arc::clone(&self.clock),
             shutdown: self.shutdown.clone(),
+            redrive: false,
         }
     }
 
@@ -516,6 +590,7 @@ impl<S: IntegrationStore> Engine<S> {
             page_token = page.next_page_token;
         }
         let done = deliveries.join_all().await;
+        // Deliveries only stay unfinished at shutdown.
         if self.shutdown.is_cancelled() || done.iter().any(|ok| !ok) {
             return;
         }
@@ -526,8 +601,14 @@ impl<S: IntegrationStore> Engine<S> {
             "relist finished; watching from the snapshot"
         );
         // Through the tracker, not straight to the store: the checkpoint task saves marks one
-        // at a time, so an older mark it is still saving can never land after this one.
-        self.idle_at(snapshot.clone());
+        // at a time, so an older mark it is still saving can never land after this one. It
+        // replaces any unsaved mark, even a higher one from a replaced CRM database.
+        self.tracker
+            .lock()
+            .expect("tracker lock")
+            .reset_to(snapshot.clone());
+        self.moved.notify_one();
+        self.stats.reset_head(snapshot.sequence);
         *cursor = Some(snapshot);
     }
 }
@@ -546,6 +627,9 @@ pub struct Handler<S> {
     pub clock: SharedClock,
     /// Cancels the delivery.
     pub shutdown: CancellationToken,
+    /// Whether this handler re-drives existing dead letters, whose failure was counted when
+    /// they first failed.
+    pub redrive: bool,
 }
 
 /// What became of one delivery.
@@ -555,8 +639,8 @@ pub enum Handled {
     Delivered,
     /// It failed for good and is on the dead-letter list.
     DeadLettered,
-    /// Neither: shutdown interrupted it, or the dead letter could not be saved. It must be
-    /// tried again, so the checkpoint must not pass it.
+    /// Neither: shutdown interrupted it. It must be tried again after restart, so the
+    /// checkpoint must not pass it.
     Unfinished,
 }
 
@@ -598,17 +682,33 @@ impl<S: IntegrationStore> Handler<S> {
                     create_time: now,
                     update_time: now,
                 };
-                match self.store.put_dead_letter(letter).await {
-                    Ok(()) => {
-                        self.stats.count_dead_lettered();
-                        error!(customer_id, event_id, attempts, %reason, "dead-lettered package request");
-                        Handled::DeadLettered
-                    }
-                    Err(e) => {
-                        error!(customer_id, event_id, error = %e, "cannot record dead letter; the event will be retried after restart");
-                        Handled::Unfinished
+                // The checkpoint may only pass this event once the dead letter is durable, and
+                // everything behind it waits until then: keep trying (a full or busy disk is
+                // usually temporary) rather than stall the pipeline for good.
+                let mut failures = 0;
+                loop {
+                    match self.store.put_dead_letter(letter.clone()).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            failures += 1;
+                            let delay = backoff(
+                                Duration::from_millis(100),
+                                Duration::from_secs(5),
+                                failures,
+                            );
+                            error!(customer_id, event_id, error = %e, retry_in = ?delay, "cannot record dead letter; retrying");
+                            tokio::select! {
+                                () = tokio::time::sleep(delay) => {}
+                                () = self.shutdown.cancelled() => return Handled::Unfinished,
+                            }
+                        }
                     }
                 }
+                if !self.redrive {
+                    self.stats.count_dead_lettered();
+                }
+                error!(customer_id, event_id, attempts, %reason, "dead-lettered package request");
+                Handled::DeadLettered
             }
         }
     }

@@ -100,11 +100,11 @@ pub struct IntegrationOptions {
     pub start_position: StartPosition,
 
     /// Pause between polls once caught up. A poll reads only new events, so short is cheap.
-    #[arg(long, env = "MIP_INTEGRATION_POLL_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MIP_INTEGRATION_POLL_INTERVAL", default_value = "500ms", value_parser = mip_runtime::parse_positive_duration)]
     pub poll_interval: Duration,
 
     /// While polling in auto mode, how often to try streaming again.
-    #[arg(long, env = "MIP_INTEGRATION_STREAM_PROBE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MIP_INTEGRATION_STREAM_PROBE_INTERVAL", default_value = "10s", value_parser = mip_runtime::parse_positive_duration)]
     pub stream_probe_interval: Duration,
 
     /// Consecutive stream failures before auto mode falls back to polling (UNIMPLEMENTED
@@ -114,7 +114,7 @@ pub struct IntegrationOptions {
 
     /// A watch stream silent for this long (no event, no heartbeat) is reconnected. Keep it
     /// above CRM's heartbeat interval.
-    #[arg(long, env = "MIP_INTEGRATION_STREAM_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MIP_INTEGRATION_STREAM_IDLE_TIMEOUT", default_value = "30s", value_parser = mip_runtime::parse_positive_duration)]
     pub stream_idle_timeout: Duration,
 
     /// Package requests in flight at once.
@@ -127,15 +127,15 @@ pub struct IntegrationOptions {
     pub max_attempts: u32,
 
     /// Deadline of each call to CRM or Inventory.
-    #[arg(long, env = "MIP_INTEGRATION_CALL_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MIP_INTEGRATION_CALL_TIMEOUT", default_value = "5s", value_parser = mip_runtime::parse_positive_duration)]
     pub call_timeout: Duration,
 
     /// First retry backoff; doubles per attempt, with jitter.
-    #[arg(long, env = "MIP_INTEGRATION_RETRY_INITIAL", default_value = "50ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MIP_INTEGRATION_RETRY_INITIAL", default_value = "50ms", value_parser = mip_runtime::parse_positive_duration)]
     pub retry_initial: Duration,
 
     /// Largest retry backoff.
-    #[arg(long, env = "MIP_INTEGRATION_RETRY_MAX", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MIP_INTEGRATION_RETRY_MAX", default_value = "10s", value_parser = mip_runtime::parse_positive_duration)]
     pub retry_max: Duration,
 }
 
@@ -181,12 +181,12 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// The feed state.
-    pub fn mode(&self) -> FeedState {
-        if self.mode.load(Ordering::Relaxed) == 2 {
-            FeedState::Poll
-        } else {
-            FeedState::Stream
+    /// The feed state; `None` while starting.
+    pub fn mode(&self) -> Option<FeedState> {
+        match self.mode.load(Ordering::Relaxed) {
+            1 => Some(FeedState::Stream),
+            2 => Some(FeedState::Poll),
+            _ => None,
         }
     }
 
@@ -196,6 +196,11 @@ impl Stats {
             FeedState::Poll => 2,
         };
         self.mode.store(code, Ordering::Relaxed);
+    }
+
+    /// After a relist: the head is the snapshot's, even if a replaced log was further on.
+    fn reset_head(&self, sequence: i64) {
+        self.head_seen.store(sequence, Ordering::Relaxed);
     }
 
     fn saw_head(&self, sequence: i64) {
@@ -335,6 +340,7 @@ pub async fn serve(
         stats: Arc::clone(&stats),
         clock: Arc::clone(&clock),
         shutdown: shutdown.clone(),
+        redrive: true,
     };
     let settings = FeedSettings {
         mode: options.mode,
@@ -371,9 +377,11 @@ pub async fn serve(
         routes,
         health,
         server,
-        shutdown,
+        shutdown.clone(),
     )
     .await;
+    // The engine stops on the same token; a server that failed on its own must stop it too.
+    shutdown.cancel();
     let _ = engine_task.await;
     served?;
     Ok(())

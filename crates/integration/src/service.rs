@@ -58,8 +58,9 @@ impl<S: IntegrationStore> pb::integration_service_server::IntegrationService for
             .map_err(storage)?;
         Ok(Response::new(pb::GetStatusResponse {
             mode: match stats.mode() {
-                FeedState::Stream => pb::FeedMode::Stream,
-                FeedState::Poll => pb::FeedMode::Poll,
+                Some(FeedState::Stream) => pb::FeedMode::Stream,
+                Some(FeedState::Poll) => pb::FeedMode::Poll,
+                None => pb::FeedMode::Unspecified,
             }
             .into(),
             stream_connected: stats.stream_connected.load(Ordering::Relaxed),

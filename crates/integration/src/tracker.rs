@@ -63,6 +63,13 @@ impl Tracker {
         }
     }
 
+    /// After a relist (nothing pending): the snapshot becomes the watermark, replacing any
+    /// unsaved one, which may belong to a replaced change log with higher numbers.
+    pub fn reset_to(&mut self, mark: Mark) {
+        self.pending.clear();
+        self.watermark = Some(mark);
+    }
+
     /// Events handed out and not yet done.
     pub fn in_flight(&self) -> usize {
         self.pending.values().filter(|(_, done)| !done).count()

@@ -449,3 +449,40 @@ fn sorted(mut ids: Vec<String>) -> Vec<String> {
     ids.sort();
     ids
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_position_latest_skips_existing_customers_and_pins_the_head_at_once() {
+    bounded(async {
+        let dirs = Dirs::new();
+        let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
+        let mut inventory = common::Inventory::start(&dirs.inventory()).await;
+        let existing = create_customers(&crm.client(), 20).await;
+        let head = common::crm_head(&crm.client()).await;
+        let mut options = integration_options(crm.addr, inventory.addr, Mode::Auto);
+        options.start_position = mip_integration::StartPosition::Latest;
+        let mut integration = Integration::start(&dirs.integration(), options).await;
+        // The head is saved as the first checkpoint before anything is read, so a crash before
+        // the first event cannot move "latest" on past customers created meanwhile.
+        integration.wait_for_checkpoint(head).await;
+        integration.crash().await;
+        let created_while_down = create_customers(&crm.client(), 10).await;
+        integration.restart().await;
+        let new = create_customers(&crm.client(), 10).await;
+        let mut expected = created_while_down;
+        expected.extend(new);
+        wait_for_exactly_one_package_each(&inventory.client(), &expected, CONVERGE_TIMEOUT).await;
+        let counts = common::welcome_packages_per_customer(&inventory.client())
+            .await
+            .unwrap();
+        for id in &existing {
+            assert!(
+                !counts.contains_key(id),
+                "customer {id} predates the first start"
+            );
+        }
+        integration.stop().await;
+        inventory.stop().await;
+        crm.stop().await;
+    })
+    .await;
+}

@@ -23,3 +23,30 @@ pub mod telemetry;
 pub mod token;
 
 pub use tokio_util::sync::CancellationToken;
+
+/// Parses a flag's duration (`500ms`, `5s`, `2m`, `7d`) that must not be zero: a zero
+/// interval or deadline would spin or fail every call.
+pub fn parse_positive_duration(text: &str) -> Result<std::time::Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::parse_positive_duration;
+
+    #[test]
+    fn zero_durations_are_refused() {
+        assert_eq!(
+            parse_positive_duration("250ms"),
+            Ok(Duration::from_millis(250))
+        );
+        assert!(parse_positive_duration("0s").is_err());
+        assert!(parse_positive_duration("soon").is_err());
+    }
+}

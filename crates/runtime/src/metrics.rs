@@ -7,14 +7,17 @@
 //! is only known from the `grpc-status` header (errors) or trailer (after the last message),
 //! so the layer watches the response body for its trailers.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use http_body::{Body, Frame};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+use prost::Message;
 
 /// Latency buckets, in seconds: from 100 µs (a cached read) to 10 s (a call near its deadline).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -47,14 +50,49 @@ fn describe() {
 }
 
 /// Records `mip_rpc_requests_total` and `mip_rpc_duration_seconds` for every call.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RpcMetricsLayer;
+#[derive(Debug, Clone, Default)]
+pub struct RpcMetricsLayer {
+    /// `/package.Service/Method` paths the server implements. Calls to any other path are
+    /// labelled `unknown`, so made-up paths cannot create new series without bound.
+    known: Arc<HashSet<String>>,
+}
+
+impl RpcMetricsLayer {
+    /// A layer that labels the methods described in `descriptor_sets` (encoded
+    /// `FileDescriptorSet`s) by name.
+    pub fn new(descriptor_sets: &[&[u8]]) -> Self {
+        let mut known = HashSet::new();
+        for set in descriptor_sets {
+            let Ok(set) = prost_types::FileDescriptorSet::decode(*set) else {
+                continue;
+            };
+            for file in &set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        known.insert(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        Self {
+            known: Arc::new(known),
+        }
+    }
+}
 
 impl<S> tower::Layer<S> for RpcMetricsLayer {
     type Service = RpcMetrics<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RpcMetrics { inner }
+        RpcMetrics {
+            inner,
+            known: Arc::clone(&self.known),
+        }
     }
 }
 
@@ -63,6 +101,8 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
 pub struct RpcMetrics<S> {
     /// The routes.
     inner: S,
+    /// Paths labelled by name.
+    known: Arc<HashSet<String>>,
 }
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RpcMetrics<S>
@@ -78,7 +118,12 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let (service, method) = split_path(request.uri().path());
+        let path = request.uri().path();
+        let (service, method) = if self.known.contains(path) {
+            split_path(path)
+        } else {
+            ("unknown".to_owned(), "unknown".to_owned())
+        };
         MeteredFuture {
             inner: self.inner.call(request),
             call: Some(Call {
@@ -258,6 +303,13 @@ mod tests {
             ("crm.v1.CrmService".into(), "CreateCustomer".into())
         );
         assert_eq!(split_path("/odd"), ("odd".into(), String::new()));
+    }
+
+    #[test]
+    fn known_methods_come_from_the_descriptor_sets() {
+        let layer = RpcMetricsLayer::new(&[mip_proto::CRM_DESCRIPTOR_SET]);
+        assert!(layer.known.contains("/crm.v1.CrmService/CreateCustomer"));
+        assert!(!layer.known.contains("/crm.v1.CrmService/Nope"));
     }
 
     #[test]

@@ -32,11 +32,11 @@ pub struct ServerOptions {
 
     /// Interval between HTTP/2 keepalive pings on idle connections, so dead peers are noticed
     /// and proxies keep long-lived watch streams open.
-    #[arg(long, env = "MIP_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MIP_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = crate::parse_positive_duration)]
     pub keepalive_interval: Duration,
 
     /// How long a keepalive ping may go unanswered before the connection is closed.
-    #[arg(long, env = "MIP_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MIP_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = crate::parse_positive_duration)]
     pub keepalive_timeout: Duration,
 
     /// On shutdown, how long in-flight calls may take to finish before the server stops anyway.
@@ -264,7 +264,12 @@ pub async fn serve(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(options.keepalive_interval))
         .http2_keepalive_timeout(Some(options.keepalive_timeout))
-        .layer(crate::metrics::RpcMetricsLayer)
+        .layer(crate::metrics::RpcMetricsLayer::new(&[
+            descriptor_set,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ]))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
 
