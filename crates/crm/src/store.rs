@@ -127,11 +127,11 @@ impl SqliteStore {
         let fresh_log_id = rand::random::<u64>() >> 1;
         let bounds = db
             .write(move |c| {
-                c.execute(
+                c.prepare_cached(
                     "INSERT INTO change_log (id, log_id, head, pruned_through) VALUES (1, ?1, 0, 0)
                      ON CONFLICT (id) DO NOTHING",
-                    [i64::try_from(fresh_log_id).unwrap_or_default()],
-                )?;
+                )?
+                .execute([i64::try_from(fresh_log_id).unwrap_or_default()])?;
                 read_bounds(c)
             })
             .await?;
@@ -148,11 +148,9 @@ impl SqliteStore {
         customer: &Customer,
         now: SystemTime,
     ) -> Result<CustomerEvent, Error> {
-        let seq: i64 = c.query_row(
-            "UPDATE change_log SET head = head + 1 WHERE id = 1 RETURNING head",
-            [],
-            |r| r.get(0),
-        )?;
+        let seq: i64 = c
+            .prepare_cached("UPDATE change_log SET head = head + 1 WHERE id = 1 RETURNING head")?
+            .query_row([], |r| r.get(0))?;
         let event = CustomerEvent {
             seq: seq.unsigned_abs(),
             event_id: Uuid::now_v7(),
@@ -160,10 +158,9 @@ impl SqliteStore {
             customer: customer.clone(),
             commit_time: now,
         };
-        c.execute(
-            "INSERT INTO customer_events
+        c.prepare_cached("INSERT INTO customer_events
                 (seq, event_id, event_type, customer_id, name, email, create_time, update_time, version, commit_time)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")?.execute(
             params![
                 seq,
                 event.event_id.to_string(),
@@ -214,17 +211,16 @@ impl SqliteStore {
 }
 
 fn read_bounds(c: &Connection) -> Result<LogBounds, Error> {
-    Ok(c.query_row(
-        "SELECT log_id, head, pruned_through FROM change_log WHERE id = 1",
-        [],
-        |r| {
-            Ok(LogBounds {
-                log_id: r.get::<_, i64>(0)?.unsigned_abs(),
-                head: r.get::<_, i64>(1)?.unsigned_abs(),
-                pruned_through: r.get::<_, i64>(2)?.unsigned_abs(),
-            })
-        },
-    )?)
+    Ok(
+        c.prepare_cached("SELECT log_id, head, pruned_through FROM change_log WHERE id = 1")?
+            .query_row([], |r| {
+                Ok(LogBounds {
+                    log_id: r.get::<_, i64>(0)?.unsigned_abs(),
+                    head: r.get::<_, i64>(1)?.unsigned_abs(),
+                    pruned_through: r.get::<_, i64>(2)?.unsigned_abs(),
+                })
+            })?,
+    )
 }
 
 const CUSTOMER_COLUMNS: &str = "id, name, email, create_time, update_time, version";
@@ -248,11 +244,10 @@ fn parse_uuid(text: &str, column: usize) -> rusqlite::Result<Uuid> {
 }
 
 fn find_customer(c: &Connection, id: Uuid) -> Result<Option<Customer>, Error> {
-    Ok(c.query_row(
-        &format!("SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = ?1"),
-        [id.to_string()],
-        customer_from_row,
-    )
+    Ok(c.prepare_cached(&format!(
+        "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = ?1"
+    ))?
+    .query_row([id.to_string()], customer_from_row)
     .optional()?)
 }
 
@@ -306,9 +301,8 @@ impl CrmStore for SqliteStore {
                 version: 1,
             };
             let event = Self::append(c, EventType::Created, &customer, now)?;
-            c.execute(
-                "INSERT INTO customers (id, name, email, email_key, create_time, update_time, version, created_seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            c.prepare_cached("INSERT INTO customers (id, name, email, email_key, create_time, update_time, version, created_seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?.execute(
                 params![
                     customer.id.to_string(),
                     customer.name,
@@ -321,8 +315,7 @@ impl CrmStore for SqliteStore {
                 ],
             )?;
             if let Some(request_id) = new.request_id {
-                c.execute(
-                    "INSERT INTO create_requests (request_id, fingerprint, customer_id) VALUES (?1, ?2, ?3)",
+                c.prepare_cached("INSERT INTO create_requests (request_id, fingerprint, customer_id) VALUES (?1, ?2, ?3)")?.execute(
                     params![request_id.to_string(), new.fingerprint(), customer.id.to_string()],
                 )?;
             }
@@ -365,19 +358,19 @@ impl CrmStore for SqliteStore {
             customer.update_time = now;
             customer.version += 1;
             let event = Self::append(c, EventType::Updated, &customer, now)?;
-            c.execute(
+            c.prepare_cached(
                 "UPDATE customers SET name = ?2, email = ?3, email_key = COALESCE(?4, email_key),
                      update_time = ?5, version = ?6
                  WHERE id = ?1",
-                params![
-                    id.to_string(),
-                    customer.name,
-                    customer.email,
-                    email_key,
-                    to_micros(now),
-                    customer.version,
-                ],
-            )?;
+            )?
+            .execute(params![
+                id.to_string(),
+                customer.name,
+                customer.email,
+                email_key,
+                to_micros(now),
+                customer.version,
+            ])?;
             Ok((customer, vec![Arc::new(event)]))
         })
         .await
@@ -387,7 +380,8 @@ impl CrmStore for SqliteStore {
         self.write_events(move |c| {
             let customer = find_customer(c, id)?.ok_or(Error::NotFound(id))?;
             let event = Self::append(c, EventType::Deleted, &customer, now)?;
-            c.execute("DELETE FROM customers WHERE id = ?1", [id.to_string()])?;
+            c.prepare_cached("DELETE FROM customers WHERE id = ?1")?
+                .execute([id.to_string()])?;
             Ok((Position(event.seq), vec![Arc::new(event)]))
         })
         .await
@@ -522,8 +516,7 @@ impl CrmStore for SqliteStore {
             .db
             .write_then(
                 move |c| {
-                    let through: Option<i64> = c.query_row(
-                        "SELECT MAX(seq) FROM customer_events WHERE commit_time < ?1",
+                    let through: Option<i64> = c.prepare_cached("SELECT MAX(seq) FROM customer_events WHERE commit_time < ?1")?.query_row(
                         [to_micros(cutoff)],
                         |r| r.get(0),
                     )?;
@@ -531,9 +524,8 @@ impl CrmStore for SqliteStore {
                         return Ok::<_, Error>((0, 0));
                     };
                     let deleted =
-                        c.execute("DELETE FROM customer_events WHERE seq <= ?1", [through])?;
-                    c.execute(
-                        "UPDATE change_log SET pruned_through = ?1 WHERE id = 1 AND pruned_through < ?1",
+                        c.prepare_cached("DELETE FROM customer_events WHERE seq <= ?1")?.execute( [through])?;
+                    c.prepare_cached("UPDATE change_log SET pruned_through = ?1 WHERE id = 1 AND pruned_through < ?1")?.execute(
                         [through],
                     )?;
                     Ok((deleted as u64, through.unsigned_abs()))

@@ -96,17 +96,16 @@ impl IntegrationStore for SqliteStore {
     async fn checkpoint(&self) -> Result<Option<Mark>, DbError> {
         self.db
             .read(|c| {
-                Ok(c.query_row(
-                    "SELECT token, sequence FROM checkpoint WHERE id = 1",
-                    [],
-                    |r| {
-                        Ok(Mark {
-                            token: r.get(0)?,
-                            sequence: r.get(1)?,
+                Ok(
+                    c.prepare_cached("SELECT token, sequence FROM checkpoint WHERE id = 1")?
+                        .query_row([], |r| {
+                            Ok(Mark {
+                                token: r.get(0)?,
+                                sequence: r.get(1)?,
+                            })
                         })
-                    },
+                        .optional()?,
                 )
-                .optional()?)
             })
             .await
     }
@@ -114,10 +113,9 @@ impl IntegrationStore for SqliteStore {
     async fn save_checkpoint(&self, mark: Mark, now: SystemTime) -> Result<(), DbError> {
         self.db
             .write(move |c| {
-                c.execute(
-                    "INSERT INTO checkpoint (id, token, sequence, update_time) VALUES (1, ?1, ?2, ?3)
+                c.prepare_cached("INSERT INTO checkpoint (id, token, sequence, update_time) VALUES (1, ?1, ?2, ?3)
                      ON CONFLICT (id) DO UPDATE SET token = excluded.token,
-                         sequence = excluded.sequence, update_time = excluded.update_time",
+                         sequence = excluded.sequence, update_time = excluded.update_time")?.execute(
                     params![mark.token, mark.sequence, to_micros(now)],
                 )?;
                 Ok(())
@@ -128,12 +126,11 @@ impl IntegrationStore for SqliteStore {
     async fn put_dead_letter(&self, letter: DeadLetter) -> Result<(), DbError> {
         self.db
             .write(move |c| {
-                c.execute(
-                    "INSERT INTO dead_letters (event_id, customer_id, reason, attempts, create_time, update_time)
+                c.prepare_cached("INSERT INTO dead_letters (event_id, customer_id, reason, attempts, create_time, update_time)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT (event_id) DO UPDATE SET reason = excluded.reason,
                          attempts = dead_letters.attempts + excluded.attempts,
-                         update_time = excluded.update_time",
+                         update_time = excluded.update_time")?.execute(
                     params![
                         letter.event_id,
                         letter.customer_id,
@@ -187,7 +184,8 @@ impl IntegrationStore for SqliteStore {
         let event_id = event_id.to_owned();
         self.db
             .write(move |c| {
-                c.execute("DELETE FROM dead_letters WHERE event_id = ?1", [event_id])?;
+                c.prepare_cached("DELETE FROM dead_letters WHERE event_id = ?1")?
+                    .execute([event_id])?;
                 Ok(())
             })
             .await
@@ -196,7 +194,9 @@ impl IntegrationStore for SqliteStore {
     async fn count_dead_letters(&self) -> Result<u64, DbError> {
         self.db
             .read(|c| {
-                let n: i64 = c.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0))?;
+                let n: i64 = c
+                    .prepare_cached("SELECT COUNT(*) FROM dead_letters")?
+                    .query_row([], |r| r.get(0))?;
                 Ok(n.unsigned_abs())
             })
             .await

@@ -115,11 +115,10 @@ fn parse_uuid(text: &str, column: usize) -> rusqlite::Result<Uuid> {
 }
 
 fn find(c: &Connection, id: Uuid) -> Result<Option<PackageRequest>, Error> {
-    Ok(c.query_row(
-        &format!("SELECT {COLUMNS} FROM package_requests WHERE id = ?1"),
-        [id.to_string()],
-        package_request_from_row,
-    )
+    Ok(c.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM package_requests WHERE id = ?1"
+    ))?
+    .query_row([id.to_string()], package_request_from_row)
     .optional()?)
 }
 
@@ -159,11 +158,9 @@ impl InventoryStore for SqliteStore {
                         });
                     }
                 }
-                let seq: i64 = c.query_row(
-                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM package_requests",
-                    [],
-                    |r| r.get(0),
-                )?;
+                let seq: i64 = c
+                    .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM package_requests")?
+                    .query_row([], |r| r.get(0))?;
                 let package_request = PackageRequest {
                     id: Uuid::now_v7(),
                     customer_id: new.customer_id,
@@ -173,23 +170,23 @@ impl InventoryStore for SqliteStore {
                     update_time: now,
                     request_id: new.request_id,
                 };
-                c.execute(
+                c.prepare_cached(
                     "INSERT INTO package_requests
                         (id, customer_id, package_type, status, create_time, update_time,
                          request_id, fingerprint, seq)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    params![
-                        package_request.id.to_string(),
-                        package_request.customer_id.to_string(),
-                        package_request.package_type,
-                        package_request.status.code(),
-                        to_micros(now),
-                        to_micros(now),
-                        new.request_id.map(|r| r.to_string()),
-                        new.request_id.map(|_| new.fingerprint()),
-                        seq,
-                    ],
-                )?;
+                )?
+                .execute(params![
+                    package_request.id.to_string(),
+                    package_request.customer_id.to_string(),
+                    package_request.package_type,
+                    package_request.status.code(),
+                    to_micros(now),
+                    to_micros(now),
+                    new.request_id.map(|r| r.to_string()),
+                    new.request_id.map(|_| new.fingerprint()),
+                    seq,
+                ])?;
                 Ok(Created {
                     package_request,
                     replayed: false,
@@ -277,10 +274,14 @@ impl InventoryStore for SqliteStore {
                         to: m.to,
                     })?;
                 if updated != current {
-                    c.execute(
+                    c.prepare_cached(
                         "UPDATE package_requests SET status = ?2, update_time = ?3 WHERE id = ?1",
-                        params![id.to_string(), updated.status.code(), to_micros(now)],
-                    )?;
+                    )?
+                    .execute(params![
+                        id.to_string(),
+                        updated.status.code(),
+                        to_micros(now)
+                    ])?;
                 }
                 Ok(StatusChange {
                     package_request: updated,
