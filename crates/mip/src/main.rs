@@ -16,6 +16,7 @@ use mip_runtime::clock::{SharedClock, SystemClock};
 use mip_runtime::server::{ServerOptions, bind};
 use mip_runtime::sqlite::Durability;
 use mip_runtime::telemetry::{self, LogFormat};
+use tokio::net::TcpListener;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tracing::{error, info};
 
@@ -247,41 +248,10 @@ async fn run(command: Command, metrics_addr: Option<SocketAddr>) -> anyhow::Resu
             let crm_listener = bind(args.crm_listen).await?;
             let inventory_listener = bind(args.inventory_listen).await?;
             let integration_listener = bind(args.integration_listen).await?;
-            // The bound addresses, not the requested ones: port 0 picks a free port.
-            let crm_addr = crm_listener.local_addr()?;
-            let inventory_addr = inventory_listener.local_addr()?;
-            let integration_addr = integration_listener.local_addr()?;
-            // In one process the integration service talks to its neighbours where they listen.
-            args.integration.crm_addr = crm_addr.to_string();
-            args.integration.inventory_addr = inventory_addr.to_string();
-            announce("CRM", crm_addr, "crm.v1.CrmService/ListCustomers");
-            announce(
-                "Inventory",
-                inventory_addr,
-                "inventory.v1.InventoryService/ListPackageRequests",
-            );
-            announce(
-                "Integration",
-                integration_addr,
-                "integration.v1.IntegrationService/GetStatus",
-            );
-            let crm = mip_crm::serve(
-                crm_listener,
-                &args.store.data_dir,
-                args.store.durability,
-                args.crm,
-                &args.server,
-                clock(),
-                shutdown.clone(),
-            );
-            let inventory = mip_inventory::serve(
-                inventory_listener,
-                &args.store.data_dir,
-                args.store.durability,
-                &args.server,
-                clock(),
-                shutdown.clone(),
-            );
+            // In one process the integration service talks to its neighbours where they
+            // listen: the bound addresses, not the requested ones (port 0 picks a free port).
+            args.integration.crm_addr = crm_listener.local_addr()?.to_string();
+            args.integration.inventory_addr = inventory_listener.local_addr()?.to_string();
             // If one service fails, stop the others instead of limping along half-up.
             let stop_all = |result: anyhow::Result<()>| {
                 if result.is_err() {
@@ -289,82 +259,128 @@ async fn run(command: Command, metrics_addr: Option<SocketAddr>) -> anyhow::Resu
                 }
                 result
             };
-            let integration = mip_integration::serve(
-                integration_listener,
-                &args.store.data_dir,
-                args.store.durability,
-                args.integration,
-                &args.server,
-                clock(),
-                Arc::new(RandomJitter),
-                shutdown.clone(),
-            );
             let (crm, inventory, integration) = tokio::join!(
-                async { stop_all(crm.await.context("CRM")) },
-                async { stop_all(inventory.await.context("Inventory")) },
-                async { stop_all(integration.await.context("integration service")) },
+                async {
+                    stop_all(
+                        run_crm(crm_listener, &args.store, args.crm, &args.server, &shutdown).await,
+                    )
+                },
+                async {
+                    stop_all(
+                        run_inventory(inventory_listener, &args.store, &args.server, &shutdown)
+                            .await,
+                    )
+                },
+                async {
+                    stop_all(
+                        run_integration(
+                            integration_listener,
+                            &args.store,
+                            args.integration,
+                            &args.server,
+                            &shutdown,
+                        )
+                        .await,
+                    )
+                },
             );
             crm.and(inventory).and(integration)
         }
         Command::Crm(args) => {
             let listener = bind(args.listen).await?;
-            announce(
-                "CRM",
-                listener.local_addr()?,
-                "crm.v1.CrmService/ListCustomers",
-            );
-            mip_crm::serve(
-                listener,
-                &args.store.data_dir,
-                args.store.durability,
-                args.crm,
-                &args.server,
-                clock(),
-                shutdown,
-            )
-            .await
-            .context("CRM")
+            run_crm(listener, &args.store, args.crm, &args.server, &shutdown).await
         }
         Command::Inventory(args) => {
             let listener = bind(args.listen).await?;
-            announce(
-                "Inventory",
-                listener.local_addr()?,
-                "inventory.v1.InventoryService/ListPackageRequests",
-            );
-            mip_inventory::serve(
-                listener,
-                &args.store.data_dir,
-                args.store.durability,
-                &args.server,
-                clock(),
-                shutdown,
-            )
-            .await
-            .context("Inventory")
+            run_inventory(listener, &args.store, &args.server, &shutdown).await
         }
         Command::Integration(args) => {
             let listener = bind(args.listen).await?;
-            announce(
-                "Integration",
-                listener.local_addr()?,
-                "integration.v1.IntegrationService/GetStatus",
-            );
-            mip_integration::serve(
+            run_integration(
                 listener,
-                &args.store.data_dir,
-                args.store.durability,
+                &args.store,
                 args.integration,
                 &args.server,
-                clock(),
-                Arc::new(RandomJitter),
-                shutdown,
+                &shutdown,
             )
             .await
-            .context("integration service")
         }
         Command::Health(_) => unreachable!("handled in main"),
     }
+}
+
+async fn run_crm(
+    listener: TcpListener,
+    store: &StoreArgs,
+    options: mip_crm::CrmOptions,
+    server: &ServerOptions,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    announce(
+        "CRM",
+        listener.local_addr()?,
+        "crm.v1.CrmService/ListCustomers",
+    );
+    mip_crm::serve(
+        listener,
+        &store.data_dir,
+        store.durability,
+        options,
+        server,
+        clock(),
+        shutdown.clone(),
+    )
+    .await
+    .context("CRM")
+}
+
+async fn run_inventory(
+    listener: TcpListener,
+    store: &StoreArgs,
+    server: &ServerOptions,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    announce(
+        "Inventory",
+        listener.local_addr()?,
+        "inventory.v1.InventoryService/ListPackageRequests",
+    );
+    mip_inventory::serve(
+        listener,
+        &store.data_dir,
+        store.durability,
+        server,
+        clock(),
+        shutdown.clone(),
+    )
+    .await
+    .context("Inventory")
+}
+
+async fn run_integration(
+    listener: TcpListener,
+    store: &StoreArgs,
+    options: mip_integration::IntegrationOptions,
+    server: &ServerOptions,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    announce(
+        "Integration",
+        listener.local_addr()?,
+        "integration.v1.IntegrationService/GetStatus",
+    );
+    mip_integration::serve(
+        listener,
+        &store.data_dir,
+        store.durability,
+        options,
+        server,
+        clock(),
+        Arc::new(RandomJitter),
+        shutdown.clone(),
+    )
+    .await
+    .context("integration service")
 }
 
 fn announce(name: &str, addr: SocketAddr, example: &str) {
