@@ -158,22 +158,23 @@ impl SqliteStore {
             customer: customer.clone(),
             commit_time: now,
         };
-        c.prepare_cached("INSERT INTO customer_events
-                (seq, event_id, event_type, customer_id, name, email, create_time, update_time, version, commit_time)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")?.execute(
-            params![
-                seq,
-                event.event_id.to_string(),
-                kind.code(),
-                customer.id.to_string(),
-                customer.name,
-                customer.email,
-                to_micros(customer.create_time),
-                to_micros(customer.update_time),
-                customer.version,
-                to_micros(now),
-            ],
-        )?;
+        c.prepare_cached(
+            "INSERT INTO customer_events (seq, event_id, event_type, customer_id, name, email,
+             create_time, update_time, version, commit_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6,
+             ?7, ?8, ?9, ?10)",
+        )?
+        .execute(params![
+            seq,
+            event.event_id.to_string(),
+            kind.code(),
+            customer.id.to_string(),
+            customer.name,
+            customer.email,
+            to_micros(customer.create_time),
+            to_micros(customer.update_time),
+            customer.version,
+            to_micros(now),
+        ])?;
         Ok(event)
     }
 
@@ -254,11 +255,8 @@ fn find_customer(c: &Connection, id: Uuid) -> Result<Option<Customer>, Error> {
 /// Whether another customer (not `except`) already uses this email key.
 fn email_taken(c: &Connection, key: &str, except: Option<Uuid>) -> Result<bool, Error> {
     let owner: Option<String> = c
-        .query_row(
-            "SELECT id FROM customers WHERE email_key = ?1",
-            [key],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT id FROM customers WHERE email_key = ?1")?
+        .query_row([key], |r| r.get(0))
         .optional()?;
     Ok(owner.is_some_and(|owner| except.is_none_or(|e| e.to_string() != owner)))
 }
@@ -269,11 +267,11 @@ impl CrmStore for SqliteStore {
         self.write_events(move |c| {
             if let Some(request_id) = new.request_id {
                 let previous: Option<(String, String)> = c
-                    .query_row(
-                        "SELECT fingerprint, customer_id FROM create_requests WHERE request_id = ?1",
-                        [request_id.to_string()],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
+                    .prepare_cached(
+                        "SELECT fingerprint, customer_id FROM create_requests
+                         WHERE request_id = ?1",
+                    )?
+                    .query_row([request_id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()?;
                 if let Some((fingerprint, customer_id)) = previous {
                     if fingerprint != new.fingerprint() {
@@ -301,23 +299,30 @@ impl CrmStore for SqliteStore {
                 version: 1,
             };
             let event = Self::append(c, EventType::Created, &customer, now)?;
-            c.prepare_cached("INSERT INTO customers (id, name, email, email_key, create_time, update_time, version, created_seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?.execute(
-                params![
-                    customer.id.to_string(),
-                    customer.name,
-                    customer.email,
-                    new.email.key(),
-                    to_micros(now),
-                    to_micros(now),
-                    customer.version,
-                    i64::try_from(event.seq).unwrap_or(i64::MAX),
-                ],
-            )?;
+            c.prepare_cached(
+                "INSERT INTO customers (id, name, email, email_key, create_time, update_time,
+                 version, created_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                customer.id.to_string(),
+                customer.name,
+                customer.email,
+                new.email.key(),
+                to_micros(now),
+                to_micros(now),
+                customer.version,
+                i64::try_from(event.seq).unwrap_or(i64::MAX),
+            ])?;
             if let Some(request_id) = new.request_id {
-                c.prepare_cached("INSERT INTO create_requests (request_id, fingerprint, customer_id) VALUES (?1, ?2, ?3)")?.execute(
-                    params![request_id.to_string(), new.fingerprint(), customer.id.to_string()],
-                )?;
+                c.prepare_cached(
+                    "INSERT INTO create_requests (request_id, fingerprint, customer_id) VALUES
+                     (?1, ?2, ?3)",
+                )?
+                .execute(params![
+                    request_id.to_string(),
+                    new.fingerprint(),
+                    customer.id.to_string()
+                ])?;
             }
             Ok((customer, vec![Arc::new(event)]))
         })
@@ -516,18 +521,22 @@ impl CrmStore for SqliteStore {
             .db
             .write_then(
                 move |c| {
-                    let through: Option<i64> = c.prepare_cached("SELECT MAX(seq) FROM customer_events WHERE commit_time < ?1")?.query_row(
-                        [to_micros(cutoff)],
-                        |r| r.get(0),
-                    )?;
+                    let through: Option<i64> = c
+                        .prepare_cached(
+                            "SELECT MAX(seq) FROM customer_events WHERE commit_time < ?1",
+                        )?
+                        .query_row([to_micros(cutoff)], |r| r.get(0))?;
                     let Some(through) = through else {
                         return Ok::<_, Error>((0, 0));
                     };
-                    let deleted =
-                        c.prepare_cached("DELETE FROM customer_events WHERE seq <= ?1")?.execute( [through])?;
-                    c.prepare_cached("UPDATE change_log SET pruned_through = ?1 WHERE id = 1 AND pruned_through < ?1")?.execute(
-                        [through],
-                    )?;
+                    let deleted = c
+                        .prepare_cached("DELETE FROM customer_events WHERE seq <= ?1")?
+                        .execute([through])?;
+                    c.prepare_cached(
+                        "UPDATE change_log SET pruned_through = ?1 WHERE id = 1 AND
+                         pruned_through < ?1",
+                    )?
+                    .execute([through])?;
                     Ok((deleted as u64, through.unsigned_abs()))
                 },
                 move |&(_, through)| {

@@ -113,11 +113,12 @@ impl IntegrationStore for SqliteStore {
     async fn save_checkpoint(&self, mark: Mark, now: SystemTime) -> Result<(), DbError> {
         self.db
             .write(move |c| {
-                c.prepare_cached("INSERT INTO checkpoint (id, token, sequence, update_time) VALUES (1, ?1, ?2, ?3)
-                     ON CONFLICT (id) DO UPDATE SET token = excluded.token,
-                         sequence = excluded.sequence, update_time = excluded.update_time")?.execute(
-                    params![mark.token, mark.sequence, to_micros(now)],
-                )?;
+                c.prepare_cached(
+                    "INSERT INTO checkpoint (id, token, sequence, update_time) VALUES (1, ?1,
+                     ?2, ?3) ON CONFLICT (id) DO UPDATE SET token = excluded.token, sequence =
+                     excluded.sequence, update_time = excluded.update_time",
+                )?
+                .execute(params![mark.token, mark.sequence, to_micros(now)])?;
                 Ok(())
             })
             .await
@@ -126,20 +127,21 @@ impl IntegrationStore for SqliteStore {
     async fn put_dead_letter(&self, letter: DeadLetter) -> Result<(), DbError> {
         self.db
             .write(move |c| {
-                c.prepare_cached("INSERT INTO dead_letters (event_id, customer_id, reason, attempts, create_time, update_time)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (event_id) DO UPDATE SET reason = excluded.reason,
-                         attempts = dead_letters.attempts + excluded.attempts,
-                         update_time = excluded.update_time")?.execute(
-                    params![
-                        letter.event_id,
-                        letter.customer_id,
-                        letter.reason,
-                        i64::from(letter.attempts),
-                        to_micros(letter.create_time),
-                        to_micros(letter.update_time),
-                    ],
-                )?;
+                c.prepare_cached(
+                    "INSERT INTO dead_letters (event_id, customer_id, reason, attempts,
+                     create_time, update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT
+                     (event_id) DO UPDATE SET reason = excluded.reason, attempts =
+                     dead_letters.attempts + excluded.attempts, update_time =
+                     excluded.update_time",
+                )?
+                .execute(params![
+                    letter.event_id,
+                    letter.customer_id,
+                    letter.reason,
+                    i64::from(letter.attempts),
+                    to_micros(letter.create_time),
+                    to_micros(letter.update_time),
+                ])?;
                 Ok(())
             })
             .await

@@ -140,11 +140,10 @@ impl InventoryStore for SqliteStore {
             .write(move |c| {
                 if let Some(request_id) = new.request_id {
                     let previous: Option<(Option<String>, String)> = c
-                        .query_row(
+                        .prepare_cached(
                             "SELECT fingerprint, id FROM package_requests WHERE request_id = ?1",
-                            [request_id.to_string()],
-                            |r| Ok((r.get(0)?, r.get(1)?)),
-                        )
+                        )?
+                        .query_row([request_id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
                         .optional()?;
                     if let Some((fingerprint, id)) = previous {
                         if fingerprint.as_deref() != Some(new.fingerprint().as_str()) {
