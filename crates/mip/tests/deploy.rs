@@ -4,16 +4,15 @@
 //! `--help`, ports and addresses must agree across services, and each service must start from
 //! its compose environment (moved to loopback) and pass its own health check.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Process, free_port, run_mip};
 use serde_norway::{Mapping, Value};
-
-/// The binary under test.
-const MIP: &str = env!("CARGO_BIN_EXE_mip");
 
 /// The compose services, each with the `mip` subcommand it must run, the gRPC name of the
 /// service it hosts, and the variable holding its listen address.
@@ -40,9 +39,6 @@ const PORTS: std::ops::RangeInclusive<u16> = 50051..=50053;
 
 /// How long a service gets to pass its health check; generous, so a slow machine never fails.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How long one `mip` run to completion (`--help`, `health`) may take.
-const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Pause between two looks at a condition that is not true yet.
 const POLL_EVERY: Duration = Duration::from_millis(50);
@@ -334,46 +330,6 @@ fn env_of(stage: &[Instruction]) -> BTreeMap<String, String> {
 // Running the binary
 // ---------------------------------------------------------------------------------------------
 
-/// `mip` with no `MIP_*` variable inherited from whoever runs the tests.
-fn mip() -> Command {
-    let mut command = Command::new(MIP);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("MIP_") {
-            command.env_remove(name);
-        }
-    }
-    command.env("RUST_LOG", "info").stdin(Stdio::null());
-    command
-}
-
-/// Runs `mip <args>` to completion, with a bound on how long it may take; returns its status
-/// and stdout.
-fn run_mip(args: &[String], env: &BTreeMap<String, String>) -> (ExitStatus, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let out_path = dir.path().join("stdout");
-    let out = std::fs::File::create(&out_path).unwrap();
-    let mut child = mip()
-        .args(args)
-        .envs(env)
-        .stdout(out)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start mip");
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("process status") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("mip {args:?} did not finish within {RUN_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (status, std::fs::read_to_string(out_path).unwrap())
-}
-
 /// `mip <subcommand> --help`, which must succeed.
 fn help(subcommand: &[String]) -> String {
     let mut args = subcommand.to_vec();
@@ -406,81 +362,6 @@ fn documented_flags(help: &str) -> BTreeSet<String> {
         .map(|flag| flag.split('=').next().unwrap_or_default().to_owned())
         .filter(|flag| !flag.is_empty())
         .collect()
-}
-
-/// A port nothing listens on right now: bind an ephemeral one, read it, let it go.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("an ephemeral port")
-        .port()
-}
-
-/// A running `mip` process. Dropping it kills and reaps the process, on every exit path,
-/// including a failing assertion; while panicking it also prints the end of its log.
-struct Process {
-    /// The compose service it runs, for messages.
-    name: String,
-    /// The process, until killed.
-    child: Option<Child>,
-    /// Its stdout and stderr.
-    log: PathBuf,
-}
-
-impl Process {
-    /// Starts `mip <args>` with `env` added, writing its output to `<log_dir>/<name>.log`.
-    fn spawn(name: &str, args: &[String], env: &BTreeMap<String, String>, log_dir: &Path) -> Self {
-        let log = log_dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = mip()
-            .args(args)
-            .envs(env)
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("start mip");
-        Self {
-            name: name.to_owned(),
-            child: Some(child),
-            log,
-        }
-    }
-
-    /// Whether it has exited, and how.
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().expect("process status"))
-    }
-
-    /// SIGKILL, then reap.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// The last lines of its log.
-    fn log_tail(&self, lines: usize) -> String {
-        let all = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = all.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- last lines of {} ({}):\n{}",
-                self.name,
-                self.log.display(),
-                self.log_tail(40)
-            );
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,16 +3,16 @@
 //! integration process is killed with SIGKILL mid-load, so nothing it had not written down
 //! survives, and every customer must still end up with exactly one welcome package.
 
-use std::collections::{HashMap, HashSet};
-use std::fs::{File, OpenOptions};
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::{Process, free_port, run_mip};
 use mip_proto::crm::v1::crm_service_client::CrmServiceClient;
 use mip_proto::crm::v1::{CreateCustomerRequest, ListCustomersRequest};
 use mip_proto::inventory::v1::ListPackageRequestsRequest;
@@ -24,9 +24,6 @@ use tonic::{Code, Request};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-
-/// The binary under test.
-const MIP: &str = env!("CARGO_BIN_EXE_mip");
 
 /// Longest the load test may take; generous, so a slow machine never fails it.
 const TEST_TIMEOUT: Duration = Duration::from_secs(240);
@@ -48,88 +45,6 @@ const CREATE_CONCURRENCY: usize = 32;
 
 /// What every welcome package request is (`mip_integration::deliver::PACKAGE_TYPE`).
 const PACKAGE_TYPE: &str = "welcome_package";
-
-/// A port nothing listens on right now: bind an ephemeral one, read it, let it go.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("an ephemeral port")
-        .port()
-}
-
-/// A running `mip` process. Dropping it kills and reaps the process, on every exit path,
-/// including a failing assertion; while panicking it also prints the end of its log.
-struct Process {
-    /// `crm`, `inventory` or `integration`, for messages.
-    name: String,
-    /// The process, until killed.
-    child: Option<Child>,
-    /// Its stdout and stderr.
-    log: PathBuf,
-}
-
-impl Process {
-    /// Starts `mip <args>`, appending its output to `<log_dir>/<name>.log`.
-    fn spawn(name: &str, args: &[String], log_dir: &Path) -> Self {
-        let log = log_dir.join(format!("{name}.log"));
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
-        let child = Command::new(MIP)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("start mip");
-        Self {
-            name: name.to_owned(),
-            child: Some(child),
-            log,
-        }
-    }
-
-    /// Whether it has exited, and how.
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().expect("process status"))
-    }
-
-    /// SIGKILL (what `Child::kill` sends on Unix), then reap.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// The last lines of its log.
-    fn log_tail(&self, lines: usize) -> String {
-        let Ok(file) = File::open(&self.log) else {
-            return String::new();
-        };
-        let all: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- last lines of {} ({}):\n{}",
-                self.name,
-                self.log.display(),
-                self.log_tail(40)
-            );
-        }
-    }
-}
 
 async fn serving(port: u16) -> bool {
     let Ok(channel) = endpoint(port).connect().await else {
@@ -169,7 +84,7 @@ fn service_args(command: &str, port: u16, data_dir: &Path) -> Vec<String> {
 async fn launch(name: &str, log_dir: &Path, args: impl Fn(u16) -> Vec<String>) -> (Process, u16) {
     for _ in 0..3 {
         let port = free_port();
-        let mut process = Process::spawn(name, &args(port), log_dir);
+        let mut process = Process::spawn(name, &args(port), &BTreeMap::new(), log_dir);
         let deadline = Instant::now() + CONVERGE_TIMEOUT;
         loop {
             if serving(port).await {
@@ -383,37 +298,6 @@ async fn killed_integration_process_restarts_and_every_customer_gets_exactly_one
     .await;
 }
 
-/// Runs `mip <args>` to completion, with a bound on how long it may take.
-fn run_mip(args: &[&str]) -> (ExitStatus, String) {
-    let mut child = Command::new(MIP)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start mip");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("process status") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("mip {args:?} did not finish in time");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stdout = String::new();
-    if let Some(out) = child.stdout.take() {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            stdout.push_str(&line);
-            stdout.push('\n');
-        }
-    }
-    (status, stdout)
-}
-
 #[test]
 fn mip_health_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
@@ -421,6 +305,7 @@ fn mip_health_exit_codes() {
     let mut crm = Process::spawn(
         "crm",
         &service_args("crm", port, &dir.path().join("crm")),
+        &BTreeMap::new(),
         dir.path(),
     );
     let addr = format!("127.0.0.1:{port}");
@@ -429,7 +314,7 @@ fn mip_health_exit_codes() {
     // Serving: exit 0 and SERVING (asked until CRM is up, within a bound).
     let deadline = Instant::now() + CONVERGE_TIMEOUT;
     let (status, stdout) = loop {
-        let (status, stdout) = run_mip(&health);
+        let (status, stdout) = run_mip(&health, &BTreeMap::new());
         if status.success() || Instant::now() >= deadline {
             break (status, stdout);
         }
@@ -438,21 +323,27 @@ fn mip_health_exit_codes() {
     };
     assert_eq!(status.code(), Some(0), "{stdout}");
     assert_eq!(stdout.trim(), "SERVING");
-    let (status, stdout) = run_mip(&[
-        "health",
-        "--addr",
-        &addr,
-        "--service",
-        "crm.v1.CrmService",
-        "--timeout",
-        "1s",
-    ]);
+    let (status, stdout) = run_mip(
+        &[
+            "health",
+            "--addr",
+            &addr,
+            "--service",
+            "crm.v1.CrmService",
+            "--timeout",
+            "1s",
+        ],
+        &BTreeMap::new(),
+    );
     assert_eq!(status.code(), Some(0), "{stdout}");
     assert_eq!(stdout.trim(), "SERVING");
 
     // Nothing listening: exit 2, nothing on stdout.
     let closed = format!("127.0.0.1:{}", free_port());
-    let (status, stdout) = run_mip(&["health", "--addr", &closed, "--timeout", "1s"]);
+    let (status, stdout) = run_mip(
+        &["health", "--addr", &closed, "--timeout", "1s"],
+        &BTreeMap::new(),
+    );
     assert_eq!(status.code(), Some(2), "{stdout}");
     assert_eq!(stdout.trim(), "");
 
