@@ -88,10 +88,6 @@ pub fn is_transient(code: Code) -> bool {
 pub enum Outcome {
     /// The package request exists (created now, or found created by an earlier attempt).
     Delivered {
-        /// Its id.
-        package_request_id: String,
-        /// Attempts it took.
-        attempts: u32,
         /// When Inventory created it, if it said.
         package_create_time: Option<SystemTime>,
     },
@@ -174,15 +170,11 @@ impl Deliverer {
                         package_create_time: package
                             .create_time
                             .and_then(|t| SystemTime::try_from(t).ok()),
-                        package_request_id: package.id,
-                        attempts,
                     };
                 }
                 Ok(Err(status)) if status.code() == Code::AlreadyExists => {
                     info!(customer_id, "package request already existed");
                     return Outcome::Delivered {
-                        package_request_id: String::new(),
-                        attempts,
                         package_create_time: None,
                     };
                 }

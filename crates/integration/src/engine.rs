@@ -663,7 +663,6 @@ impl<S: IntegrationStore> Handler<S> {
         match self.deliverer.deliver(customer_id, &self.shutdown).await {
             Outcome::Delivered {
                 package_create_time,
-                ..
             } => {
                 let delay = customer_create_time
                     .zip(package_create_time)

@@ -70,11 +70,6 @@ impl Tracker {
         self.watermark = Some(mark);
     }
 
-    /// Events handed out and not yet done.
-    pub fn in_flight(&self) -> usize {
-        self.pending.values().filter(|(_, done)| !done).count()
-    }
-
     /// Whether nothing is pending.
     pub fn is_idle(&self) -> bool {
         self.pending.is_empty()

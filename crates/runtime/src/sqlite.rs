@@ -235,11 +235,6 @@ impl Db {
         })
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Runs `work` in the next group commit and returns its result once that commit is durable.
     pub async fn write<T, E, F>(&self, work: F) -> Result<T, E>
     where
