@@ -223,8 +223,13 @@ impl Platform {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             self.check_alive().await?;
-            let probe =
-                mip_runtime::probe::check(&addr.to_string(), "", Duration::from_secs(1)).await;
+            let probe = mip_runtime::probe::check(
+                &addr.to_string(),
+                "",
+                Duration::from_secs(1),
+                &Default::default(),
+            )
+            .await;
             if matches!(probe, Ok(ServingStatus::Serving)) {
                 return Ok(());
             }

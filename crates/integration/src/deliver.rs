@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use mip_proto::inventory::v1 as pb;
 use mip_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use mip_runtime::CancellationToken;
-use tonic::transport::Channel;
+use mip_runtime::security::AuthenticatedChannel;
 use tonic::{Code, Request};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
@@ -106,7 +106,7 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct Deliverer {
     /// Inventory client over a shared, lazily connected channel.
-    client: InventoryServiceClient<Channel>,
+    client: InventoryServiceClient<AuthenticatedChannel>,
     /// Retry policy.
     policy: RetryPolicy,
     /// Jitter source.
@@ -118,7 +118,7 @@ pub struct Deliverer {
 impl Deliverer {
     /// A deliverer over `channel`.
     pub fn new(
-        channel: Channel,
+        channel: AuthenticatedChannel,
         policy: RetryPolicy,
         jitter: Arc<dyn Jitter>,
         stats: Arc<Stats>,

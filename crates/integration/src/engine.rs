@@ -16,11 +16,11 @@ use mip_proto::crm::v1 as crm;
 use mip_proto::crm::v1::crm_service_client::CrmServiceClient;
 use mip_runtime::CancellationToken;
 use mip_runtime::clock::SharedClock;
+use mip_runtime::security::AuthenticatedChannel;
 use mip_runtime::status::reason;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 use tracing::{error, info, warn};
 
@@ -77,7 +77,7 @@ pub struct Engine<S> {
     /// Checkpoint and dead letters.
     store: Arc<S>,
     /// CRM client.
-    crm: CrmServiceClient<Channel>,
+    crm: CrmServiceClient<AuthenticatedChannel>,
     /// Delivers package requests.
     deliverer: Deliverer,
     /// Settings.
@@ -100,7 +100,7 @@ impl<S: IntegrationStore> Engine<S> {
     /// An engine; nothing runs until [`Engine::run`].
     pub fn new(
         store: Arc<S>,
-        crm: CrmServiceClient<Channel>,
+        crm: CrmServiceClient<AuthenticatedChannel>,
         deliverer: Deliverer,
         settings: FeedSettings,
         stats: Arc<Stats>,

@@ -30,11 +30,12 @@ use mip_proto::crm::v1::crm_service_client::CrmServiceClient;
 use mip_proto::integration::v1::integration_service_server::IntegrationServiceServer;
 use mip_runtime::CancellationToken;
 use mip_runtime::clock::SharedClock;
+use mip_runtime::security::{AuthenticatedChannel, Security, SecurityError};
 use mip_runtime::server::{Health, ServeError, ServerOptions};
 use mip_runtime::sqlite::{DbError, Durability};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
 
 use crate::deliver::{Deliverer, Jitter, RetryPolicy};
 use crate::engine::{Engine, FeedSettings, Handler};
@@ -269,37 +270,30 @@ pub enum StartError {
     /// The store could not be opened.
     #[error("integration store: {0}")]
     Store(#[from] DbError),
-    /// An address is not a valid endpoint.
-    #[error("invalid address {addr:?}: {source}")]
-    Address {
-        /// The address given.
-        addr: String,
-        /// Why it is invalid.
-        source: tonic::transport::Error,
-    },
+    /// An address, a certificate or a token for calling CRM or Inventory is not usable.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
     /// Serving failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
 }
 
-/// A lazily connected channel: the service starts even while CRM or Inventory is down, and
-/// reconnects by itself when they come back.
-fn channel(addr: &str, options: &IntegrationOptions) -> Result<Channel, StartError> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(url).map_err(|source| StartError::Address {
-        addr: addr.to_owned(),
-        source,
-    })?;
-    Ok(endpoint
+/// A lazily connected channel that carries this service's token (and TLS, when configured):
+/// the service starts even while CRM or Inventory is down, and reconnects by itself when they
+/// come back.
+fn channel(
+    addr: &str,
+    options: &IntegrationOptions,
+    security: &Security,
+) -> Result<AuthenticatedChannel, StartError> {
+    let channel = security
+        .endpoint(addr)?
         .connect_timeout(options.call_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true)
-        .connect_lazy())
+        .connect_lazy();
+    Ok(InterceptedService::new(channel, security.authenticator()))
 }
 
 /// Opens the store in `data_dir`, serves the admin API on `listener`, and follows CRM until
@@ -316,13 +310,14 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let health = Health::new(&[SERVICE_NAME]).await;
+    let security = server.security.load()?;
     let store = Arc::new(SqliteStore::open(data_dir, durability)?);
     let checkpoint = store.checkpoint().await?;
     let stats = Arc::new(Stats::default());
-    let crm = CrmServiceClient::new(channel(&options.crm_addr, &options)?)
+    let crm = CrmServiceClient::new(channel(&options.crm_addr, &options, &security)?)
         .max_decoding_message_size(server.max_message_bytes);
     let deliverer = Deliverer::new(
-        channel(&options.inventory_addr, &options)?,
+        channel(&options.inventory_addr, &options, &security)?,
         RetryPolicy {
             max_attempts: options.max_attempts.max(1),
             initial_backoff: options.retry_initial,

@@ -200,9 +200,14 @@ fn ids(requests: &[PackageRequest]) -> Vec<&str> {
 async fn health_reports_the_service_serving() {
     bounded(async {
         let (_dir, _clock, server) = fresh().await;
-        let status = mip_runtime::probe::check(&server.addr, SERVICE_NAME, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let status = mip_runtime::probe::check(
+            &server.addr,
+            SERVICE_NAME,
+            Duration::from_secs(5),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(status.as_str_name(), "SERVING");
         server.stop().await;
     })

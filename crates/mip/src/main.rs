@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use mip_integration::deliver::RandomJitter;
 use mip_runtime::CancellationToken;
 use mip_runtime::clock::{SharedClock, SystemClock};
+use mip_runtime::security::Security;
 use mip_runtime::server::{ServerOptions, bind};
 use mip_runtime::sqlite::Durability;
 use mip_runtime::telemetry::{self, LogFormat};
@@ -159,6 +160,18 @@ struct HealthArgs {
     /// How long to wait for an answer.
     #[arg(long, env = "MIP_HEALTH_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+
+    /// PEM CA certificates to verify a TLS server with. Turns TLS on.
+    #[arg(long, env = "MIP_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate, for a server that requires mutual TLS.
+    #[arg(long, env = "MIP_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "MIP_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -245,6 +258,12 @@ async fn run(command: Command, metrics_addr: Option<SocketAddr>) -> anyhow::Resu
     let shutdown = shutdown_on_signal();
     match command {
         Command::All(mut args) => {
+            let security = &args.server.security;
+            anyhow::ensure!(
+                security.tls_cert.is_none() || security.tls_ca.is_some(),
+                "with --tls-cert, `mip all` also needs --tls-ca (the CA that signed the \
+                 certificate), so that the integration service can verify CRM and Inventory"
+            );
             let crm_listener = bind(args.crm_listen).await?;
             let inventory_listener = bind(args.inventory_listen).await?;
             let integration_listener = bind(args.integration_listen).await?;
@@ -389,7 +408,15 @@ fn announce(name: &str, addr: SocketAddr, example: &str) {
 
 /// Exit codes: 0 SERVING, 1 answered but not SERVING, 2 could not ask.
 async fn health(args: HealthArgs) -> ExitCode {
-    match mip_runtime::probe::check(&args.addr, &args.service, args.timeout).await {
+    let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
+    let security = match Security::client(args.tls_ca.as_deref(), identity) {
+        Ok(security) => security,
+        Err(e) => {
+            eprintln!("mip health: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match mip_runtime::probe::check(&args.addr, &args.service, args.timeout, &security).await {
         Ok(ServingStatus::Serving) => {
             println!("SERVING");
             ExitCode::SUCCESS

@@ -10,12 +10,16 @@
 //! - [`clock`]: an injectable wall clock.
 //! - [`metrics`]: the Prometheus exporter and the per-RPC metrics layer.
 //! - [`probe`]: the client side of the standard health check, for `mip health`.
+//! - [`security`]: TLS (optionally mutual) for servers and channels, and bearer tokens.
+//! - [`admission`]: the gate in front of every handler: token check and in-flight limit.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod clock;
 pub mod metrics;
 pub mod probe;
+pub mod security;
 pub mod server;
 pub mod sqlite;
 pub mod status;

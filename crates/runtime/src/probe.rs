@@ -6,12 +6,14 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+use crate::security::Security;
+
 /// Why a probe did not get a status.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    /// The address is not a valid endpoint.
-    #[error("invalid address {0:?}: {1}")]
-    Address(String, tonic::transport::Error),
+    /// The address or the TLS settings are not usable.
+    #[error(transparent)]
+    Setup(#[from] crate::security::SecurityError),
     /// Nothing answered in time.
     #[error("cannot connect to {0}: {1}")]
     Connect(String, tonic::transport::Error),
@@ -21,19 +23,15 @@ pub enum ProbeError {
 }
 
 /// Asks the server at `addr` (`HOST:PORT` or a URL) how `service` is doing; `""` means the
-/// server as a whole.
+/// server as a whole. `security` says whether to use TLS (health needs no token).
 pub async fn check(
     addr: &str,
     service: &str,
     timeout: Duration,
+    security: &Security,
 ) -> Result<ServingStatus, ProbeError> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| ProbeError::Address(addr.to_owned(), e))?
+    let endpoint = security
+        .endpoint(addr)?
         .connect_timeout(timeout)
         .timeout(timeout);
     let channel = endpoint

@@ -23,6 +23,9 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse, health_check_res
 use tonic_health::server::{HealthReporter, HealthService};
 use tracing::{info, warn};
 
+use crate::admission::AdmissionLayer;
+use crate::security::{SecurityError, SecurityOptions};
+
 /// Transport settings shared by every server, set once here.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerOptions {
@@ -42,6 +45,21 @@ pub struct ServerOptions {
     /// On shutdown, how long in-flight calls may take to finish before the server stops anyway.
     #[arg(long, env = "MIP_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Most calls handled at once by this server, over all connections; further calls get
+    /// RESOURCE_EXHAUSTED at once instead of queueing without bound. A watch stream counts
+    /// only while it opens. Health checks are never refused.
+    #[arg(long, env = "MIP_MAX_CONCURRENT_REQUESTS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+
+    /// Most HTTP/2 streams (calls, including open watch streams) one connection may have at
+    /// once. Clients queue further calls on that connection until one ends.
+    #[arg(long, env = "MIP_MAX_STREAMS_PER_CONNECTION", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+
+    /// TLS and token authentication; off unless configured.
+    #[command(flatten)]
+    pub security: SecurityOptions,
 }
 
 impl Default for ServerOptions {
@@ -51,6 +69,9 @@ impl Default for ServerOptions {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            max_concurrent_requests: 4096,
+            max_streams_per_connection: 1024,
+            security: SecurityOptions::default(),
         }
     }
 }
@@ -81,6 +102,13 @@ pub enum ServeError {
     /// The transport failed while serving.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The TLS or token configuration could not be loaded.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
+    /// The certificate and key could not be turned into a TLS configuration (for example,
+    /// the key does not belong to the certificate).
+    #[error("invalid TLS configuration: {0:?}")]
+    Tls(#[source] tonic::transport::Error),
     /// Reflection could not load the descriptor sets (a build problem).
     #[error("reflection set-up failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -236,6 +264,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr().ok();
+    let security = options.security.load()?;
     // The service's own contract, health, and the standard error details, so that grpcurl can
     // also decode the field violations in an INVALID_ARGUMENT.
     let reflection = || {
@@ -260,16 +289,26 @@ pub async fn serve(
         signal_health.set_not_serving().await;
         health_ended.cancel();
     };
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = security.server_tls() {
+        builder = builder.tls_config(tls).map_err(ServeError::Tls)?;
+    }
+    let server = builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(options.keepalive_interval))
         .http2_keepalive_timeout(Some(options.keepalive_timeout))
+        .max_concurrent_streams(options.max_streams_per_connection)
+        // Outermost first: every call is counted, including those the gate refuses.
         .layer(crate::metrics::RpcMetricsLayer::new(&[
             descriptor_set,
             tonic_health::pb::FILE_DESCRIPTOR_SET,
             tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
             tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
         ]))
+        .layer(AdmissionLayer::new(
+            security,
+            options.max_concurrent_requests as usize,
+        ))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
 

@@ -36,14 +36,25 @@ pub fn run_mip<S: AsRef<OsStr> + std::fmt::Debug>(
     args: &[S],
     env: &BTreeMap<String, String>,
 ) -> (ExitStatus, String) {
+    let (status, stdout, _) = run_mip_with_stderr(args, env);
+    (status, stdout)
+}
+
+/// [`run_mip`], also returning what it wrote to stderr.
+pub fn run_mip_with_stderr<S: AsRef<OsStr> + std::fmt::Debug>(
+    args: &[S],
+    env: &BTreeMap<String, String>,
+) -> (ExitStatus, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
     let out = File::create(&out_path).unwrap();
+    let err = File::create(&err_path).unwrap();
     let mut child = mip()
         .args(args)
         .envs(env)
         .stdout(out)
-        .stderr(Stdio::null())
+        .stderr(err)
         .spawn()
         .expect("start mip");
     let deadline = Instant::now() + RUN_TIMEOUT;
@@ -58,7 +69,11 @@ pub fn run_mip<S: AsRef<OsStr> + std::fmt::Debug>(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    (status, std::fs::read_to_string(out_path).unwrap())
+    (
+        status,
+        std::fs::read_to_string(out_path).unwrap(),
+        std::fs::read_to_string(err_path).unwrap(),
+    )
 }
 
 /// A port nothing listens on right now: bind an ephemeral one, read it, let it go.
