@@ -8,9 +8,10 @@ RUN cargo build --release --locked --bin mip
 FROM debian:bookworm-slim
 # The data directory exists in the image, owned by mip: Docker fills an empty named volume
 # from the image's directory, ownership included. Without it the volume belongs to root and
-# mip cannot create its databases.
+# mip cannot create its databases. The same goes for /etc/mip/certs, where
+# docker-compose.secure.yml keeps the certificates `mip dev-certs` writes.
 RUN useradd --system --uid 10001 --home-dir /var/lib/mip --create-home mip \
-    && install -d -o mip -g mip /var/lib/mip/data
+    && install -d -o mip -g mip /var/lib/mip/data /etc/mip/certs
 COPY --from=builder /src/target/release/mip /usr/local/bin/mip
 USER mip
 WORKDIR /var/lib/mip

@@ -49,6 +49,17 @@ EXIT_CODES = {
 # Lines that may need the platform a moment to catch up (the package is created asynchronously).
 EVENTUAL = {"ListPackageRequests", "GetStatus"}
 
+# The README section whose lines run against the platform with mutual TLS and a token.
+SECURE_SECTION = "Turn security on"
+# What each line of that section must print, and its exit code, keyed by a fragment of the
+# line (first match wins).
+SECURE_EXPECT = [
+    ("Bearer $(cat certs/token)\" -d '{\"name\"", {0}, ['"name": "Alan Turing"', '"id"']),
+    # grpcurl's first call is reflection, which needs the token too; it exits 1 on that.
+    ("-key certs/client-key.pem -d '{}'", {1, 80}, ["Unauthenticated", "requires a token"]),
+    ("-cacert certs/ca.pem -H", {1}, ["Failed to dial target host"]),
+]
+
 passed = 0
 failed = 0
 
@@ -69,19 +80,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def readme_grpcurl_lines() -> list:
+def readme_sections() -> dict:
+    """README.md's text by `## ` heading."""
     text = (ROOT / "README.md").read_text()
+    sections = {}
+    for chunk in re.split(r"^## ", text, flags=re.M)[1:]:
+        heading, _, body = chunk.partition("\n")
+        sections[heading.strip()] = body
+    return sections
+
+
+def sh_lines(text: str, prefix: str) -> list:
+    """Lines of the ```sh blocks in `text` that start with `prefix`."""
     lines = []
     for block in re.findall(r"```sh\n(.*?)```", text, re.S):
-        lines += [line for line in block.splitlines() if line.startswith("grpcurl ")]
+        lines += [line for line in block.splitlines() if line.startswith(prefix)]
     return lines
 
 
-def wait_healthy(port: int, timeout: float) -> bool:
+def readme_grpcurl_lines() -> list:
+    """The grpcurl lines for the platform as `cargo run -- all` starts it (no security)."""
+    return [line for heading, body in readme_sections().items() if heading != SECURE_SECTION
+            for line in sh_lines(body, "grpcurl ")]
+
+
+def wait_healthy(port: int, timeout: float, tls: tuple = ()) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = subprocess.run(
-            [MIP, "health", "--addr", f"127.0.0.1:{port}", "--timeout", "1s"],
+            [MIP, "health", "--addr", f"127.0.0.1:{port}", "--timeout", "1s", *tls],
             capture_output=True, text=True,
         )
         if result.returncode == 0:
@@ -94,9 +121,7 @@ def run_readme_lines(ports: dict) -> None:
     lines = readme_grpcurl_lines()
     report(len(lines) >= 8, "README has the grpcurl lines", f"found {len(lines)}")
     for line in lines:
-        command = line
-        for readme_port, service in README_PORTS.items():
-            command = command.replace(f"127.0.0.1:{readme_port}", f"127.0.0.1:{ports[service]}")
+        command = with_ports(line, ports)
         fragment = next((k for k in EXPECT if k in line), None)
         wanted = EXPECT.get(fragment, [])
         codes = next((v for k, v in EXIT_CODES.items() if k in line), {0})
@@ -119,6 +144,81 @@ def run_readme_lines(ports: dict) -> None:
             report(bool(first_id and second_id and first_id.group(1) == second_id.group(1)),
                    "README: pasting the create line twice returns the same customer",
                    again.stdout + again.stderr)
+
+
+def with_ports(line: str, ports: dict) -> str:
+    for readme_port, service in README_PORTS.items():
+        line = line.replace(f"127.0.0.1:{readme_port}", f"127.0.0.1:{ports[service]}")
+    return line
+
+
+def run_secure_platform(work: str) -> None:
+    """The README's security section: `mip dev-certs`, `mip all` with mutual TLS and a token,
+    its grpcurl lines, `mip health` over TLS and the Python demo, from a directory holding
+    `certs/` as the README's does."""
+    section = readme_sections().get(SECURE_SECTION, "")
+    certs = subprocess.run([MIP, "dev-certs", "--out", "certs"], cwd=work,
+                           capture_output=True, text=True, timeout=60)
+    report(certs.returncode == 0 and os.path.exists(os.path.join(work, "certs/token")),
+           "mip dev-certs writes a CA, certificates and a token", certs.stderr)
+    serve = [line for line in sh_lines(section, "cargo run --release -- all ")]
+    report(len(serve) == 1, "README shows how to serve with security on", f"found {serve}")
+    if certs.returncode != 0 or len(serve) != 1:
+        return
+    ports = {name: free_port() for name in ("crm", "inventory", "integration")}
+    flags = serve[0].split(" -- all ", 1)[1].split()
+    log = open(os.path.join(work, "mip.log"), "w")
+    process = subprocess.Popen(
+        [MIP, "all", *flags, "--data-dir", "data",
+         "--crm-listen", f"127.0.0.1:{ports['crm']}",
+         "--inventory-listen", f"127.0.0.1:{ports['inventory']}",
+         "--integration-listen", f"127.0.0.1:{ports['integration']}"],
+        cwd=work, stdout=log, stderr=subprocess.STDOUT,
+    )
+    tls = ("--tls-ca", f"{work}/certs/ca.pem", "--tls-cert", f"{work}/certs/client.pem",
+           "--tls-key", f"{work}/certs/client-key.pem")
+    try:
+        report(all(wait_healthy(p, 30, tls) for p in ports.values()),
+               "mip all with mutual TLS and a token becomes healthy (mip health over TLS)")
+        plain = subprocess.run([MIP, "health", "--addr", f"127.0.0.1:{ports['crm']}",
+                                "--timeout", "2s"], capture_output=True, text=True)
+        report(plain.returncode == 2 and "--tls-ca" in plain.stderr,
+               "mip health without TLS against a TLS server: exit 2 with a hint",
+               f"exit {plain.returncode} {plain.stderr}")
+        lines = sh_lines(section, "grpcurl ")
+        report(len(lines) == len(SECURE_EXPECT), "README has the security grpcurl lines",
+               f"found {len(lines)}")
+        for line in lines:
+            codes, wanted = next(((c, w) for k, c, w in SECURE_EXPECT if k in line), ({0}, []))
+            result = subprocess.run(with_ports(line, ports), shell=True, cwd=work,
+                                    capture_output=True, text=True, timeout=30)
+            output = result.stdout + result.stderr
+            missing = [w for w in wanted if w not in output]
+            report(result.returncode in codes and not missing, f"README: {line[:90]}",
+                   f"exit {result.returncode}, missing {missing}, output: {output[:400]}")
+        demo = subprocess.run(
+            [sys.executable, str(ROOT / "clients/python/demo.py"),
+             "--crm", f"127.0.0.1:{ports['crm']}",
+             "--inventory", f"127.0.0.1:{ports['inventory']}",
+             "--integration", f"127.0.0.1:{ports['integration']}",
+             "--ca", "certs/ca.pem", "--cert", "certs/client.pem",
+             "--key", "certs/client-key.pem", "--token-file", "certs/token"],
+            cwd=work, capture_output=True, text=True, timeout=120,
+        )
+        report(demo.returncode == 0 and "demo passed" in demo.stdout,
+               "Python demo with mutual TLS and a token", demo.stdout + demo.stderr)
+        token = open(os.path.join(work, "certs/token")).read().strip()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=15)
+        report(code == 0, "SIGTERM stops the secure platform cleanly", f"exit {code}")
+        log.flush()
+        report(token not in open(os.path.join(work, "mip.log")).read(),
+               "the token never appears in the log")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
 
 
 def run_python_demo(ports: dict) -> None:
@@ -223,6 +323,14 @@ def main() -> int:
         log.close()
         if failed:
             print(open(os.path.join(data, "mip.log")).read()[-4000:])
+    secure = os.path.join(data, "secure")
+    os.makedirs(secure)
+    failed_before = failed
+    try:
+        run_secure_platform(secure)
+    finally:
+        if failed > failed_before and os.path.exists(os.path.join(secure, "mip.log")):
+            print(open(os.path.join(secure, "mip.log")).read()[-4000:])
         shutil.rmtree(data, ignore_errors=True)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0

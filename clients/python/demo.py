@@ -9,6 +9,11 @@
 
 Run `python3 clients/python/generate.py` first, with `mip all` running. Exits 0 on success,
 1 if a step fails, with the reason.
+
+With security on (see `mip dev-certs`), pass the same files the platform uses:
+
+    python3 clients/python/demo.py --ca certs/ca.pem --cert certs/client.pem \
+        --key certs/client-key.pem --token-file certs/token
 """
 
 import argparse
@@ -34,9 +39,38 @@ SERVICES = {
 }
 
 
-def check_health(addresses: dict, timeout: float) -> None:
+class Connector:
+    """Opens channels: plain text, or TLS (with a client certificate for mutual TLS) plus the
+    bearer token on every call."""
+
+    def __init__(self, args: argparse.Namespace):
+        read = lambda path: pathlib.Path(path).read_bytes() if path else None  # noqa: E731
+        self.tls = None
+        if args.ca:
+            self.tls = grpc.ssl_channel_credentials(
+                root_certificates=read(args.ca),
+                private_key=read(args.key),
+                certificate_chain=read(args.cert),
+            )
+        self.token = read(args.token_file).decode().split()[0] if args.token_file else None
+        if self.token and not self.tls:
+            raise RuntimeError("--token-file needs --ca: gRPC sends tokens only over TLS")
+
+    def channel(self, address: str, with_token: bool = True) -> grpc.Channel:
+        if not self.tls:
+            return grpc.insecure_channel(address)
+        credentials = self.tls
+        if self.token and with_token:
+            credentials = grpc.composite_channel_credentials(
+                self.tls, grpc.access_token_call_credentials(self.token)
+            )
+        return grpc.secure_channel(address, credentials)
+
+
+def check_health(connector: Connector, addresses: dict, timeout: float) -> None:
     for name, address in addresses.items():
-        with grpc.insecure_channel(address) as channel:
+        # Health answers without a token, as probes do.
+        with connector.channel(address, with_token=False) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             response = stub.Check(
                 health_pb2.HealthCheckRequest(service=SERVICES[name]), timeout=timeout
@@ -69,16 +103,22 @@ def main() -> int:
     parser.add_argument("--inventory", default="127.0.0.1:50052")
     parser.add_argument("--integration", default="127.0.0.1:50053")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per step")
+    parser.add_argument("--ca", help="PEM CA certificate: use TLS and trust this CA")
+    parser.add_argument("--cert", help="PEM client certificate, for mutual TLS")
+    parser.add_argument("--key", help="PEM key of --cert")
+    parser.add_argument("--token-file", help="file whose first line is the bearer token")
     args = parser.parse_args()
+    connector = Connector(args)
 
     check_health(
+        connector,
         {"crm": args.crm, "inventory": args.inventory, "integration": args.integration},
         args.timeout,
     )
 
-    crm_channel = grpc.insecure_channel(args.crm)
+    crm_channel = connector.channel(args.crm)
     crm = crm_pb2_grpc.CrmServiceStub(crm_channel)
-    inventory = inventory_pb2_grpc.InventoryServiceStub(grpc.insecure_channel(args.inventory))
+    inventory = inventory_pb2_grpc.InventoryServiceStub(connector.channel(args.inventory))
 
     snapshot = crm.ListCustomers(crm_pb2.ListCustomersRequest(page_size=1), timeout=args.timeout)
     print(f"watching from resume token {snapshot.resume_token}")

@@ -2,6 +2,8 @@
 //! their health. Everything here is flag parsing and wiring; the services live in their crates.
 #![forbid(unsafe_code)]
 
+mod certs;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +15,7 @@ use clap::{Parser, Subcommand};
 use mip_integration::deliver::RandomJitter;
 use mip_runtime::CancellationToken;
 use mip_runtime::clock::{SharedClock, SystemClock};
+use mip_runtime::probe::ProbeError;
 use mip_runtime::security::Security;
 use mip_runtime::server::{ServerOptions, bind};
 use mip_runtime::sqlite::Durability;
@@ -52,6 +55,9 @@ enum Command {
     Integration(IntegrationArgs),
     /// Ask a server for its health; exit 0 if SERVING, 1 if not, 2 if it cannot be asked.
     Health(HealthArgs),
+    /// Write a development CA, server and client certificates and a token, to try TLS, mutual
+    /// TLS and token authentication. Not for production.
+    DevCerts(certs::DevCertsArgs),
 }
 
 /// Where a service keeps its database, and how durably.
@@ -177,6 +183,15 @@ struct HealthArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
+    if let Command::DevCerts(args) = &cli.command {
+        return match certs::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mip dev-certs: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -324,7 +339,7 @@ async fn run(command: Command, metrics_addr: Option<SocketAddr>) -> anyhow::Resu
             )
             .await
         }
-        Command::Health(_) => unreachable!("handled in main"),
+        Command::Health(_) | Command::DevCerts(_) => unreachable!("handled in main"),
     }
 }
 
@@ -339,6 +354,7 @@ async fn run_crm(
         "CRM",
         listener.local_addr()?,
         "crm.v1.CrmService/ListCustomers",
+        server,
     );
     mip_crm::serve(
         listener,
@@ -363,6 +379,7 @@ async fn run_inventory(
         "Inventory",
         listener.local_addr()?,
         "inventory.v1.InventoryService/ListPackageRequests",
+        server,
     );
     mip_inventory::serve(
         listener,
@@ -387,6 +404,7 @@ async fn run_integration(
         "Integration",
         listener.local_addr()?,
         "integration.v1.IntegrationService/GetStatus",
+        server,
     );
     mip_integration::serve(
         listener,
@@ -402,8 +420,24 @@ async fn run_integration(
     .context("integration service")
 }
 
-fn announce(name: &str, addr: SocketAddr, example: &str) {
-    info!(%addr, "{name} serving; try: grpcurl -plaintext -d '{{}}' {addr} {example}");
+/// Logs where a service listens, with a grpcurl line that works against it as configured
+/// (placeholders for files and the token, which are never logged).
+fn announce(name: &str, addr: SocketAddr, example: &str, server: &ServerOptions) {
+    let security = &server.security;
+    let mut flags = Vec::new();
+    if security.tls_cert.is_none() {
+        flags.push("-plaintext");
+    } else {
+        flags.push("-cacert <ca.pem>");
+        if security.tls_client_ca.is_some() {
+            flags.push("-cert <client.pem> -key <client-key.pem>");
+        }
+    }
+    if security.auth_token.is_some() || security.auth_token_file.is_some() {
+        flags.push("-H 'authorization: Bearer <token>'");
+    }
+    let flags = flags.join(" ");
+    info!(%addr, "{name} serving; try: grpcurl {flags} -d '{{}}' {addr} {example}");
 }
 
 /// Exit codes: 0 SERVING, 1 answered but not SERVING, 2 could not ask.
@@ -426,7 +460,14 @@ async fn health(args: HealthArgs) -> ExitCode {
             ExitCode::from(1)
         }
         Err(e) => {
-            eprintln!("mip health: {e}");
+            // A plain-text probe of a TLS server connects, then fails on the first call.
+            let plaintext_to_tls = matches!(e, ProbeError::Rpc(_)) && args.tls_ca.is_none();
+            let hint = if plaintext_to_tls {
+                " (if the server uses TLS, pass --tls-ca, and --tls-cert/--tls-key for mutual TLS)"
+            } else {
+                ""
+            };
+            eprintln!("mip health: {e}{hint}");
             ExitCode::from(2)
         }
     }

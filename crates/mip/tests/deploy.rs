@@ -70,7 +70,39 @@ fn read(name: &str) -> String {
 
 /// `docker-compose.yml`'s `services`, by name.
 fn compose_services() -> BTreeMap<String, Mapping> {
-    let compose: Value = serde_norway::from_str(&read("docker-compose.yml")).expect("valid YAML");
+    compose_file_services("docker-compose.yml")
+}
+
+/// `docker-compose.yml` with `docker-compose.secure.yml` on top, merged the way compose merges
+/// files: `environment` and `depends_on` by key, `volumes` appended, anything else replaced.
+fn secure_compose_services() -> BTreeMap<String, Mapping> {
+    let mut services = compose_services();
+    for (name, overlay) in compose_file_services("docker-compose.secure.yml") {
+        let service = services.entry(name).or_default();
+        for (key, value) in overlay {
+            match (key.as_str(), service.get_mut(&key), value) {
+                (
+                    Some("environment" | "depends_on"),
+                    Some(Value::Mapping(base)),
+                    Value::Mapping(more),
+                ) => {
+                    base.extend(more);
+                }
+                (Some("volumes"), Some(Value::Sequence(base)), Value::Sequence(more)) => {
+                    base.extend(more);
+                }
+                (_, _, value) => {
+                    service.insert(key, value);
+                }
+            }
+        }
+    }
+    services
+}
+
+/// One compose file's `services`, by name.
+fn compose_file_services(file: &str) -> BTreeMap<String, Mapping> {
+    let compose: Value = serde_norway::from_str(&read(file)).expect("valid YAML");
     let services = compose
         .get("services")
         .and_then(Value::as_mapping)
@@ -602,10 +634,11 @@ fn start_like_compose(
         env.extend(overrides.clone());
         let mut process = Process::spawn(name, &command(service), &env, dir);
 
+        // Health checks run inside the container, with its environment (the TLS files).
         let ready = ["health", "--addr", &addr, "--timeout", "1s"].map(str::to_owned);
         let deadline = Instant::now() + START_TIMEOUT;
         let serving = loop {
-            if run_mip(&ready, &BTreeMap::new()).0.success() {
+            if run_mip(&ready, &env).0.success() {
                 break true;
             }
             if let Some(status) = process.exited() {
@@ -630,7 +663,7 @@ fn start_like_compose(
         let mut check: Vec<String> = healthcheck[2..].to_vec();
         let at = check.iter().position(|w| w == "--addr").unwrap() + 1;
         check[at] = addr;
-        let (status, stdout) = run_mip(&check, &BTreeMap::new());
+        let (status, stdout) = run_mip(&check, &env);
         assert!(
             status.success() && stdout.trim() == "SERVING",
             "{name}'s compose health check `mip {}` fails on a serving {name} ({status}): {stdout}",
@@ -658,6 +691,93 @@ fn each_service_starts_from_its_compose_environment_and_passes_its_healthcheck()
         ),
     ]);
     let (_integration, _) = start_like_compose("integration", &services, &neighbours, dir.path());
+}
+
+#[test]
+fn the_secure_compose_file_runs_every_service_with_mutual_tls_and_a_token() {
+    let services = secure_compose_services();
+    let dir = tempfile::tempdir().unwrap();
+    // The certificate volume, moved to a temporary directory.
+    let certs = dir.path().join("certs");
+    let in_volume = |value: &str| value.replace("/etc/mip/certs", &certs.display().to_string());
+
+    // The one-off `certs` service writes them, and keeps them when run again.
+    let generate: Vec<String> = command(service(&services, "certs"))
+        .iter()
+        .map(|word| in_volume(word))
+        .collect();
+    assert_eq!(generate.first().map(String::as_str), Some("dev-certs"));
+    for run in ["first", "second"] {
+        let (status, _) = run_mip(&generate, &BTreeMap::new());
+        assert!(
+            status.success(),
+            "`mip {}` failed on its {run} run",
+            generate.join(" ")
+        );
+    }
+
+    let mut with_certs = BTreeMap::new();
+    for expected in &SERVICES {
+        let service = service(&services, expected.name);
+        let env = environment(service);
+        for var in [
+            "MIP_TLS_CERT",
+            "MIP_TLS_KEY",
+            "MIP_TLS_CLIENT_CA",
+            "MIP_AUTH_TOKEN_FILE",
+        ] {
+            assert!(env.contains_key(var), "{} sets {var}", expected.name);
+        }
+        let documented = documented_env(&help(&command(service)[..1]));
+        for var in env.keys() {
+            assert!(
+                documented.contains(var),
+                "the secure file sets {var} for {}, which `mip {} --help` does not document",
+                expected.name,
+                expected.name
+            );
+        }
+        assert!(
+            volumes(service)
+                .iter()
+                .any(|(source, target)| source == "certs" && target == "/etc/mip/certs"),
+            "{} mounts the certs volume",
+            expected.name
+        );
+        for (var, value) in env {
+            if value.starts_with("/etc/mip/certs") {
+                with_certs.insert(var, in_volume(&value));
+            }
+        }
+    }
+    let none = with_certs.clone();
+    let (_crm, crm_port) = start_like_compose("crm", &services, &none, dir.path());
+    let (_inventory, inventory_port) =
+        start_like_compose("inventory", &services, &none, dir.path());
+    let mut neighbours = with_certs;
+    neighbours.insert("MIP_CRM_ADDR".to_owned(), format!("127.0.0.1:{crm_port}"));
+    neighbours.insert(
+        "MIP_INVENTORY_ADDR".to_owned(),
+        format!("127.0.0.1:{inventory_port}"),
+    );
+    let (integration, _) = start_like_compose("integration", &services, &neighbours, dir.path());
+
+    // Plain text is refused: the services really serve TLS.
+    let plain = [
+        "health",
+        "--addr",
+        &format!("127.0.0.1:{crm_port}"),
+        "--timeout",
+        "2s",
+    ]
+    .map(str::to_owned);
+    assert_eq!(run_mip(&plain, &BTreeMap::new()).0.code(), Some(2));
+    // The integration service reached both over mutual TLS with the token.
+    assert!(
+        integration.log_tail(50).contains("watching CRM customers"),
+        "{}",
+        integration.log_tail(20)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
