@@ -110,7 +110,7 @@ pub async fn serve(
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The store could not be opened.
-    #[error("CRM store: {0}")]
+    #[error("CRM store")]
     Store(#[from] Error),
     /// Serving failed.
     #[error(transparent)]

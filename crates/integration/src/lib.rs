@@ -268,7 +268,7 @@ impl Stats {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The store could not be opened.
-    #[error("integration store: {0}")]
+    #[error("integration store")]
     Store(#[from] DbError),
     /// An address, a certificate or a token for calling CRM or Inventory is not usable.
     #[error(transparent)]

@@ -68,7 +68,7 @@ pub async fn serve(
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The store could not be opened.
-    #[error("Inventory store: {0}")]
+    #[error("Inventory store")]
     Store(#[from] Error),
     /// Serving failed.
     #[error(transparent)]

@@ -61,7 +61,10 @@ pub struct DevCertsArgs {
 /// Writes the files; prints what it wrote and how to use them.
 pub fn run(args: &DevCertsArgs) -> anyhow::Result<()> {
     if args.keep && FILES.iter().all(|f| args.out.join(f).exists()) {
-        println!("keeping the certificates and token in {}", args.out.display());
+        println!(
+            "keeping the certificates and token in {}",
+            args.out.display()
+        );
         return Ok(());
     }
     if !args.force

@@ -437,7 +437,7 @@ fn announce(name: &str, addr: SocketAddr, example: &str, server: &ServerOptions)
         flags.push("-H 'authorization: Bearer <token>'");
     }
     let flags = flags.join(" ");
-    info!(%addr, "{name} serving; try: grpcurl {flags} -d '{{}}' {addr} {example}");
+    info!(%addr, "{name} listening; try: grpcurl {flags} -d '{{}}' {addr} {example}");
 }
 
 /// Exit codes: 0 SERVING, 1 answered but not SERVING, 2 could not ask.

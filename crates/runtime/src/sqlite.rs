@@ -181,7 +181,23 @@ impl Db {
             path: path.clone(),
             reason: e.to_string(),
         };
+        // SQLite only says "unable to open database file"; say why when the folder is the cause.
+        writable(dir).map_err(|e| DbError::Open {
+            path: path.clone(),
+            reason: format!("cannot write in the data directory {}: {e}", dir.display()),
+        })?;
         let mut conn = Connection::open(&path).map_err(open_error)?;
+        // SQLite quietly falls back to read-only when it may not write the file; every write
+        // would then fail later, so refuse to start instead.
+        if conn.is_readonly(rusqlite::MAIN_DB).map_err(open_error)? {
+            return Err(DbError::Open {
+                path: path.clone(),
+                reason: format!(
+                    "the file is read-only; the service needs to write {} and the files in it",
+                    dir.display()
+                ),
+            });
+        }
         let synchronous = match durability {
             Durability::Full => "FULL",
             Durability::Normal => "NORMAL",
@@ -286,8 +302,57 @@ impl Db {
     }
 }
 
+/// Whether files can be created in `dir` (a read-only mount or missing permission says no).
+fn writable(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(".mip-write-check");
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
+}
+
+/// Least time between two logged write failures. A full disk fails every batch; logging each
+/// would flood the log (and maybe fill the disk the log is on) while clients already get
+/// RESOURCE_EXHAUSTED for every write.
+const FAILURE_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Logs write failures, at most one line per [`FAILURE_LOG_INTERVAL`], with a count of those
+/// in between.
+#[derive(Default)]
+struct FailureLog {
+    /// When the last line was written.
+    last: Option<std::time::Instant>,
+    /// Failures since then, not logged.
+    suppressed: u64,
+}
+
+impl FailureLog {
+    fn failed(&mut self, path: &Path, error: &DbError, what: &str) {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < FAILURE_LOG_INTERVAL)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        let hint = if error.is_disk_full() {
+            "; writes fail until disk space is freed, then resume by themselves"
+        } else {
+            ""
+        };
+        error!(
+            path = %path.display(),
+            error = %error,
+            similar_failures_not_logged = self.suppressed,
+            "{what}{hint}"
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
 /// The writer thread: batch, run each write in a savepoint, commit once, answer in order.
 fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn WriteJob>>, path: &Path) {
+    let mut failures = FailureLog::default();
     let mut batch: Vec<Box<dyn WriteJob>> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
@@ -301,8 +366,8 @@ fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn WriteJob>
         let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => tx,
             Err(e) => {
-                error!(path = %path.display(), error = %e, "cannot begin a write transaction");
                 let e = DbError::from(e);
+                failures.failed(path, &e, "cannot begin a write transaction");
                 for job in batch.drain(..) {
                     job.abort(e.clone());
                 }
@@ -337,7 +402,7 @@ fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn WriteJob>
             }
         }
         if let Some(e) = broken {
-            error!(path = %path.display(), error = %e, "write batch failed; rolled back");
+            failures.failed(path, &e, "write batch failed; rolled back");
             for job in jobs {
                 job.abort(e.clone());
             }
@@ -349,7 +414,7 @@ fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn WriteJob>
         }
         let committed = tx.commit().map_err(DbError::from);
         if let Err(e) = &committed {
-            error!(path = %path.display(), error = %e, "commit failed; the batch was rolled back");
+            failures.failed(path, e, "commit failed; the batch was rolled back");
         } else {
             debug!(size, "group commit");
         }
@@ -422,6 +487,65 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(name, "kept");
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_fails_writes_cleanly_and_they_resume_once_space_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), "t.db", &migrations(), Durability::Normal).unwrap();
+        // SQLite reports a page limit reached exactly as a full disk (SQLITE_FULL).
+        let limit = |pages: u32| {
+            let db = db.clone();
+            async move {
+                db.write(move |c| {
+                    c.execute_batch(&format!("PRAGMA max_page_count = {pages};"))
+                        .map_err(DbError::from)
+                })
+                .await
+                .unwrap()
+            }
+        };
+        let insert = |n: usize| {
+            let db = db.clone();
+            async move {
+                db.write(move |c| {
+                    c.execute(
+                        "INSERT INTO item (name) VALUES (?1)",
+                        [format!("{n:04}-{}", "x".repeat(500))],
+                    )
+                    .map_err(DbError::from)
+                })
+                .await
+            }
+        };
+        let count = || async {
+            db.read(|c| {
+                c.query_row("SELECT COUNT(*) FROM item", [], |r| r.get::<_, i64>(0))
+                    .map_err(DbError::from)
+            })
+            .await
+            .unwrap()
+        };
+        limit(8).await;
+        let mut written = 0;
+        let full = loop {
+            match insert(written).await {
+                Ok(_) => written += 1,
+                Err(e) => break e,
+            }
+            assert!(written < 10_000, "the page limit never applied");
+        };
+        assert!(full.is_disk_full(), "{full}");
+        let status = crate::status::storage(&full);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("full"), "{}", status.message());
+        // The failed write left nothing behind, and everything before it is intact.
+        assert_eq!(count().await, written as i64);
+        assert!(insert(written).await.unwrap_err().is_disk_full());
+
+        limit(1_000_000).await;
+        insert(written).await.unwrap();
+        assert_eq!(count().await, written as i64 + 1);
     }
 
     #[test]

@@ -137,7 +137,9 @@ pub fn token_reason(error: TokenError) -> &'static str {
 /// INTERNAL, logged here with its detail and not shown to the client.
 pub fn storage(error: &DbError) -> Status {
     if error.is_disk_full() {
-        Status::resource_exhausted(error.to_string())
+        Status::resource_exhausted(format!(
+            "the server's storage is full ({error}); retry once space has been freed"
+        ))
     } else if error.is_transient() {
         Status::unavailable(error.to_string())
     } else {

@@ -45,18 +45,24 @@ pub fn run_mip_with_stderr<S: AsRef<OsStr> + std::fmt::Debug>(
     args: &[S],
     env: &BTreeMap<String, String>,
 ) -> (ExitStatus, String, String) {
+    let mut command = mip();
+    command.args(args).envs(env);
+    run_bounded(command)
+}
+
+/// Runs `command` to completion, with a bound on how long it may take; returns its status,
+/// stdout and stderr.
+pub fn run_bounded(mut command: Command) -> (ExitStatus, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let out_path = dir.path().join("stdout");
     let err_path = dir.path().join("stderr");
     let out = File::create(&out_path).unwrap();
     let err = File::create(&err_path).unwrap();
-    let mut child = mip()
-        .args(args)
-        .envs(env)
+    let mut child = command
         .stdout(out)
         .stderr(err)
         .spawn()
-        .expect("start mip");
+        .expect("start the command");
     let deadline = Instant::now() + RUN_TIMEOUT;
     let status = loop {
         if let Some(status) = child.try_wait().expect("process status") {
@@ -65,7 +71,7 @@ pub fn run_mip_with_stderr<S: AsRef<OsStr> + std::fmt::Debug>(
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("mip {args:?} did not finish within {RUN_TIMEOUT:?}");
+            panic!("{command:?} did not finish within {RUN_TIMEOUT:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
