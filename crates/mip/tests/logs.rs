@@ -160,10 +160,10 @@ fn serve_then_terminate(data_dir: &Path, log_format_flag: bool, env: &[(&str, &s
     let deadline = Instant::now() + WAIT;
     let serving = loop {
         let line = mip
-            .next_line(deadline, "\"CRM serving\" line")
-            .expect("mip exited before serving");
+            .next_line(deadline, "\"CRM listening\" line")
+            .expect("mip exited before listening");
         let line = json_line(&line);
-        if message(&line).starts_with("CRM serving") {
+        if message(&line).starts_with("CRM listening") {
             break line;
         }
     };

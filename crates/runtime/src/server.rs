@@ -29,7 +29,9 @@ use crate::security::{SecurityError, SecurityOptions};
 /// Transport settings shared by every server, set once here.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerOptions {
-    /// Largest gRPC message accepted or sent, in bytes. Larger requests get RESOURCE_EXHAUSTED.
+    /// Largest gRPC message accepted or sent, in bytes. A larger request is refused by its
+    /// length prefix, before it is read (OUT_OF_RANGE, as tonic reports it; RESOURCE_EXHAUSTED
+    /// for a compressed message that expands past the limit).
     #[arg(long, env = "MIP_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
@@ -45,6 +47,13 @@ pub struct ServerOptions {
     /// On shutdown, how long in-flight calls may take to finish before the server stops anyway.
     #[arg(long, env = "MIP_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Longest a call may take to be answered (for a watch stream: to open), counted from its
+    /// first byte; longer calls are cancelled. It also cuts off a request body that never
+    /// ends, which would otherwise hold a slot of --max-concurrent-requests. A client's own,
+    /// shorter deadline (grpc-timeout) applies too.
+    #[arg(long, env = "MIP_REQUEST_TIMEOUT", default_value = "30s", value_parser = crate::parse_positive_duration)]
+    pub request_timeout: Duration,
 
     /// Most calls handled at once by this server, over all connections; further calls get
     /// RESOURCE_EXHAUSTED at once instead of queueing without bound. A watch stream counts
@@ -69,6 +78,7 @@ impl Default for ServerOptions {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 4096,
             max_streams_per_connection: 1024,
             security: SecurityOptions::default(),
@@ -298,6 +308,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(options.keepalive_interval))
         .http2_keepalive_timeout(Some(options.keepalive_timeout))
         .max_concurrent_streams(options.max_streams_per_connection)
+        .timeout(options.request_timeout)
         // Outermost first: every call is counted, including those the gate refuses.
         .layer(crate::metrics::RpcMetricsLayer::new(&[
             descriptor_set,

@@ -1,0 +1,392 @@
+//! The integration service's admin API under bad input, called through the service trait with
+//! no network in between: arbitrary `page_size`, page tokens and event ids, and arbitrary bytes
+//! decoded as every request type and handed to the handler. Nothing panics; each call is
+//! accepted or refused exactly as `proto/integration/v1/integration.proto` says.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use mip_integration::Stats;
+use mip_integration::deliver::{Deliverer, RandomJitter, RetryPolicy};
+use mip_integration::engine::Handler;
+use mip_integration::service::IntegrationApi;
+use mip_integration::store::{DeadLetter, IntegrationStore, SqliteStore};
+use mip_proto::integration::v1 as pb;
+use mip_proto::integration::v1::integration_service_server::IntegrationService;
+use mip_runtime::CancellationToken;
+use mip_runtime::clock::SystemClock;
+use mip_runtime::security::Authenticator;
+use mip_runtime::sqlite::Durability;
+use mip_runtime::token;
+use proptest::prelude::*;
+use proptest::sample::Index;
+use prost::Message;
+use tokio::runtime::Runtime;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Endpoint;
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt;
+
+/// Event ids of the dead letters every fixture starts with, in insertion order.
+const DEAD_LETTERS: [&str; 3] = ["event-1", "event-2", "event-3"];
+
+/// Kind of `ListDeadLetters` page tokens (`[after_id]`).
+const PAGE_TOKEN_KIND: u8 = 4;
+
+/// The admin API over a fresh store holding [`DEAD_LETTERS`], with a deliverer whose Inventory
+/// refuses connections, so that every re-drive fails at once and stays on the list.
+struct Fixture {
+    /// Runs the async handlers; the properties themselves are synchronous.
+    runtime: Runtime,
+    /// The service under test.
+    api: IntegrationApi<SqliteStore>,
+    /// The store's directory; removed on drop.
+    _dir: tempfile::TempDir,
+    /// A genuine page token (after the first dead letter).
+    page_token: String,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Arc::new(SqliteStore::open(dir.path(), Durability::Normal).expect("store"));
+        // A port nothing listens on: bound, read, released.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("an ephemeral port");
+        let (api, page_token) = runtime.block_on(async {
+            let now = SystemTime::now();
+            for event_id in DEAD_LETTERS {
+                store
+                    .put_dead_letter(DeadLetter {
+                        event_id: event_id.to_owned(),
+                        customer_id: format!("customer of {event_id}"),
+                        reason: "InvalidArgument: seeded".to_owned(),
+                        attempts: 1,
+                        create_time: now,
+                        update_time: now,
+                    })
+                    .await
+                    .expect("seeded dead letter");
+            }
+            let channel = Endpoint::from_shared(format!("http://{closed}"))
+                .expect("endpoint")
+                .connect_timeout(Duration::from_secs(2))
+                .connect_lazy();
+            let stats = Arc::new(Stats::default());
+            let deliverer = Deliverer::new(
+                InterceptedService::new(channel, Authenticator::default()),
+                RetryPolicy {
+                    max_attempts: 1,
+                    initial_backoff: Duration::from_millis(1),
+                    max_backoff: Duration::from_millis(1),
+                    call_timeout: Duration::from_secs(5),
+                },
+                Arc::new(RandomJitter),
+                Arc::clone(&stats),
+                4 * 1024 * 1024,
+            );
+            let handler = Handler {
+                store: Arc::clone(&store),
+                deliverer,
+                stats: Arc::clone(&stats),
+                clock: Arc::new(SystemClock),
+                shutdown: CancellationToken::new(),
+                redrive: true,
+            };
+            let api = IntegrationApi::new(handler, stats, "auto".to_owned());
+            let first = api
+                .list_dead_letters(Request::new(pb::ListDeadLettersRequest {
+                    page_size: 1,
+                    page_token: String::new(),
+                }))
+                .await
+                .expect("first page")
+                .into_inner();
+            (api, first.next_page_token)
+        });
+        assert!(!page_token.is_empty());
+        Self {
+            runtime,
+            api,
+            _dir: dir,
+            page_token,
+        }
+    }
+}
+
+/// How a call ended, as the properties compare it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// Accepted.
+    Ok,
+    /// INVALID_ARGUMENT naming these fields, in this order.
+    Invalid(Vec<String>),
+    /// Refused with this code (not INVALID_ARGUMENT).
+    Refused(Code),
+}
+
+impl Outcome {
+    fn invalid(fields: &[&str]) -> Self {
+        Outcome::Invalid(fields.iter().map(|f| (*f).to_owned()).collect())
+    }
+
+    fn of<T>(result: &Result<T, Status>) -> Self {
+        match result {
+            Ok(_) => Outcome::Ok,
+            Err(status) if status.code() == Code::InvalidArgument => Outcome::Invalid(
+                status
+                    .get_details_bad_request()
+                    .map(|bad| bad.field_violations.into_iter().map(|v| v.field).collect())
+                    .unwrap_or_default(),
+            ),
+            Err(status) => Outcome::Refused(status.code()),
+        }
+    }
+}
+
+/// `cases` cases. Failures are not written to a file in the source tree: proptest prints the
+/// smallest failing input, which is what a fix needs.
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// Any Unicode (control characters, lone combining marks, emoji), white space around, and
+/// runs of one character up to 20,000 long.
+fn text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<String>(),
+        "\\PC{0,40}",
+        "[ \\t\\n]{0,3}\\PC{0,20}[\\x00-\\x1f\\x7f\\u{80}-\\u{9f}]\\PC{0,20}",
+        (any::<char>(), 0..20_000usize).prop_map(|(c, n)| c.to_string().repeat(n)),
+    ]
+}
+
+/// A `page_size`: the default, the limits, and any number.
+fn page_size() -> impl Strategy<Value = i32> {
+    prop_oneof![
+        Just(0),
+        Just(-1),
+        Just(i32::MAX),
+        Just(i32::MIN),
+        1..2000,
+        any::<i32>()
+    ]
+}
+
+/// A page token, with the position it reads after when it is acceptable (`None` when it must
+/// be refused). A dead-letter page token carries nothing but a position, so any well-formed
+/// one is acceptable.
+fn page_token(genuine: String) -> impl Strategy<Value = (String, Option<u64>)> {
+    let mutated = genuine.clone();
+    prop_oneof![
+        Just((String::new(), Some(0))),
+        Just((genuine.clone(), Some(1))),
+        Just((format!(" {genuine}\t"), Some(1))),
+        any::<u64>().prop_map(|after| (token::encode(PAGE_TOKEN_KIND, &[after]), Some(after))),
+        (any::<Index>(), any::<char>()).prop_map(move |(at, c)| {
+            let mut chars: Vec<char> = mutated.chars().collect();
+            let at = at.index(chars.len());
+            chars[at] = if chars[at] == c { '!' } else { c };
+            (chars.into_iter().collect(), None)
+        }),
+        (any::<u8>(), prop::collection::vec(any::<u64>(), 0..=4))
+            .prop_filter(
+                "not a well-formed dead-letter page token",
+                |(kind, values)| { *kind != PAGE_TOKEN_KIND || values.len() != 1 }
+            )
+            .prop_map(|(kind, values)| (token::encode(kind, &values), None)),
+        text().prop_map(|s| {
+            let after = s.is_empty().then_some(0);
+            (s, after)
+        }),
+    ]
+}
+
+/// ListDeadLetters: a negative `page_size` and a malformed token are each named; otherwise the
+/// page holds the dead letters after the token's position, at most `page_size` (0 meaning 100,
+/// at most 1000).
+#[test]
+fn list_dead_letters_refuses_bad_page_sizes_and_tokens() {
+    let fx = Fixture::new();
+    proptest!(config(128), |(
+        page_size in page_size(),
+        (page_token, after) in page_token(fx.page_token.clone()),
+    )| {
+        let result = fx.runtime.block_on(fx.api.list_dead_letters(Request::new(
+            pb::ListDeadLettersRequest { page_size, page_token },
+        )));
+        let mut bad = Vec::new();
+        if page_size < 0 {
+            bad.push("page_size");
+        }
+        if after.is_none() {
+            bad.push("page_token");
+        }
+        let (Some(after), true) = (after, bad.is_empty()) else {
+            prop_assert_eq!(Outcome::of(&result), Outcome::invalid(&bad));
+            return Ok(());
+        };
+        let page = result.expect("a valid listing succeeds").into_inner();
+        let limit = if page_size == 0 { 100 } else { page_size.min(1000) as usize };
+        let expected: Vec<&str> = DEAD_LETTERS
+            .iter()
+            .zip(1u64..)
+            .filter(|(_, id)| *id > after)
+            .map(|(event_id, _)| *event_id)
+            .take(limit)
+            .collect();
+        let listed: Vec<&str> = page.dead_letters.iter().map(|d| d.event_id.as_str()).collect();
+        prop_assert_eq!(listed, expected);
+    });
+}
+
+/// RetryDeadLetters: an empty event id is INVALID_ARGUMENT; otherwise each named dead letter
+/// (all of them when none is named) is tried once more and, as Inventory is unreachable, stays
+/// on the list; unknown ids are ignored.
+#[test]
+fn retry_dead_letters_refuses_empty_ids_and_ignores_unknown_ones() {
+    let fx = Fixture::new();
+    let id = prop_oneof![
+        2 => prop::sample::select(DEAD_LETTERS.to_vec()).prop_map(str::to_owned),
+        1 => Just(String::new()),
+        2 => text(),
+    ];
+    proptest!(config(64), |(event_ids in prop::collection::vec(id, 0..6))| {
+        let result = fx.runtime.block_on(fx.api.retry_dead_letters(Request::new(
+            pb::RetryDeadLettersRequest { event_ids: event_ids.clone() },
+        )));
+        if event_ids.iter().any(String::is_empty) {
+            prop_assert_eq!(Outcome::of(&result), Outcome::invalid(&["event_ids"]));
+            return Ok(());
+        }
+        let retried = result.expect("a valid re-drive succeeds").into_inner();
+        let named = DEAD_LETTERS
+            .iter()
+            .filter(|id| event_ids.is_empty() || event_ids.iter().any(|e| e == *id))
+            .count();
+        prop_assert_eq!(retried.delivered, 0);
+        prop_assert_eq!(retried.still_failing as usize, named);
+        let status = fx
+            .runtime
+            .block_on(fx.api.get_status(Request::new(pb::GetStatusRequest {})))
+            .expect("status")
+            .into_inner();
+        prop_assert_eq!(status.dead_letters_pending, DEAD_LETTERS.len() as i64);
+    });
+}
+
+/// Every request type of `integration.v1.IntegrationService`, by full name.
+const REQUEST_TYPES: [&str; 3] = [
+    "integration.v1.GetStatusRequest",
+    "integration.v1.ListDeadLettersRequest",
+    "integration.v1.RetryDeadLettersRequest",
+];
+
+/// Decodes `bytes` as request type `index` of [`REQUEST_TYPES`] and, if that works, calls its
+/// handler. `None` when the bytes do not decode.
+async fn decode_and_call(
+    api: &IntegrationApi<SqliteStore>,
+    index: usize,
+    bytes: &[u8],
+) -> Option<Result<(), Status>> {
+    fn decoded<M: Message + Default>(bytes: &[u8]) -> Option<Request<M>> {
+        M::decode(bytes).ok().map(Request::new)
+    }
+    Some(match index {
+        0 => api.get_status(decoded(bytes)?).await.map(drop),
+        1 => api.list_dead_letters(decoded(bytes)?).await.map(drop),
+        2 => api.retry_dead_letters(decoded(bytes)?).await.map(drop),
+        _ => unreachable!("{index} is not a request type"),
+    })
+}
+
+/// Protobuf-shaped bytes: fields 1 to 3 with every wire type, so that many inputs decode and
+/// reach the handler with odd values, and others fail on a wrong wire type, a bad length or
+/// invalid UTF-8.
+fn protobuf_bytes() -> impl Strategy<Value = Vec<u8>> {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    let leaf = prop_oneof![
+        text().prop_map(String::into_bytes),
+        prop::sample::select(DEAD_LETTERS.to_vec()).prop_map(|s| s.as_bytes().to_vec()),
+        prop::collection::vec(any::<u8>(), 0..64),
+    ];
+    let field = (1..=3u32, 0..5u8, any::<u64>(), leaf);
+    prop::collection::vec(field, 0..8).prop_map(|fields| {
+        let mut out = Vec::new();
+        for (number, kind, number_value, bytes) in fields {
+            match kind {
+                0 => {
+                    encode_key(number, WireType::Varint, &mut out);
+                    encode_varint(number_value, &mut out);
+                }
+                1 => {
+                    encode_key(number, WireType::SixtyFourBit, &mut out);
+                    out.extend_from_slice(&number_value.to_le_bytes());
+                }
+                2 => {
+                    encode_key(number, WireType::ThirtyTwoBit, &mut out);
+                    out.extend_from_slice(&(number_value as u32).to_le_bytes());
+                }
+                3 => {
+                    // A length that may lie about what follows.
+                    encode_key(number, WireType::LengthDelimited, &mut out);
+                    encode_varint(number_value % 1024, &mut out);
+                    out.extend_from_slice(&bytes);
+                }
+                _ => {
+                    encode_key(number, WireType::LengthDelimited, &mut out);
+                    encode_varint(bytes.len() as u64, &mut out);
+                    out.extend_from_slice(&bytes);
+                }
+            }
+        }
+        out
+    })
+}
+
+/// The request types above are all of the service's: a method added to the contract must be
+/// added here too, or this fails.
+#[test]
+fn request_types_cover_every_method() {
+    let set =
+        prost_types::FileDescriptorSet::decode(mip_proto::INTEGRATION_DESCRIPTOR_SET).unwrap();
+    let inputs: HashSet<String> = set
+        .file
+        .iter()
+        .flat_map(|file| &file.service)
+        .flat_map(|service| &service.method)
+        .map(|method| method.input_type().trim_start_matches('.').to_owned())
+        .collect();
+    let covered: HashSet<String> = REQUEST_TYPES.iter().map(|t| (*t).to_owned()).collect();
+    assert_eq!(inputs, covered);
+}
+
+/// Arbitrary bytes decoded as every request type never panic; whatever decodes is handled with
+/// a response or INVALID_ARGUMENT, never INTERNAL or UNKNOWN.
+#[test]
+fn arbitrary_bytes_as_any_request_are_handled_without_panicking() {
+    let fx = Fixture::new();
+    proptest!(config(128), |(
+        bytes in prop_oneof![prop::collection::vec(any::<u8>(), 0..256), protobuf_bytes()],
+    )| {
+        for (index, name) in REQUEST_TYPES.iter().enumerate() {
+            let Some(result) = fx.runtime.block_on(decode_and_call(&fx.api, index, &bytes)) else {
+                continue;
+            };
+            if let Err(status) = result {
+                prop_assert_eq!(status.code(), Code::InvalidArgument, "{}: {:?}", name, status);
+            }
+        }
+    });
+}
