@@ -15,11 +15,12 @@ use mip_proto::inventory::v1 as pb;
 use mip_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use mip_runtime::CancellationToken;
 use mip_runtime::security::AuthenticatedChannel;
-use tonic::{Code, Request};
+use tonic::Code;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::Stats;
+use crate::batch::Creator;
 
 /// What every package this service creates is.
 pub const PACKAGE_TYPE: &str = "welcome_package";
@@ -105,8 +106,8 @@ pub enum Outcome {
 /// Delivers welcome package requests to Inventory.
 #[derive(Debug, Clone)]
 pub struct Deliverer {
-    /// Inventory client over a shared, lazily connected channel.
-    client: InventoryServiceClient<AuthenticatedChannel>,
+    /// Sends the creates to Inventory, batching concurrent ones.
+    creator: Creator,
     /// Retry policy.
     policy: RetryPolicy,
     /// Jitter source.
@@ -124,9 +125,10 @@ impl Deliverer {
         stats: Arc<Stats>,
         max_message_bytes: usize,
     ) -> Self {
+        let client =
+            InventoryServiceClient::new(channel).max_decoding_message_size(max_message_bytes);
         Self {
-            client: InventoryServiceClient::new(channel)
-                .max_decoding_message_size(max_message_bytes),
+            creator: Creator::new(client, policy.call_timeout),
             policy,
             jitter,
             stats,
@@ -147,24 +149,18 @@ impl Deliverer {
         loop {
             attempts += 1;
             debug!(customer_id, attempt = attempts, "creating package request");
-            let mut request = Request::new(pb::CreatePackageRequestRequest {
+            let request = pb::CreatePackageRequestRequest {
                 customer_id: customer_id.to_owned(),
                 package_type: PACKAGE_TYPE.to_owned(),
                 request_id: request_id.clone(),
-            });
-            request.set_timeout(self.policy.call_timeout);
-            let mut client = self.client.clone();
-            let call = tokio::time::timeout(
-                self.policy.call_timeout,
-                client.create_package_request(request),
-            );
+            };
+            let call = tokio::time::timeout(self.policy.call_timeout, self.creator.create(request));
             let result = tokio::select! {
                 result = call => result,
                 () = shutdown.cancelled() => return Outcome::Cancelled,
             };
             let status = match result {
-                Ok(Ok(response)) => {
-                    let package = response.into_inner();
+                Ok(Ok(package)) => {
                     info!(customer_id, package_request_id = %package.id, "package request created");
                     return Outcome::Delivered {
                         package_create_time: package

@@ -4,6 +4,7 @@
 //! - [`engine`]: follows CRM's feed (stream, poll, and back), runs deliveries concurrently, and
 //!   keeps the checkpoint at the low watermark of finished work.
 //! - [`deliver`]: one delivery: derived idempotency key, deadline, status-aware retries.
+//! - [`batch`]: the calls underneath, coalesced into `BatchCreatePackageRequests`.
 //! - [`tracker`]: the checkpoint rule.
 //! - [`store`]: checkpoint and dead letters in the service's own SQLite database.
 //! - [`service`]: the admin API (`integration.v1.IntegrationService`).
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod deliver;
 pub mod engine;
 pub mod service;

@@ -221,7 +221,8 @@ async fn crm_restart_mid_stream_resumes_without_gap() {
 }
 
 /// An Inventory in front of the real one that rejects one customer's package request as
-/// invalid while `reject` is set, and forwards everything else.
+/// invalid while `reject` is set, and forwards everything else. Without `batches` it is an
+/// Inventory from before `BatchCreatePackageRequests` (UNIMPLEMENTED).
 struct RejectingInventory {
     /// The real Inventory.
     real: InventoryClient,
@@ -229,6 +230,8 @@ struct RejectingInventory {
     reject: Arc<AtomicBool>,
     /// The customer to reject.
     customer_id: String,
+    /// Whether it serves `BatchCreatePackageRequests`.
+    batches: bool,
 }
 
 #[tonic::async_trait]
@@ -245,6 +248,57 @@ impl InventoryService for RejectingInventory {
         }
         let response = self.real.clone().create_package_request(request).await?;
         Ok(Response::new(response.into_inner()))
+    }
+
+    async fn batch_create_package_requests(
+        &self,
+        request: Request<inventory::BatchCreatePackageRequestsRequest>,
+    ) -> Result<Response<inventory::BatchCreatePackageRequestsResponse>, Status> {
+        if !self.batches {
+            return Err(Status::unimplemented("an Inventory from before batches"));
+        }
+        let mut request = request.into_inner();
+        let rejecting = self.reject.load(Ordering::SeqCst);
+        let rejected: Vec<bool> = request
+            .requests
+            .iter()
+            .map(|r| rejecting && r.customer_id == self.customer_id)
+            .collect();
+        request
+            .requests
+            .retain(|r| !(rejecting && r.customer_id == self.customer_id));
+        let mut forwarded = if request.requests.is_empty() {
+            Vec::new()
+        } else {
+            self.real
+                .clone()
+                .batch_create_package_requests(request)
+                .await?
+                .into_inner()
+                .results
+        }
+        .into_iter();
+        let results = rejected
+            .into_iter()
+            .map(|rejected| {
+                if rejected {
+                    inventory::CreatePackageRequestResult {
+                        result: Some(inventory::create_package_request_result::Result::Error(
+                            inventory::BatchItemError {
+                                code: Code::InvalidArgument as i32,
+                                message: "customer_id: rejected by the test".into(),
+                                field_violations: Vec::new(),
+                            },
+                        )),
+                    }
+                } else {
+                    forwarded.next().expect("one result per forwarded request")
+                }
+            })
+            .collect();
+        Ok(Response::new(
+            inventory::BatchCreatePackageRequestsResponse { results },
+        ))
     }
 
     async fn get_package_request(
@@ -298,7 +352,18 @@ async fn dead_letters(integration: &Integration) -> ListDeadLettersResponse {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_package_is_dead_lettered_and_redriven_after_fix() {
-    bounded(async {
+    bounded(rejected_package_is_dead_lettered_and_redriven(true)).await;
+}
+
+/// The same guarantees against an Inventory from before `BatchCreatePackageRequests`: the
+/// service falls back to one `CreatePackageRequest` per package.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inventory_without_batches_gets_the_same_guarantees_one_call_at_a_time() {
+    bounded(rejected_package_is_dead_lettered_and_redriven(false)).await;
+}
+
+async fn rejected_package_is_dead_lettered_and_redriven(batches: bool) {
+    {
         let dirs = Dirs::new();
         let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
         let mut real_inventory = common::Inventory::start(&dirs.inventory()).await;
@@ -312,6 +377,7 @@ async fn rejected_package_is_dead_lettered_and_redriven_after_fix() {
             real: inventory.clone(),
             reject: Arc::clone(&reject),
             customer_id: rejected.clone(),
+            batches,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = listener.local_addr().unwrap();
@@ -380,8 +446,7 @@ async fn rejected_package_is_dead_lettered_and_redriven_after_fix() {
         proxy_task.await.unwrap().unwrap();
         real_inventory.stop().await;
         crm.stop().await;
-    })
-    .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use mip_proto::inventory::v1 as pb;
 use mip_proto::timestamp;
 use mip_runtime::clock::SharedClock;
-use mip_runtime::status::Violations;
+use mip_runtime::status::{Violations, field_violations, invalid_field};
 use mip_runtime::token;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
@@ -79,13 +79,28 @@ fn filter_fingerprint(customer_id: Option<Uuid>) -> u64 {
     token::fingerprint(&[&filter])
 }
 
-#[tonic::async_trait]
-impl<S: InventoryStore> pb::inventory_service_server::InventoryService for InventoryApi<S> {
-    async fn create_package_request(
+/// Most requests in one `BatchCreatePackageRequests` call.
+pub const MAX_BATCH: usize = 1000;
+
+/// A failed create, as one result of a batch.
+fn batch_item_error(status: &Status) -> pb::BatchItemError {
+    pb::BatchItemError {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        field_violations: field_violations(status)
+            .into_iter()
+            .map(|(field, description)| pb::FieldViolation { field, description })
+            .collect(),
+    }
+}
+
+impl<S: InventoryStore> InventoryApi<S> {
+    /// Validates and creates one package request: `CreatePackageRequest`, and each item of
+    /// `BatchCreatePackageRequests`.
+    async fn create(
         &self,
-        request: Request<pb::CreatePackageRequestRequest>,
-    ) -> Result<Response<pb::PackageRequest>, Status> {
-        let request = request.into_inner();
+        request: pb::CreatePackageRequestRequest,
+    ) -> Result<pb::PackageRequest, Status> {
         let mut violations = Violations::new();
         let customer_id = violations.id("customer_id", &request.customer_id);
         let package_type =
@@ -112,7 +127,53 @@ impl<S: InventoryStore> pb::inventory_service_server::InventoryService for Inven
             replayed = created.replayed,
             "package request created"
         );
-        Ok(Response::new(package_request_to_proto(&package_request)))
+        Ok(package_request_to_proto(&package_request))
+    }
+}
+
+#[tonic::async_trait]
+impl<S: InventoryStore> pb::inventory_service_server::InventoryService for InventoryApi<S> {
+    async fn create_package_request(
+        &self,
+        request: Request<pb::CreatePackageRequestRequest>,
+    ) -> Result<Response<pb::PackageRequest>, Status> {
+        let created = self.create(request.into_inner()).await?;
+        Ok(Response::new(created))
+    }
+
+    async fn batch_create_package_requests(
+        &self,
+        request: Request<pb::BatchCreatePackageRequestsRequest>,
+    ) -> Result<Response<pb::BatchCreatePackageRequestsResponse>, Status> {
+        let requests = request.into_inner().requests;
+        if requests.is_empty() || requests.len() > MAX_BATCH {
+            return Err(invalid_field(
+                "requests",
+                format!(
+                    "must hold 1 to {MAX_BATCH} requests, not {}",
+                    requests.len()
+                ),
+            ));
+        }
+        // Each create is its own write: the store's writer commits them together in one
+        // transaction (one flush), each in its own savepoint, so one failing leaves the others.
+        let results = futures::future::join_all(requests.into_iter().map(|r| self.create(r)))
+            .await
+            .into_iter()
+            .map(|result| pb::CreatePackageRequestResult {
+                result: Some(match result {
+                    Ok(package_request) => {
+                        pb::create_package_request_result::Result::PackageRequest(package_request)
+                    }
+                    Err(status) => {
+                        pb::create_package_request_result::Result::Error(batch_item_error(&status))
+                    }
+                }),
+            })
+            .collect();
+        Ok(Response::new(pb::BatchCreatePackageRequestsResponse {
+            results,
+        }))
     }
 
     async fn get_package_request(

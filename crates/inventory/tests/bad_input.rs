@@ -310,6 +310,66 @@ fn create_package_request_accepts_exactly_valid_requests() {
     });
 }
 
+/// BatchCreatePackageRequests: one result per request, in order; each invalid request names
+/// exactly its bad fields, each valid one is created for its customer, and none spoils another.
+#[test]
+fn batch_creates_judge_each_request_on_its_own() {
+    let fx = Fixture::new();
+    let item = (
+        id_text(),
+        package_type(),
+        prop_oneof![Just(String::new()), id_text()],
+    );
+    proptest!(config(), |(items in prop::collection::vec(item, 1..16))| {
+        let requests: Vec<pb::CreatePackageRequestRequest> = items
+            .iter()
+            .map(|(customer_id, package_type, request_id)| pb::CreatePackageRequestRequest {
+                customer_id: customer_id.clone(),
+                package_type: package_type.clone(),
+                request_id: request_id.clone(),
+            })
+            .collect();
+        let response = fx
+            .runtime
+            .block_on(fx.api.batch_create_package_requests(Request::new(
+                pb::BatchCreatePackageRequestsRequest { requests: requests.clone() },
+            )))
+            .expect("a batch of 1 to 15 requests is accepted")
+            .into_inner();
+        prop_assert_eq!(response.results.len(), requests.len());
+        for (request, result) in requests.iter().zip(response.results) {
+            let mut bad = Vec::new();
+            if parse_id(&request.customer_id).is_none() {
+                bad.push("customer_id");
+            }
+            if !package_type_ok(&request.package_type) {
+                bad.push("package_type");
+            }
+            if !request.request_id.is_empty() && parse_id(&request.request_id).is_none() {
+                bad.push("request_id");
+            }
+            match result.result.expect("every result is set") {
+                pb::create_package_request_result::Result::Error(error) if !bad.is_empty() => {
+                    prop_assert_eq!(error.code, Code::InvalidArgument as i32);
+                    let fields: Vec<&str> =
+                        error.field_violations.iter().map(|v| v.field.as_str()).collect();
+                    prop_assert_eq!(fields, bad);
+                }
+                pb::create_package_request_result::Result::PackageRequest(created) => {
+                    prop_assert!(bad.is_empty(), "{:?} was accepted", request);
+                    let customer = parse_id(&request.customer_id).expect("valid");
+                    prop_assert_eq!(created.customer_id, customer.to_string());
+                    prop_assert_eq!(&created.package_type, &request.package_type);
+                }
+                // A random request id seen before with other parameters.
+                pb::create_package_request_result::Result::Error(error) => {
+                    prop_assert_eq!(error.code, Code::AlreadyExists as i32, "{:?}", error);
+                }
+            }
+        }
+    });
+}
+
 /// GetPackageRequest: a missing or malformed id is INVALID_ARGUMENT, an unknown one
 /// NOT_FOUND, a known one (in any spelling) is found.
 #[test]
@@ -509,8 +569,9 @@ fn list_package_requests_binds_tokens_to_their_filter() {
 }
 
 /// Every request type of `inventory.v1.InventoryService`, by full name.
-const REQUEST_TYPES: [&str; 4] = [
+const REQUEST_TYPES: [&str; 5] = [
     "inventory.v1.CreatePackageRequestRequest",
+    "inventory.v1.BatchCreatePackageRequestsRequest",
     "inventory.v1.GetPackageRequestRequest",
     "inventory.v1.ListPackageRequestsRequest",
     "inventory.v1.UpdatePackageRequestStatusRequest",
@@ -528,9 +589,31 @@ async fn decode_and_call(
     }
     Some(match index {
         0 => api.create_package_request(decoded(bytes)?).await.map(drop),
-        1 => api.get_package_request(decoded(bytes)?).await.map(drop),
-        2 => api.list_package_requests(decoded(bytes)?).await.map(drop),
-        3 => api
+        1 => {
+            let request: Request<pb::BatchCreatePackageRequestsRequest> = decoded(bytes)?;
+            let items = request.get_ref().requests.len();
+            let response = match api.batch_create_package_requests(request).await {
+                Ok(response) => response,
+                Err(status) => return Some(Err(status)),
+            };
+            let results = response.into_inner().results;
+            // One result per request, each a package request or an error from the contract.
+            assert_eq!(results.len(), items);
+            for result in results {
+                match result.result.expect("every result is set") {
+                    pb::create_package_request_result::Result::PackageRequest(_) => {}
+                    pb::create_package_request_result::Result::Error(error) => assert!(
+                        [Code::InvalidArgument, Code::AlreadyExists]
+                            .contains(&Code::from(error.code)),
+                        "{error:?}"
+                    ),
+                }
+            }
+            Ok(())
+        }
+        2 => api.get_package_request(decoded(bytes)?).await.map(drop),
+        3 => api.list_package_requests(decoded(bytes)?).await.map(drop),
+        4 => api
             .update_package_request_status(decoded(bytes)?)
             .await
             .map(drop),

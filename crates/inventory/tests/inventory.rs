@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mip_inventory::{SERVICE_NAME, StartError};
+use mip_proto::inventory::v1::create_package_request_result::Result as BatchItem;
 use mip_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use mip_proto::inventory::v1::{
-    CreatePackageRequestRequest, GetPackageRequestRequest, ListPackageRequestsRequest,
-    PackageRequest, PackageStatus, UpdatePackageRequestStatusRequest,
+    BatchCreatePackageRequestsRequest, CreatePackageRequestRequest, GetPackageRequestRequest,
+    ListPackageRequestsRequest, PackageRequest, PackageStatus, UpdatePackageRequestStatusRequest,
 };
 use mip_runtime::CancellationToken;
 use mip_runtime::clock::ManualClock;
@@ -727,6 +728,113 @@ async fn unknown_id_is_not_found() {
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        server.stop().await;
+    })
+    .await;
+}
+
+fn batch(requests: Vec<CreatePackageRequestRequest>) -> BatchCreatePackageRequestsRequest {
+    BatchCreatePackageRequestsRequest { requests }
+}
+
+#[tokio::test]
+async fn a_batch_answers_each_request_in_order_and_one_bad_request_spoils_nothing() {
+    bounded(async {
+        let (_dir, _clock, mut server) = fresh().await;
+        let customers: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        let retried = CreatePackageRequestRequest {
+            request_id: Uuid::new_v4().to_string(),
+            ..create_request(customers[2], "welcome_package")
+        };
+        let reused = CreatePackageRequestRequest {
+            package_type: "other_package".into(),
+            ..retried.clone()
+        };
+        let requests = vec![
+            create_request(customers[0], "welcome_package"),
+            CreatePackageRequestRequest {
+                customer_id: "not-a-uuid".into(),
+                package_type: "Bad Type".into(),
+                request_id: String::new(),
+            },
+            create_request(customers[1], "welcome_package"),
+            retried.clone(),
+            // The same request id again in the same batch: one package, the same answer.
+            retried.clone(),
+            // The same request id with different parameters.
+            reused,
+        ];
+        let results = server
+            .client
+            .batch_create_package_requests(batch(requests))
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert_eq!(results.len(), 6);
+        let package = |n: usize| match &results[n].result {
+            Some(BatchItem::PackageRequest(p)) => p.clone(),
+            other => panic!("result {n} is not a package request: {other:?}"),
+        };
+        let error = |n: usize| match &results[n].result {
+            Some(BatchItem::Error(e)) => e.clone(),
+            other => panic!("result {n} is not an error: {other:?}"),
+        };
+        assert_eq!(package(0).customer_id, customers[0].to_string());
+        assert_eq!(package(2).customer_id, customers[1].to_string());
+        assert_eq!(package(3).id, package(4).id, "one package per request id");
+        assert_eq!(package(3).request_id, retried.request_id);
+
+        let invalid = error(1);
+        assert_eq!(invalid.code, Code::InvalidArgument as i32, "{invalid:?}");
+        let fields: Vec<&str> = invalid
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert_eq!(fields, ["customer_id", "package_type"]);
+        assert_eq!(error(5).code, Code::AlreadyExists as i32, "{:?}", error(5));
+
+        // Exactly what the single calls would have created, and readable as usual.
+        assert_eq!(count(&mut server.client).await, 3);
+        assert_eq!(
+            get(&mut server.client, &package(0).id).await.unwrap(),
+            package(0)
+        );
+
+        // A repeated batch replays every created package request.
+        let again = server
+            .client
+            .batch_create_package_requests(batch(vec![retried.clone()]))
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert!(
+            matches!(&again[0].result, Some(BatchItem::PackageRequest(p)) if p.id == package(3).id)
+        );
+        assert_eq!(count(&mut server.client).await, 3);
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_empty_or_oversized_batch_is_invalid_as_a_whole() {
+    bounded(async {
+        let (_dir, _clock, mut server) = fresh().await;
+        for size in [0, mip_inventory::service::MAX_BATCH + 1] {
+            let requests = (0..size)
+                .map(|_| create_request(Uuid::new_v4(), "welcome_package"))
+                .collect();
+            let status = server
+                .client
+                .batch_create_package_requests(batch(requests))
+                .await
+                .unwrap_err();
+            assert_eq!(violated_fields(&status), ["requests"], "size {size}");
+        }
+        assert_eq!(count(&mut server.client).await, 0);
         server.stop().await;
     })
     .await;

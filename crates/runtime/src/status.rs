@@ -161,6 +161,19 @@ pub fn with_reason(code: Code, reason: &str, message: impl Into<String>) -> Stat
     Status::with_error_details(code, message, details)
 }
 
+/// The field violations (field, description) of an INVALID_ARGUMENT status, if it has any.
+pub fn field_violations(status: &Status) -> Vec<(String, String)> {
+    status
+        .get_details_bad_request()
+        .map(|bad| {
+            bad.field_violations
+                .into_iter()
+                .map(|v| (v.field, v.description))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The `ErrorInfo.reason` of a status, if it carries one.
 pub fn reason(status: &Status) -> Option<String> {
     status
