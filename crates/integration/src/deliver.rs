@@ -76,12 +76,24 @@ impl Jitter for RandomJitter {
     }
 }
 
-/// Whether a failed call may succeed if tried again.
-pub fn is_transient(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted
-    )
+/// Whether a failed call may succeed if tried again: a transient status from Inventory, or
+/// any failure of the connection itself. A call in flight when Inventory dies fails with
+/// whatever code the client's transport picks (UNKNOWN "transport error", INTERNAL "h2
+/// protocol error", CANCELLED), and may even have been carried out: retrying with the same
+/// request id is always safe, and giving up would leave the customer without a package.
+pub fn is_transient(status: &tonic::Status) -> bool {
+    let from_transport = std::error::Error::source(status)
+        .is_some_and(|source| source.downcast_ref::<tonic::transport::Error>().is_some());
+    from_transport
+        || matches!(
+            status.code(),
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::ResourceExhausted
+                | Code::Aborted
+                // What the server answers when its --request-timeout cut the call off.
+                | Code::Cancelled
+        )
 }
 
 /// How a delivery ended.
@@ -178,7 +190,7 @@ impl Deliverer {
                 Err(_) => tonic::Status::deadline_exceeded("call timed out"),
             };
             let reason = format!("{:?}: {}", status.code(), status.message());
-            if !is_transient(status.code()) || attempts >= self.policy.max_attempts {
+            if !is_transient(&status) || attempts >= self.policy.max_attempts {
                 return Outcome::Failed { reason, attempts };
             }
             let delay = self.jitter.apply(self.policy.backoff(attempts));
@@ -226,8 +238,9 @@ mod tests {
             Code::DeadlineExceeded,
             Code::ResourceExhausted,
             Code::Aborted,
+            Code::Cancelled,
         ] {
-            assert!(is_transient(code));
+            assert!(is_transient(&tonic::Status::new(code, "")));
         }
         for code in [
             Code::InvalidArgument,
@@ -235,8 +248,47 @@ mod tests {
             Code::FailedPrecondition,
             Code::PermissionDenied,
             Code::Internal,
+            Code::Unknown,
         ] {
-            assert!(!is_transient(code));
+            assert!(!is_transient(&tonic::Status::new(code, "")));
         }
+    }
+
+    /// A connection that fails under a call: Inventory killed mid-call, or a protocol error.
+    /// The client reports these with various codes (CANCELLED, INTERNAL, UNKNOWN); all retry.
+    #[tokio::test]
+    async fn failures_of_the_connection_are_retried_whatever_their_code() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut codes = Vec::new();
+        for garbage in [None, Some(&b"HTTP/1.1 200 OK\r\n\r\nnot a gRPC server"[..])] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                while let Ok((mut socket, _)) = listener.accept().await {
+                    if let Some(garbage) = garbage {
+                        let mut preface = [0u8; 24];
+                        let _ = socket.read_exact(&mut preface).await;
+                        let _ = socket.write_all(garbage).await;
+                    }
+                    drop(socket);
+                }
+            });
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect_lazy();
+            let status = InventoryServiceClient::new(channel)
+                .create_package_request(pb::CreatePackageRequestRequest::default())
+                .await
+                .unwrap_err();
+            assert!(is_transient(&status), "{status:?}");
+            codes.push(status.code());
+        }
+        // The second is refused with a code that is not transient by itself.
+        assert!(
+            codes
+                .iter()
+                .any(|c| matches!(c, Code::Internal | Code::Unknown)),
+            "{codes:?}"
+        );
     }
 }
