@@ -168,6 +168,39 @@ pub struct CustomerEvent {
     pub customer: Customer,
     /// When the change committed.
     pub commit_time: SystemTime,
+    /// The event as watch streams send it, made by the first stream that sends it and shared
+    /// by every other: a thousand watchers cost one encoding, not a thousand.
+    pub rendered: Rendered,
+}
+
+/// A write-once slot for an event's rendered form. The domain never reads it; the gRPC edge
+/// fills it. It takes no part in comparisons: two events are equal whatever was rendered.
+#[derive(Clone, Default)]
+pub struct Rendered(std::sync::OnceLock<bytes::Bytes>);
+
+impl Rendered {
+    /// The rendered form, made by `render` the first time.
+    pub fn get_or_init(&self, render: impl FnOnce() -> bytes::Bytes) -> bytes::Bytes {
+        self.0.get_or_init(render).clone()
+    }
+}
+
+impl PartialEq for Rendered {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Rendered {}
+
+impl std::fmt::Debug for Rendered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Rendered"
+        } else {
+            "NotRendered"
+        })
+    }
 }
 
 /// Where a log is, as the store last committed it.

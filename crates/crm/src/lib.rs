@@ -5,6 +5,7 @@
 //!   the same transaction as each change).
 //! - [`feed`]: the in-memory live end of the change log that watchers read from.
 //! - [`service`]: the gRPC edge (`crm.v1.CrmService`), including the watch streams.
+//! - [`wire`]: the watch streams on the network, each event encoded once for all watchers.
 //! - [`error`]: every failure, and its gRPC status.
 //!
 //! [`serve`] runs the service on a listener until a shutdown token is cancelled.
@@ -16,12 +17,12 @@ pub mod error;
 pub mod feed;
 pub mod service;
 pub mod store;
+pub mod wire;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mip_proto::crm::v1::crm_service_server::CrmServiceServer;
 use mip_runtime::CancellationToken;
 use mip_runtime::clock::SharedClock;
 use mip_runtime::server::{Health, ServeError, ServerOptions};
@@ -92,7 +93,7 @@ pub async fn serve(
         ));
     }
     let api = CrmApi::new(store, options, clock, shutdown.clone());
-    let routes = Routes::new(mip_runtime::limited!(CrmServiceServer::new(api), server));
+    let routes = Routes::new(wire::CrmRoutes::new(api, server));
     health.set_serving().await;
     mip_runtime::server::serve(
         listener,

@@ -117,6 +117,61 @@ impl<S: CrmStore> CrmApi<S> {
     fn event_to_proto(&self, event: &CustomerEvent) -> pb::CustomerEvent {
         event_to_proto(self.store.bounds().log_id, event)
     }
+
+    /// Opens a watch stream whose messages are `O`: protobuf messages for the generated
+    /// service, or bytes encoded once per event for the network (see [`crate::wire`]).
+    pub(crate) fn open_watch<O: WatchOutput>(
+        &self,
+        request: pb::WatchCustomersRequest,
+    ) -> Result<ReceiverStream<Result<O, Status>>, Status> {
+        if self.options.disable_watch {
+            return Err(Error::WatchDisabled.into());
+        }
+        let start = self.parse_start(&request.resume_token, request.start_position)?;
+        let permit = Arc::clone(&self.watchers)
+            .try_acquire_owned()
+            .map_err(|_| Error::TooManyWatchers(self.options.max_watchers))?;
+        let (sender, receiver) = mpsc::channel(WATCH_BUFFER);
+        let watcher = Watcher {
+            store: Arc::clone(&self.store),
+            clock: Arc::clone(&self.clock),
+            heartbeat: self.options.heartbeat_interval,
+            sender,
+            shutdown: self.shutdown.clone(),
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let watchers = metrics::gauge!("mip_crm_watchers");
+            watchers.increment(1.0);
+            watcher.run(start).await;
+            watchers.decrement(1.0);
+        });
+        Ok(ReceiverStream::new(receiver))
+    }
+}
+
+/// What a watch stream carries: each event and heartbeat, in some form.
+pub(crate) trait WatchOutput: Send + 'static {
+    /// The message for `event` in log `log_id`.
+    fn event(log_id: u64, event: &CustomerEvent) -> Self;
+    /// The message for a heartbeat.
+    fn heartbeat(heartbeat: pb::Heartbeat) -> Self;
+}
+
+impl WatchOutput for pb::WatchCustomersResponse {
+    fn event(log_id: u64, event: &CustomerEvent) -> Self {
+        pb::WatchCustomersResponse {
+            kind: Some(pb::watch_customers_response::Kind::Event(event_to_proto(
+                log_id, event,
+            ))),
+        }
+    }
+
+    fn heartbeat(heartbeat: pb::Heartbeat) -> Self {
+        pb::WatchCustomersResponse {
+            kind: Some(pb::watch_customers_response::Kind::Heartbeat(heartbeat)),
+        }
+    }
 }
 
 fn resume_token(log_id: u64, position: Position) -> String {
@@ -324,30 +379,8 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
         &self,
         request: Request<pb::WatchCustomersRequest>,
     ) -> Result<Response<Self::WatchCustomersStream>, Status> {
-        if self.options.disable_watch {
-            return Err(Error::WatchDisabled.into());
-        }
-        let request = request.into_inner();
-        let start = self.parse_start(&request.resume_token, request.start_position)?;
-        let permit = Arc::clone(&self.watchers)
-            .try_acquire_owned()
-            .map_err(|_| Error::TooManyWatchers(self.options.max_watchers))?;
-        let (sender, receiver) = mpsc::channel(WATCH_BUFFER);
-        let watcher = Watcher {
-            store: Arc::clone(&self.store),
-            clock: Arc::clone(&self.clock),
-            heartbeat: self.options.heartbeat_interval,
-            sender,
-            shutdown: self.shutdown.clone(),
-        };
-        tokio::spawn(async move {
-            let _permit = permit;
-            let watchers = metrics::gauge!("mip_crm_watchers");
-            watchers.increment(1.0);
-            watcher.run(start).await;
-            watchers.decrement(1.0);
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        let stream = self.open_watch::<pb::WatchCustomersResponse>(request.into_inner())?;
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_customer_events(
@@ -372,7 +405,7 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
 }
 
 /// One open `WatchCustomers` stream: a cursor, and a task that moves it.
-struct Watcher<S> {
+struct Watcher<S, O> {
     /// Where events come from.
     store: Arc<S>,
     /// Heartbeat timestamps.
@@ -380,12 +413,12 @@ struct Watcher<S> {
     /// Heartbeat interval.
     heartbeat: Duration,
     /// The stream to the client; bounded, so a slow client holds back only this task.
-    sender: mpsc::Sender<Result<pb::WatchCustomersResponse, Status>>,
+    sender: mpsc::Sender<Result<O, Status>>,
     /// Ends the stream when the server shuts down.
     shutdown: CancellationToken,
 }
 
-impl<S: CrmStore> Watcher<S> {
+impl<S: CrmStore, O: WatchOutput> Watcher<S, O> {
     async fn run(self, start: Position) {
         let mut cursor = start;
         let mut bounds = self.store.subscribe();
@@ -408,11 +441,7 @@ impl<S: CrmStore> Watcher<S> {
                 }
                 for event in events {
                     cursor = Position(event.seq);
-                    let message = pb::WatchCustomersResponse {
-                        kind: Some(pb::watch_customers_response::Kind::Event(event_to_proto(
-                            log_id, &event,
-                        ))),
-                    };
+                    let message = O::event(log_id, &event);
                     tokio::select! {
                         sent = self.sender.send(Ok(message)) => if sent.is_err() { return },
                         () = self.shutdown.cancelled() => return self.end().await,
@@ -423,13 +452,11 @@ impl<S: CrmStore> Watcher<S> {
             tokio::select! {
                 changed = bounds.changed() => if changed.is_err() { return },
                 _ = heartbeat.tick() => {
-                    let message = pb::WatchCustomersResponse {
-                        kind: Some(pb::watch_customers_response::Kind::Heartbeat(pb::Heartbeat {
-                            resume_token: resume_token(log_id, cursor),
-                            send_time: Some(timestamp(self.clock.now())),
-                            sequence: seq_i64(cursor),
-                        })),
-                    };
+                    let message = O::heartbeat(pb::Heartbeat {
+                        resume_token: resume_token(log_id, cursor),
+                        send_time: Some(timestamp(self.clock.now())),
+                        sequence: seq_i64(cursor),
+                    });
                     tokio::select! {
                         sent = self.sender.send(Ok(message)) => if sent.is_err() { return },
                         () = self.shutdown.cancelled() => return self.end().await,

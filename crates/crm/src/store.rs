@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::domain::{
     Customer, CustomerEvent, CustomerPage, CustomerPatch, EventType, LogBounds, NewCustomer,
-    Position,
+    Position, Rendered,
 };
 use crate::error::Error;
 use crate::feed::Feed;
@@ -157,6 +157,7 @@ impl SqliteStore {
             kind,
             customer: customer.clone(),
             commit_time: now,
+            rendered: Rendered::default(),
         };
         c.prepare_cached(
             "INSERT INTO customer_events (seq, event_id, event_type, customer_id, name, email,
@@ -506,6 +507,7 @@ impl CrmStore for SqliteStore {
                                     version: row.get(8)?,
                                 },
                                 commit_time: from_micros(row.get(9)?),
+                                rendered: Rendered::default(),
                             }))
                         },
                     )?
