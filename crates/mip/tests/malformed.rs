@@ -968,3 +968,58 @@ async fn stalled_calls_are_cut_off_and_the_in_flight_limit_sheds_load_meanwhile(
     .await
     .expect("test did not finish in time");
 }
+
+/// Opens a `WatchCustomers` stream on `sender` and waits for its response headers.
+async fn open_watch(
+    sender: h2::client::SendRequest<Bytes>,
+    port: u16,
+) -> Result<http::Response<h2::RecvStream>, h2::Error> {
+    let request = Request::post(format!(
+        "http://127.0.0.1:{port}/crm.v1.CrmService/WatchCustomers"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .expect("request");
+    let mut sender = sender.ready().await?;
+    let (response, mut body) = sender.send_request(request, false)?;
+    body.send_data(frame(false, &[]), true)?;
+    response.await
+}
+
+/// `--max-streams-per-connection` is the HTTP/2 limit the server announces: with two watch
+/// streams open on a connection, a third call on it waits, and goes through once one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_gets_no_more_streams_than_the_limit() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let platform = Platform::start(&["--max-streams-per-connection", "2"]).await;
+        let port = platform.ports["crm.v1.CrmService"];
+        let client = RawClient::connect(port).await;
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let response =
+                tokio::time::timeout(CALL_TIMEOUT, open_watch(client.sender.clone(), port))
+                    .await
+                    .expect("a watch stream opens")
+                    .expect("response headers");
+            assert_eq!(status_of(response.headers()), None, "the stream is open");
+            open.push(response);
+        }
+
+        let third = tokio::spawn(open_watch(client.sender.clone(), port));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !third.is_finished(),
+            "a third stream opened past the limit of 2"
+        );
+        drop(open.pop());
+        let response = tokio::time::timeout(CALL_TIMEOUT, third)
+            .await
+            .expect("the third stream opens once one closes")
+            .expect("task")
+            .expect("response headers");
+        assert_eq!(status_of(response.headers()), None);
+    })
+    .await
+    .expect("test did not finish in time");
+}
