@@ -18,12 +18,12 @@ use mip_runtime::clock::SystemClock;
 use mip_runtime::sqlite::Durability;
 use mip_runtime::status::reason;
 use mip_runtime::token;
+use mip_testkit::{Outcome, text};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use prost::Message;
 use tokio::runtime::Runtime;
 use tonic::{Code, Request, Status};
-use tonic_types::StatusExt;
 use uuid::Uuid;
 
 /// Cases per property: enough to meet every class of input many times, few enough for CI.
@@ -126,47 +126,6 @@ impl Fixture {
             head,
         }
     }
-}
-
-/// How a call ended, as the properties compare it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Outcome {
-    /// Accepted.
-    Ok,
-    /// INVALID_ARGUMENT naming these fields, in this order.
-    Invalid(Vec<String>),
-    /// Refused with this code (not INVALID_ARGUMENT).
-    Refused(Code),
-}
-
-impl Outcome {
-    fn invalid(fields: &[&str]) -> Self {
-        Outcome::Invalid(fields.iter().map(|f| (*f).to_owned()).collect())
-    }
-
-    fn of<T>(result: &Result<T, Status>) -> Self {
-        match result {
-            Ok(_) => Outcome::Ok,
-            Err(status) if status.code() == Code::InvalidArgument => Outcome::Invalid(
-                status
-                    .get_details_bad_request()
-                    .map(|bad| bad.field_violations.into_iter().map(|v| v.field).collect())
-                    .unwrap_or_default(),
-            ),
-            Err(status) => Outcome::Refused(status.code()),
-        }
-    }
-}
-
-/// Any Unicode (control characters, lone combining marks, emoji), white space around, and
-/// runs of one character up to 20,000 long.
-fn text() -> impl Strategy<Value = String> {
-    prop_oneof![
-        any::<String>(),
-        "\\PC{0,40}",
-        "[ \\t\\n]{0,3}\\PC{0,20}[\\x00-\\x1f\\x7f\\u{80}-\\u{9f}]\\PC{0,20}",
-        (any::<char>(), 0..20_000usize).prop_map(|(c, n)| c.to_string().repeat(n)),
-    ]
 }
 
 /// A UUID spelled every way a client might: hyphenated, upper case, simple, braced, URN, with
@@ -398,16 +357,6 @@ fn page_token(
     ]
 }
 
-/// [`CASES`] cases. Failures are not written to a file in the source tree: proptest prints the
-/// smallest failing input, which is what a fix needs.
-fn config() -> ProptestConfig {
-    ProptestConfig {
-        cases: CASES,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
 /// CreateCustomer: each bad field is named; a valid request creates the customer (trimmed),
 /// unless its email is taken or its `request_id` was used for something else; a repeated
 /// request returns the first customer.
@@ -422,7 +371,7 @@ fn create_customer_accepts_exactly_valid_requests() {
             .collect(),
     );
     let replays: RefCell<Replays> = RefCell::default();
-    proptest!(config(), |(
+    proptest!(mip_testkit::config(CASES), |(
         name in name(),
         (email, known) in email(),
         request_id in prop_oneof![
@@ -491,7 +440,7 @@ fn create_customer_accepts_exactly_valid_requests() {
 fn get_and_delete_refuse_bad_ids_and_find_only_known_ones() {
     let fx = Fixture::new();
     let known = fx.customers[0];
-    proptest!(config(), |(
+    proptest!(mip_testkit::config(CASES), |(
         id in prop_oneof![id_text(), Just(known.to_string()), Just(known.simple().to_string())],
         delete_id in id_text(),
     )| {
@@ -530,7 +479,7 @@ fn update_customer_names_every_bad_field_and_mask_path() {
         Just(String::new()),
         text(),
     ];
-    proptest!(config(), |(
+    proptest!(mip_testkit::config(CASES), |(
         customer in prop::option::weighted(0.9, (id_text(), name(), email())),
         mask in prop::option::of(prop::collection::vec(path, 0..4)),
     )| {
@@ -580,7 +529,7 @@ fn update_customer_names_every_bad_field_and_mask_path() {
 #[test]
 fn list_customers_refuses_bad_page_sizes_and_tokens() {
     let fx = Fixture::new();
-    proptest!(config(), |(
+    proptest!(mip_testkit::config(CASES), |(
         page_size in page_size(),
         (page_token, class) in page_token(fx.page_token.clone(), fx.log_id, fx.head),
     )| {
@@ -621,7 +570,7 @@ fn list_customers_refuses_bad_page_sizes_and_tokens() {
 #[test]
 fn feed_requests_accept_exactly_positions_of_this_log() {
     let fx = Fixture::new();
-    proptest!(config(), |(
+    proptest!(mip_testkit::config(CASES), |(
         (resume_token, class) in resume_token(fx.log_id, fx.head),
         start_position in start_position(),
         page_size in page_size(),
@@ -695,59 +644,22 @@ async fn decode_and_call(
 /// wire type, so that many inputs decode and reach the handler with odd values, and others
 /// fail on a wrong wire type, a bad length or invalid UTF-8.
 fn protobuf_bytes() -> impl Strategy<Value = Vec<u8>> {
-    use prost::encoding::{WireType, encode_key, encode_varint};
     let leaf = prop_oneof![
         text().prop_map(String::into_bytes),
         prop::collection::vec(any::<u8>(), 0..64),
     ];
-    let field = (1..=6u32, 0..5u8, any::<u64>(), leaf);
-    prop::collection::vec(field, 0..8).prop_map(|fields| {
-        let mut out = Vec::new();
-        for (number, kind, number_value, bytes) in fields {
-            match kind {
-                0 => {
-                    encode_key(number, WireType::Varint, &mut out);
-                    encode_varint(number_value, &mut out);
-                }
-                1 => {
-                    encode_key(number, WireType::SixtyFourBit, &mut out);
-                    out.extend_from_slice(&number_value.to_le_bytes());
-                }
-                2 => {
-                    encode_key(number, WireType::ThirtyTwoBit, &mut out);
-                    out.extend_from_slice(&(number_value as u32).to_le_bytes());
-                }
-                3 => {
-                    // A length that may lie about what follows.
-                    encode_key(number, WireType::LengthDelimited, &mut out);
-                    encode_varint(number_value % 1024, &mut out);
-                    out.extend_from_slice(&bytes);
-                }
-                _ => {
-                    encode_key(number, WireType::LengthDelimited, &mut out);
-                    encode_varint(bytes.len() as u64, &mut out);
-                    out.extend_from_slice(&bytes);
-                }
-            }
-        }
-        out
-    })
+    mip_testkit::protobuf_bytes(6, leaf)
 }
 
 /// The request types above are all of the service's: a method added to the contract must be
 /// added here too, or this fails.
 #[test]
 fn request_types_cover_every_method() {
-    let set = prost_types::FileDescriptorSet::decode(mip_proto::CRM_DESCRIPTOR_SET).unwrap();
-    let inputs: HashSet<String> = set
-        .file
-        .iter()
-        .flat_map(|file| &file.service)
-        .flat_map(|service| &service.method)
-        .map(|method| method.input_type().trim_start_matches('.').to_owned())
-        .collect();
-    let covered: HashSet<String> = REQUEST_TYPES.iter().map(|t| (*t).to_owned()).collect();
-    assert_eq!(inputs, covered);
+    let covered = REQUEST_TYPES.iter().map(|t| (*t).to_owned()).collect();
+    assert_eq!(
+        mip_testkit::request_types(mip_proto::CRM_DESCRIPTOR_SET),
+        covered
+    );
 }
 
 /// Arbitrary bytes decoded as every request type never panic; whatever decodes is handled with
@@ -755,7 +667,7 @@ fn request_types_cover_every_method() {
 #[test]
 fn arbitrary_bytes_as_any_request_are_handled_without_panicking() {
     let fx = Fixture::new();
-    proptest!(ProptestConfig { cases: 256, ..config() }, |(
+    proptest!(ProptestConfig { cases: 256, ..mip_testkit::config(CASES) }, |(
         bytes in prop_oneof![prop::collection::vec(any::<u8>(), 0..256), protobuf_bytes()],
     )| {
         for (index, name) in REQUEST_TYPES.iter().enumerate() {

@@ -3,7 +3,6 @@
 //! decoded as every request type and handed to the handler. Nothing panics; each call is
 //! accepted or refused exactly as `proto/integration/v1/integration.proto` says.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -19,6 +18,7 @@ use mip_runtime::clock::SystemClock;
 use mip_runtime::security::Authenticator;
 use mip_runtime::sqlite::Durability;
 use mip_runtime::token;
+use mip_testkit::{Outcome, text};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use prost::Message;
@@ -26,7 +26,6 @@ use tokio::runtime::Runtime;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Endpoint;
 use tonic::{Code, Request, Status};
-use tonic_types::StatusExt;
 
 /// Event ids of the dead letters every fixture starts with, in insertion order.
 const DEAD_LETTERS: [&str; 3] = ["event-1", "event-2", "event-3"];
@@ -121,57 +120,6 @@ impl Fixture {
     }
 }
 
-/// How a call ended, as the properties compare it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Outcome {
-    /// Accepted.
-    Ok,
-    /// INVALID_ARGUMENT naming these fields, in this order.
-    Invalid(Vec<String>),
-    /// Refused with this code (not INVALID_ARGUMENT).
-    Refused(Code),
-}
-
-impl Outcome {
-    fn invalid(fields: &[&str]) -> Self {
-        Outcome::Invalid(fields.iter().map(|f| (*f).to_owned()).collect())
-    }
-
-    fn of<T>(result: &Result<T, Status>) -> Self {
-        match result {
-            Ok(_) => Outcome::Ok,
-            Err(status) if status.code() == Code::InvalidArgument => Outcome::Invalid(
-                status
-                    .get_details_bad_request()
-                    .map(|bad| bad.field_violations.into_iter().map(|v| v.field).collect())
-                    .unwrap_or_default(),
-            ),
-            Err(status) => Outcome::Refused(status.code()),
-        }
-    }
-}
-
-/// `cases` cases. Failures are not written to a file in the source tree: proptest prints the
-/// smallest failing input, which is what a fix needs.
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
-/// Any Unicode (control characters, lone combining marks, emoji), white space around, and
-/// runs of one character up to 20,000 long.
-fn text() -> impl Strategy<Value = String> {
-    prop_oneof![
-        any::<String>(),
-        "\\PC{0,40}",
-        "[ \\t\\n]{0,3}\\PC{0,20}[\\x00-\\x1f\\x7f\\u{80}-\\u{9f}]\\PC{0,20}",
-        (any::<char>(), 0..20_000usize).prop_map(|(c, n)| c.to_string().repeat(n)),
-    ]
-}
-
 /// A `page_size`: the default, the limits, and any number.
 fn page_size() -> impl Strategy<Value = i32> {
     prop_oneof![
@@ -219,7 +167,7 @@ fn page_token(genuine: String) -> impl Strategy<Value = (String, Option<u64>)> {
 #[test]
 fn list_dead_letters_refuses_bad_page_sizes_and_tokens() {
     let fx = Fixture::new();
-    proptest!(config(128), |(
+    proptest!(mip_testkit::config(128), |(
         page_size in page_size(),
         (page_token, after) in page_token(fx.page_token.clone()),
     )| {
@@ -262,7 +210,7 @@ fn retry_dead_letters_refuses_empty_ids_and_ignores_unknown_ones() {
         1 => Just(String::new()),
         2 => text(),
     ];
-    proptest!(config(64), |(event_ids in prop::collection::vec(id, 0..6))| {
+    proptest!(mip_testkit::config(64), |(event_ids in prop::collection::vec(id, 0..6))| {
         let result = fx.runtime.block_on(fx.api.retry_dead_letters(Request::new(
             pb::RetryDeadLettersRequest { event_ids: event_ids.clone() },
         )));
@@ -315,61 +263,23 @@ async fn decode_and_call(
 /// reach the handler with odd values, and others fail on a wrong wire type, a bad length or
 /// invalid UTF-8.
 fn protobuf_bytes() -> impl Strategy<Value = Vec<u8>> {
-    use prost::encoding::{WireType, encode_key, encode_varint};
     let leaf = prop_oneof![
         text().prop_map(String::into_bytes),
         prop::sample::select(DEAD_LETTERS.to_vec()).prop_map(|s| s.as_bytes().to_vec()),
         prop::collection::vec(any::<u8>(), 0..64),
     ];
-    let field = (1..=3u32, 0..5u8, any::<u64>(), leaf);
-    prop::collection::vec(field, 0..8).prop_map(|fields| {
-        let mut out = Vec::new();
-        for (number, kind, number_value, bytes) in fields {
-            match kind {
-                0 => {
-                    encode_key(number, WireType::Varint, &mut out);
-                    encode_varint(number_value, &mut out);
-                }
-                1 => {
-                    encode_key(number, WireType::SixtyFourBit, &mut out);
-                    out.extend_from_slice(&number_value.to_le_bytes());
-                }
-                2 => {
-                    encode_key(number, WireType::ThirtyTwoBit, &mut out);
-                    out.extend_from_slice(&(number_value as u32).to_le_bytes());
-                }
-                3 => {
-                    // A length that may lie about what follows.
-                    encode_key(number, WireType::LengthDelimited, &mut out);
-                    encode_varint(number_value % 1024, &mut out);
-                    out.extend_from_slice(&bytes);
-                }
-                _ => {
-                    encode_key(number, WireType::LengthDelimited, &mut out);
-                    encode_varint(bytes.len() as u64, &mut out);
-                    out.extend_from_slice(&bytes);
-                }
-            }
-        }
-        out
-    })
+    mip_testkit::protobuf_bytes(3, leaf)
 }
 
 /// The request types above are all of the service's: a method added to the contract must be
 /// added here too, or this fails.
 #[test]
 fn request_types_cover_every_method() {
-    let set =
-        prost_types::FileDescriptorSet::decode(mip_proto::INTEGRATION_DESCRIPTOR_SET).unwrap();
-    let inputs: HashSet<String> = set
-        .file
-        .iter()
-        .flat_map(|file| &file.service)
-        .flat_map(|service| &service.method)
-        .map(|method| method.input_type().trim_start_matches('.').to_owned())
-        .collect();
-    let covered: HashSet<String> = REQUEST_TYPES.iter().map(|t| (*t).to_owned()).collect();
-    assert_eq!(inputs, covered);
+    let covered = REQUEST_TYPES.iter().map(|t| (*t).to_owned()).collect();
+    assert_eq!(
+        mip_testkit::request_types(mip_proto::INTEGRATION_DESCRIPTOR_SET),
+        covered
+    );
 }
 
 /// Arbitrary bytes decoded as every request type never panic; whatever decodes is handled with
@@ -377,7 +287,7 @@ fn request_types_cover_every_method() {
 #[test]
 fn arbitrary_bytes_as_any_request_are_handled_without_panicking() {
     let fx = Fixture::new();
-    proptest!(config(128), |(
+    proptest!(mip_testkit::config(128), |(
         bytes in prop_oneof![prop::collection::vec(any::<u8>(), 0..256), protobuf_bytes()],
     )| {
         for (index, name) in REQUEST_TYPES.iter().enumerate() {

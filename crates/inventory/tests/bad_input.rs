@@ -5,7 +5,7 @@
 //! contract in `proto/inventory/v1/inventory.proto` says, with the bad fields named.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use mip_inventory::{InventoryApi, SqliteStore};
@@ -14,12 +14,12 @@ use mip_proto::inventory::v1::inventory_service_server::InventoryService;
 use mip_runtime::clock::SystemClock;
 use mip_runtime::sqlite::Durability;
 use mip_runtime::token;
+use mip_testkit::{Outcome, text};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use prost::Message;
 use tokio::runtime::Runtime;
 use tonic::{Code, Request, Status};
-use tonic_types::StatusExt;
 use uuid::Uuid;
 
 /// Cases per property: enough to meet every class of input many times, few enough for CI.
@@ -117,57 +117,6 @@ impl Fixture {
     }
 }
 
-/// How a call ended, as the properties compare it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Outcome {
-    /// Accepted.
-    Ok,
-    /// INVALID_ARGUMENT naming these fields, in this order.
-    Invalid(Vec<String>),
-    /// Refused with this code (not INVALID_ARGUMENT).
-    Refused(Code),
-}
-
-impl Outcome {
-    fn invalid(fields: &[&str]) -> Self {
-        Outcome::Invalid(fields.iter().map(|f| (*f).to_owned()).collect())
-    }
-
-    fn of<T>(result: &Result<T, Status>) -> Self {
-        match result {
-            Ok(_) => Outcome::Ok,
-            Err(status) if status.code() == Code::InvalidArgument => Outcome::Invalid(
-                status
-                    .get_details_bad_request()
-                    .map(|bad| bad.field_violations.into_iter().map(|v| v.field).collect())
-                    .unwrap_or_default(),
-            ),
-            Err(status) => Outcome::Refused(status.code()),
-        }
-    }
-}
-
-/// [`CASES`] cases. Failures are not written to a file in the source tree: proptest prints the
-/// smallest failing input, which is what a fix needs.
-fn config() -> ProptestConfig {
-    ProptestConfig {
-        cases: CASES,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
-/// Any Unicode (control characters, lone combining marks, emoji), white space around, and
-/// runs of one character up to 20,000 long.
-fn text() -> impl Strategy<Value = String> {
-    prop_oneof![
-        any::<String>(),
-        "\\PC{0,40}",
-        "[ \\t\\n]{0,3}\\PC{0,20}[\\x00-\\x1f\\x7f\\u{80}-\\u{9f}]\\PC{0,20}",
-        (any::<char>(), 0..20_000usize).prop_map(|(c, n)| c.to_string().repeat(n)),
-    ]
-}
-
 /// `id` spelled every way a client might: hyphenated, upper case, simple, braced, URN, with
 /// white space around.
 fn spelled(id: Uuid) -> impl Strategy<Value = String> {
@@ -248,7 +197,7 @@ fn create_package_request_accepts_exactly_valid_requests() {
     let fx = Fixture::new();
     let replays: RefCell<Replays> = RefCell::default();
     let known = fx.first;
-    proptest!(config(), |(
+    proptest!(mip_testkit::config(CASES), |(
         customer_id in prop_oneof![id_text(), spelled(known)],
         package_type in package_type(),
         request_id in prop_oneof![
@@ -320,7 +269,7 @@ fn batch_creates_judge_each_request_on_its_own() {
         package_type(),
         prop_oneof![Just(String::new()), id_text()],
     );
-    proptest!(config(), |(items in prop::collection::vec(item, 1..16))| {
+    proptest!(mip_testkit::config(CASES), |(items in prop::collection::vec(item, 1..16))| {
         let requests: Vec<pb::CreatePackageRequestRequest> = items
             .iter()
             .map(|(customer_id, package_type, request_id)| pb::CreatePackageRequestRequest {
@@ -376,7 +325,7 @@ fn batch_creates_judge_each_request_on_its_own() {
 fn get_package_request_refuses_bad_ids_and_finds_only_known_ones() {
     let fx = Fixture::new();
     let known = fx.packages[0];
-    proptest!(config(), |(id in prop_oneof![id_text(), spelled(known)])| {
+    proptest!(mip_testkit::config(CASES), |(id in prop_oneof![id_text(), spelled(known)])| {
         let result = fx.runtime.block_on(fx.api.get_package_request(Request::new(
             pb::GetPackageRequestRequest { id: id.clone() },
         )));
@@ -404,7 +353,7 @@ fn status_updates_follow_the_life_cycle_and_name_bad_fields() {
         (0..packages.len())
             .prop_flat_map(move |n| spelled(packages[n]).prop_map(move |id| (id, Some(n)))),
     ];
-    proptest!(config(), |(
+    proptest!(mip_testkit::config(CASES), |(
         (id, known) in id,
         status in prop_oneof![3 => 0..=5, 1 => any::<i32>()],
     )| {
@@ -518,7 +467,7 @@ fn list_package_requests_binds_tokens_to_their_filter() {
     let (first, second) = (fx.first, fx.second);
     // The seeded package requests, at positions 1, 2, 3 (the first three writes).
     let seeded = [(1u64, first), (2, first), (3, second)];
-    proptest!(config(), |(
+    proptest!(mip_testkit::config(CASES), |(
         customer_id in prop_oneof![
             Just(String::new()),
             spelled(first),
@@ -625,61 +574,24 @@ async fn decode_and_call(
 /// wire type, so that many inputs decode and reach the handler with odd values, and others
 /// fail on a wrong wire type, a bad length or invalid UTF-8.
 fn protobuf_bytes() -> impl Strategy<Value = Vec<u8>> {
-    use prost::encoding::{WireType, encode_key, encode_varint};
     let leaf = prop_oneof![
         text().prop_map(String::into_bytes),
         "[a-z0-9_]{1,64}".prop_map(String::into_bytes),
         any::<u128>().prop_map(|n| Uuid::from_u128(n).to_string().into_bytes()),
         prop::collection::vec(any::<u8>(), 0..64),
     ];
-    let field = (1..=4u32, 0..5u8, any::<u64>(), leaf);
-    prop::collection::vec(field, 0..8).prop_map(|fields| {
-        let mut out = Vec::new();
-        for (number, kind, number_value, bytes) in fields {
-            match kind {
-                0 => {
-                    encode_key(number, WireType::Varint, &mut out);
-                    encode_varint(number_value, &mut out);
-                }
-                1 => {
-                    encode_key(number, WireType::SixtyFourBit, &mut out);
-                    out.extend_from_slice(&number_value.to_le_bytes());
-                }
-                2 => {
-                    encode_key(number, WireType::ThirtyTwoBit, &mut out);
-                    out.extend_from_slice(&(number_value as u32).to_le_bytes());
-                }
-                3 => {
-                    // A length that may lie about what follows.
-                    encode_key(number, WireType::LengthDelimited, &mut out);
-                    encode_varint(number_value % 1024, &mut out);
-                    out.extend_from_slice(&bytes);
-                }
-                _ => {
-                    encode_key(number, WireType::LengthDelimited, &mut out);
-                    encode_varint(bytes.len() as u64, &mut out);
-                    out.extend_from_slice(&bytes);
-                }
-            }
-        }
-        out
-    })
+    mip_testkit::protobuf_bytes(4, leaf)
 }
 
 /// The request types above are all of the service's: a method added to the contract must be
 /// added here too, or this fails.
 #[test]
 fn request_types_cover_every_method() {
-    let set = prost_types::FileDescriptorSet::decode(mip_proto::INVENTORY_DESCRIPTOR_SET).unwrap();
-    let inputs: HashSet<String> = set
-        .file
-        .iter()
-        .flat_map(|file| &file.service)
-        .flat_map(|service| &service.method)
-        .map(|method| method.input_type().trim_start_matches('.').to_owned())
-        .collect();
-    let covered: HashSet<String> = REQUEST_TYPES.iter().map(|t| (*t).to_owned()).collect();
-    assert_eq!(inputs, covered);
+    let covered = REQUEST_TYPES.iter().map(|t| (*t).to_owned()).collect();
+    assert_eq!(
+        mip_testkit::request_types(mip_proto::INVENTORY_DESCRIPTOR_SET),
+        covered
+    );
 }
 
 /// Arbitrary bytes decoded as every request type never panic; whatever decodes is handled with
@@ -687,7 +599,7 @@ fn request_types_cover_every_method() {
 #[test]
 fn arbitrary_bytes_as_any_request_are_handled_without_panicking() {
     let fx = Fixture::new();
-    proptest!(ProptestConfig { cases: 256, ..config() }, |(
+    proptest!(ProptestConfig { cases: 256, ..mip_testkit::config(CASES) }, |(
         bytes in prop_oneof![prop::collection::vec(any::<u8>(), 0..256), protobuf_bytes()],
     )| {
         for (index, name) in REQUEST_TYPES.iter().enumerate() {
