@@ -222,6 +222,19 @@ pub struct FanoutCheck {
     pub examples: Vec<String>,
 }
 
+/// The outcome of the poll-cost check: every `ListCustomerEvents` call returned exactly the
+/// events after its position, no more and no fewer (none from the head).
+#[derive(Debug, Clone, Serialize)]
+pub struct PollCheck {
+    /// Calls made, warm-up included.
+    pub polls: u64,
+    /// Calls whose reply was exactly right.
+    pub exact: u64,
+    /// A few wrong replies, for the failure message.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub examples: Vec<String>,
+}
+
 /// A correctness check and its outcome.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "check", rename_all = "snake_case")]
@@ -230,6 +243,8 @@ pub enum Check {
     OneWelcomePackageEach(PackageCheck),
     /// Every watcher received every event.
     EveryWatcherEveryEvent(FanoutCheck),
+    /// Every poll returned exactly the new events: none from the head, k from k behind it.
+    PollsReturnTheNewEvents(PollCheck),
 }
 
 impl Check {
@@ -238,6 +253,7 @@ impl Check {
         match self {
             Check::OneWelcomePackageEach(check) => check.passed(),
             Check::EveryWatcherEveryEvent(check) => check.complete == check.watchers,
+            Check::PollsReturnTheNewEvents(check) => check.polls > 0 && check.exact == check.polls,
         }
     }
 
@@ -261,6 +277,14 @@ impl Check {
                 format!(
                     "every watcher every event: {} of {} watchers received all {} events in order",
                     c.complete, c.watchers, c.expected_events
+                ),
+                &c.examples,
+            ),
+            Check::PollsReturnTheNewEvents(c) => (
+                format!(
+                    "polls return the new events: {} of {} ListCustomerEvents calls returned \
+                     exactly the events after their position",
+                    c.exact, c.polls
                 ),
                 &c.examples,
             ),

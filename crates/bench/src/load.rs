@@ -95,15 +95,21 @@ impl Clients {
 
     /// CRM's newest change-log sequence number.
     pub async fn crm_head(&self) -> anyhow::Result<i64> {
-        Ok(self
+        Ok(self.crm_head_token().await?.0)
+    }
+
+    /// CRM's newest change-log sequence number and a resume token at it (ListCustomers hands
+    /// out the same tokens as the feeds).
+    pub async fn crm_head_token(&self) -> anyhow::Result<(i64, String)> {
+        let page = self
             .crm(0)
             .list_customers(ListCustomersRequest {
                 page_size: 1,
                 page_token: String::new(),
             })
             .await?
-            .into_inner()
-            .resume_sequence)
+            .into_inner();
+        Ok((page.resume_sequence, page.resume_token))
     }
 }
 
@@ -187,7 +193,19 @@ pub async fn closed_loop(
     n: usize,
     concurrency: usize,
 ) -> anyhow::Result<ClosedLoop> {
-    let next = Arc::new(AtomicUsize::new(0));
+    closed_loop_from(clients, 0, n, concurrency).await
+}
+
+/// [`closed_loop`] for customers number `first..first + n`, so a scenario can grow one
+/// platform's customers in steps without reusing an email.
+pub async fn closed_loop_from(
+    clients: &Clients,
+    first: usize,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<ClosedLoop> {
+    let end = first + n;
+    let next = Arc::new(AtomicUsize::new(first));
     let retries = Arc::new(AtomicU64::new(0));
     let workers = concurrency.clamp(1, n.max(1));
     let mut tasks = JoinSet::new();
@@ -202,7 +220,7 @@ pub async fn closed_loop(
             let mut latency = histogram();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
+                if i >= end {
                     return Ok::<_, Status>((created, latency));
                 }
                 let sent = Instant::now();

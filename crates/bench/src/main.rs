@@ -10,20 +10,23 @@
 //! cargo run --release -p mip-bench -- fanout                # W watchers while creating at R/s
 //! cargo run --release -p mip-bench -- poll                  # throughput + latency, poll mode
 //! cargo build --release && cargo run --release -p mip-bench -- memory   # peak RSS per process
+//! cargo build --release && cargo run --release -p mip-bench -- poll-cost  # CRM's cost per poll
 //! cargo run --release -p mip-bench -- all                   # every scenario, in that order
 //! cargo run -p mip-bench -- all --smoke                     # CI: small, quick, checks only
 //! ```
 //!
 //! Common flags (they go before or after the scenario): `-n` customers (100000), `-c`
 //! concurrency (64), `-r` rate per second (1000), `--duration` seconds (10), `-w` watchers
-//! (1000), `--mode stream|poll|auto` (auto), `--durability full|normal` (full), `--processes`,
-//! `--json PATH` (default `target/bench/<scenario>.json`). `--help` lists them all.
+//! (1000), `--polls` calls per poll-cost batch (2000), `--mode stream|poll|auto` (auto),
+//! `--durability full|normal` (full), `--processes`, `--json PATH` (default
+//! `target/bench/<scenario>.json`). `--help` lists them all.
 //!
 //! By default the three services run in this process, each on its own `127.0.0.1:0` listener
 //! and temporary data directory, on a runtime of their own. `--processes` runs them as separate
 //! `mip crm|inventory|integration` processes instead: the `mip` binary must sit next to this one
 //! (`cargo build --release` builds it), and the children are killed on every way out, Ctrl-C
-//! included. `memory` always uses processes, since it reads each one's peak RSS.
+//! included. `memory` and `poll-cost` always use processes, since they read a process's peak
+//! RSS or CPU time.
 //!
 //! Every scenario prints a table and writes a JSON report:
 //!
@@ -32,7 +35,7 @@
 //!   "started_unix_ms": 0, "elapsed_s": 6.1,
 //!   "settings": { "deployment": "in-process", "mode": "auto", "poll_interval_ms": 500,
 //!                 "durability": "full", "customers": 100000, "concurrency": 64,
-//!                 "rate_per_s": 1000.0, "duration_s": 10.0, "watchers": 1000,
+//!                 "rate_per_s": 1000.0, "duration_s": 10.0, "watchers": 1000, "polls": 2000,
 //!                 "connections": 4, "smoke": false },
 //!   "results": { "customers": 10000, "end_to_end": { "count": 10000, "mean_ms": 1.2,
 //!                "p50_ms": 1.0, "p90_ms": 1.7, "p99_ms": 4.5, "p999_ms": 9.0, "max_ms": 18.6 },
@@ -49,6 +52,7 @@
 //! - [`platform`]: starts and stops the services, in-process or as processes.
 //! - [`load`]: the client side: a few shared HTTP/2 connections, closed- and open-loop drivers.
 //! - [`watch`]: the fan-out watchers, which decode only the fields they time.
+//! - [`poll_cost`]: timed `ListCustomerEvents` batches and CRM's CPU time around them.
 //! - [`check`]: waiting for delivery, and the one-package-per-customer check.
 //! - [`scenarios`]: what each scenario does and reports.
 //! - [`report`]: percentiles, the printed table and the JSON file.
@@ -57,6 +61,7 @@
 mod check;
 mod load;
 mod platform;
+mod poll_cost;
 mod report;
 mod scenarios;
 mod watch;
@@ -103,6 +108,11 @@ enum Command {
     Poll,
     /// Peak RSS of each service process after N customers (always runs separate processes).
     Memory,
+    /// What a ListCustomerEvents poll costs CRM at 0, N/10 and N customers: latency and CRM
+    /// CPU time per call of an empty poll (from the head) and of polls returning 1, 100 and
+    /// 1000 new events (always runs separate processes; the integration service starts after
+    /// the measurement, for the package check).
+    PollCost,
     /// Every scenario above, in that order, with the same flags.
     All,
 }
@@ -111,8 +121,8 @@ enum Command {
 /// `--smoke`.
 #[derive(Debug, Clone, clap::Args)]
 struct Flags {
-    /// Customers to create in throughput, unary, memory and poll's throughput half
-    /// [default: 100000; 300 with --smoke].
+    /// Customers to create in throughput, unary, memory, poll's throughput half, and the last
+    /// step of poll-cost [default: 100000; 300 with --smoke].
     #[arg(short = 'n', long, env = "MIP_BENCH_CUSTOMERS", global = true)]
     customers: Option<usize>,
 
@@ -139,6 +149,12 @@ struct Flags {
     /// WatchCustomers subscribers in fanout [default: 1000; 20 with --smoke].
     #[arg(short = 'w', long, env = "MIP_BENCH_WATCHERS", global = true)]
     watchers: Option<usize>,
+
+    /// Timed calls per poll-cost batch, at least; without --smoke a batch goes on until CRM
+    /// has used a second of CPU, so the 10 ms /proc tick stays under 1% [default: 2000; 50
+    /// with --smoke].
+    #[arg(long, env = "MIP_BENCH_POLLS", global = true)]
+    polls: Option<usize>,
 
     /// Run each service as its own `mip` process (the binary next to this one) instead of in
     /// this process.
@@ -204,6 +220,8 @@ pub struct Settings {
     pub duration: Duration,
     /// Watchers in fanout.
     pub watchers: usize,
+    /// Timed calls per poll-cost batch, at least.
+    pub polls: usize,
     /// Services as separate processes.
     pub processes: bool,
     /// The integration service's feed mode.
@@ -233,6 +251,7 @@ impl Settings {
                 .duration
                 .unwrap_or(Duration::from_secs(if smoke { 2 } else { 10 })),
             watchers: flags.watchers.unwrap_or(if smoke { 20 } else { 1000 }),
+            polls: flags.polls.unwrap_or(if smoke { 50 } else { 2000 }),
             processes: flags.processes,
             mode: flags.mode,
             poll_interval: flags.poll_interval,
@@ -245,6 +264,7 @@ impl Settings {
         anyhow::ensure!(settings.customers > 0, "--customers must be at least 1");
         anyhow::ensure!(settings.concurrency > 0, "--concurrency must be at least 1");
         anyhow::ensure!(settings.watchers > 0, "--watchers must be at least 1");
+        anyhow::ensure!(settings.polls > 0, "--polls must be at least 1");
         anyhow::ensure!(settings.connections > 0, "--connections must be at least 1");
         Ok(settings)
     }
@@ -326,6 +346,7 @@ async fn run(command: Command, settings: &Settings, json: Option<PathBuf>) -> an
         Command::Fanout => vec![Scenario::Fanout],
         Command::Poll => vec![Scenario::Poll],
         Command::Memory => vec![Scenario::Memory],
+        Command::PollCost => vec![Scenario::PollCost],
         Command::All => Scenario::ALL.to_vec(),
     };
     let single = scenarios.len() == 1;
@@ -409,6 +430,29 @@ mod tests {
         assert_eq!(settings.customers, 50);
         assert_eq!(settings.watchers, 20);
         assert_eq!(settings.duration, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn poll_cost_runs_alone_and_as_part_of_all() {
+        let cli = Cli::try_parse_from(["mip-bench", "poll-cost", "--polls", "500"]).unwrap();
+        assert_eq!(cli.command, Command::PollCost);
+        assert_eq!(Settings::resolve(&cli.flags).unwrap().polls, 500);
+        assert!(Scenario::ALL.contains(&Scenario::PollCost));
+        assert_eq!(Scenario::PollCost.name(), "poll-cost");
+        let smoke = Cli::try_parse_from(["mip-bench", "all", "--smoke"]).unwrap();
+        assert_eq!(Settings::resolve(&smoke.flags).unwrap().polls, 50);
+    }
+
+    #[test]
+    fn every_scenario_has_its_own_name_and_runs_once_in_all() {
+        let mut names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Scenario::ALL.len());
+        for name in names {
+            let cli = Cli::try_parse_from(["mip-bench", name]).expect(name);
+            assert_ne!(cli.command, Command::All, "{name}");
+        }
     }
 
     #[test]

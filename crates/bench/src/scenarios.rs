@@ -2,16 +2,18 @@
 //! load through gRPC, checks that every customer got exactly one welcome package, and returns
 //! a [`Report`].
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use mip_integration::Mode;
+use mip_proto::crm::v1::crm_service_client::CrmServiceClient;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::check::{self, Check, FanoutCheck};
+use crate::check::{self, Check, FanoutCheck, PollCheck};
 use crate::load::{self, Clients};
 use crate::platform::{Platform, PlatformConfig};
+use crate::poll_cost::{BatchPlan, PAGE_SIZE, Poller};
 use crate::report::{Percentiles, Report, Table, histogram, per_second, record_micros, round3};
 use crate::watch::Fanout;
 use crate::{Settings, value_name};
@@ -31,17 +33,20 @@ pub enum Scenario {
     Poll,
     /// Peak RSS per service process.
     Memory,
+    /// What a ListCustomerEvents poll costs CRM, by customers and new events.
+    PollCost,
 }
 
 impl Scenario {
     /// Every scenario, in the order `all` runs them.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Throughput,
         Scenario::Latency,
         Scenario::Unary,
         Scenario::Fanout,
         Scenario::Poll,
         Scenario::Memory,
+        Scenario::PollCost,
     ];
 
     /// Its name on the command line and in reports.
@@ -53,6 +58,7 @@ impl Scenario {
             Scenario::Fanout => "fanout",
             Scenario::Poll => "poll",
             Scenario::Memory => "memory",
+            Scenario::PollCost => "poll-cost",
         }
     }
 }
@@ -100,6 +106,8 @@ pub enum Results {
         /// Each process's memory.
         processes: Vec<ProcessMemory>,
     },
+    /// `poll-cost`.
+    PollCost(PollCostResults),
 }
 
 /// The settings a report records.
@@ -123,6 +131,8 @@ pub struct SettingsRecord {
     duration_s: f64,
     /// `-w`.
     watchers: usize,
+    /// `--polls`.
+    polls: usize,
     /// `--connections`.
     connections: usize,
     /// `--smoke`.
@@ -137,8 +147,9 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
         .map_or(0, |d| d.as_millis() as u64);
     let started = Instant::now();
     let mut table = Table::default();
-    // Memory reads each service process's RSS, so it always runs them as processes.
-    let processes = settings.processes || scenario == Scenario::Memory;
+    // Memory reads each service process's RSS and poll-cost CRM's CPU time, so they always run
+    // the services as processes.
+    let processes = settings.processes || matches!(scenario, Scenario::Memory | Scenario::PollCost);
     let mode = if scenario == Scenario::Poll {
         Mode::Poll
     } else {
@@ -178,6 +189,9 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
             }
         }
         Scenario::Memory => memory(settings, &config, &mut table).await?,
+        Scenario::PollCost => poll_cost(settings, &config, &mut table)
+            .await?
+            .map(Results::PollCost),
     };
     let deployment = if processes {
         "separate processes"
@@ -212,6 +226,7 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
             rate_per_s: settings.rate,
             duration_s: settings.duration.as_secs_f64(),
             watchers: settings.watchers,
+            polls: settings.polls,
             connections: settings.connections,
             smoke: settings.smoke,
         },
@@ -650,4 +665,241 @@ async fn memory(
         },
         checks: vec![Check::OneWelcomePackageEach(packages)],
     })
+}
+
+/// New events the poll-cost batches ask for, besides none (a poll from the head).
+const NEW_EVENTS: [usize; 3] = [1, 100, 1000];
+
+/// Most wall time a poll-cost batch spends reaching its CRM CPU minimum.
+const POLL_BATCH_MAX_WALL: Duration = Duration::from_secs(20);
+
+/// Figures of the poll-cost scenario.
+#[derive(Debug, Serialize)]
+pub struct PollCostResults {
+    /// Events every poll asked for.
+    page_size: i32,
+    /// Untimed calls before each batch.
+    warm_up_calls: u64,
+    /// The /proc CPU clock tick, in milliseconds: the resolution of each batch's CRM CPU time.
+    cpu_tick_ms: f64,
+    /// One entry per customer count, in increasing order.
+    steps: Vec<PollCostStep>,
+}
+
+/// The polls measured at one customer count.
+#[derive(Debug, Serialize)]
+pub struct PollCostStep {
+    /// Customers in CRM.
+    customers: usize,
+    /// The change log's head (one CREATED event per customer).
+    head_sequence: i64,
+    /// One batch per number of new events; those the log is too short for are left out.
+    polls: Vec<PollCostBatch>,
+}
+
+/// One batch of identical polls.
+#[derive(Debug, Serialize)]
+pub struct PollCostBatch {
+    /// Events each poll returned (0: from the head).
+    new_events: usize,
+    /// Timed calls.
+    calls: u64,
+    /// Calls per second, one at a time.
+    calls_per_s: f64,
+    /// Latency as the client saw it (encode, round trip on loopback, decode).
+    latency: Percentiles,
+    /// CPU time of CRM's process over the batch.
+    crm_cpu_ms: f64,
+    /// CPU time of CRM's process per call, in microseconds.
+    crm_cpu_us_per_call: f64,
+    /// Its resolution: one clock tick over the calls, in microseconds.
+    crm_cpu_resolution_us: f64,
+}
+
+/// Customer counts poll-cost measures at: none, a tenth of `-n`, and `-n`.
+fn customer_steps(n: usize) -> Vec<usize> {
+    let mut steps = vec![0, n / 10, n];
+    steps.dedup();
+    steps
+}
+
+/// What an empty poll and a poll of 1, 100 and 1000 new events cost CRM, at a growing number
+/// of customers: client-observed latency and CRM's CPU time per call. CRM and Inventory run
+/// as processes with nothing else touching them; the integration service starts after the
+/// measurement, for the package check.
+async fn poll_cost(
+    settings: &Settings,
+    config: &PlatformConfig,
+    table: &mut Table,
+) -> anyhow::Result<Part<PollCostResults>> {
+    let mut platform = Platform::start_without_integration(config).await?;
+    let clients = Clients::connect(platform.crm, platform.inventory, settings.connections).await?;
+    let crm_pid = platform
+        .pids()
+        .into_iter()
+        .find_map(|(name, pid)| (name == "crm").then_some(pid))
+        .context("CRM does not run as a process of its own")?;
+    // A connection of its own, so no load on the shared ones sits in front of a poll.
+    let mut poller = Poller::new(
+        CrmServiceClient::new(load::connect(platform.crm).await?),
+        crm_pid,
+    );
+    let plan = BatchPlan {
+        warm_up: (settings.polls as u64 / 10).max(10),
+        min_calls: settings.polls as u64,
+        min_cpu: if settings.smoke {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(1)
+        },
+        max_wall: POLL_BATCH_MAX_WALL,
+    };
+    let mut created = Vec::new();
+    let mut steps = Vec::new();
+    let mut poll_check = PollCheck {
+        polls: 0,
+        exact: 0,
+        examples: Vec::new(),
+    };
+    for customers in customer_steps(settings.customers) {
+        if customers > created.len() {
+            let run = load::closed_loop_from(
+                &clients,
+                created.len(),
+                customers - created.len(),
+                settings.concurrency,
+            )
+            .await?;
+            created.extend(run.created);
+        }
+        let (head, token) = clients.crm_head_token().await?;
+        poller.remember(head, token);
+        let mut polls = Vec::new();
+        for new_events in std::iter::once(0).chain(NEW_EVENTS) {
+            if new_events as i64 > head {
+                continue;
+            }
+            let batch = poller.measure(head, new_events, &plan).await?;
+            poll_check.polls += batch.checked;
+            poll_check.exact += batch.checked - batch.wrong;
+            for example in &batch.examples {
+                if poll_check.examples.len() < 5 {
+                    poll_check.examples.push(example.clone());
+                }
+            }
+            polls.push(PollCostBatch {
+                new_events,
+                calls: batch.calls,
+                calls_per_s: per_second(batch.calls as usize, batch.wall),
+                latency: Percentiles::of(&batch.latency),
+                crm_cpu_ms: round3(batch.crm_cpu.as_secs_f64() * 1000.0),
+                crm_cpu_us_per_call: (batch.crm_cpu_us_per_call() * 10.0).round() / 10.0,
+                crm_cpu_resolution_us: (batch.crm_cpu_resolution_us(poller.tick()) * 10.0).round()
+                    / 10.0,
+            });
+        }
+        steps.push(PollCostStep {
+            customers: created.len(),
+            head_sequence: head,
+            polls,
+        });
+    }
+    platform.start_integration().await?;
+    let (packages, _) = deliver_and_verify(&platform, &clients, &created, settings).await?;
+    platform.stop().await?;
+
+    let results = PollCostResults {
+        page_size: PAGE_SIZE,
+        warm_up_calls: plan.warm_up,
+        cpu_tick_ms: round3(poller.tick().as_secs_f64() * 1000.0),
+        steps,
+    };
+    poll_cost_table(&results, &plan, table);
+    Ok(Part {
+        results,
+        checks: vec![
+            Check::PollsReturnTheNewEvents(poll_check),
+            Check::OneWelcomePackageEach(packages),
+        ],
+    })
+}
+
+/// The poll-cost figures as two grids, customers down and new events across.
+fn poll_cost_table(results: &PollCostResults, plan: &BatchPlan, table: &mut Table) {
+    let columns = std::iter::once(0).chain(NEW_EVENTS);
+    let header = columns
+        .clone()
+        .map(|k| match k {
+            0 => "empty".to_owned(),
+            1 => "1 event".to_owned(),
+            k => format!("{k} events"),
+        })
+        .map(|h| format!("{h:<16}"))
+        .collect::<String>();
+    let grid = |table: &mut Table, cell: &dyn Fn(&PollCostBatch) -> String| {
+        table.row("customers", header.trim_end());
+        for step in &results.steps {
+            let row = columns
+                .clone()
+                .map(|k| {
+                    step.polls
+                        .iter()
+                        .find(|b| b.new_events == k)
+                        .map_or_else(|| "–".to_owned(), cell)
+                })
+                .map(|c| format!("{c:<16}"))
+                .collect::<String>();
+            table.row(step.customers.to_string(), row.trim_end());
+        }
+    };
+    table.row(
+        "each batch",
+        format!(
+            "≥ {} ListCustomerEvents calls (page_size {}) one at a time on one connection, \
+             after {} warm-up calls{}",
+            plan.min_calls,
+            results.page_size,
+            plan.warm_up,
+            if plan.min_cpu > Duration::ZERO {
+                format!(", and until CRM used ≥ {:?} of CPU", plan.min_cpu)
+            } else {
+                String::new()
+            }
+        ),
+    );
+    table.section("latency as the client saw it: p50 / p99 ms");
+    grid(table, &|b| {
+        format!("{} / {}", ms3(b.latency.p50_ms), ms3(b.latency.p99_ms))
+    });
+    table.section(format!(
+        "CRM CPU per call: µs ± one {} ms tick over the calls (utime + stime of the crm process)",
+        results.cpu_tick_ms
+    ));
+    grid(table, &|b| {
+        format!(
+            "{:.1} ±{:.1}",
+            b.crm_cpu_us_per_call, b.crm_cpu_resolution_us
+        )
+    });
+}
+
+/// Milliseconds to the microsecond while small.
+fn ms3(ms: f64) -> String {
+    if ms < 10.0 {
+        format!("{ms:.3}")
+    } else {
+        format!("{ms:.1}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_cost_measures_at_none_a_tenth_and_all_customers() {
+        assert_eq!(customer_steps(100_000), [0, 10_000, 100_000]);
+        assert_eq!(customer_steps(300), [0, 30, 300]);
+        assert_eq!(customer_steps(5), [0, 5], "no step twice");
+    }
 }

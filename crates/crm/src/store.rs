@@ -459,6 +459,11 @@ impl CrmStore for SqliteStore {
                 pruned_through: bounds.pruned_through,
             });
         }
+        // Caught up (the common poll): nothing to read, even when the ring is empty, as it is
+        // after a restart until the next write.
+        if after.0 >= bounds.head {
+            return Ok(Vec::new());
+        }
         if let Some(events) = self.feed.read_after(after.0, limit) {
             return Ok(events);
         }
