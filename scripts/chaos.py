@@ -14,9 +14,9 @@ customers from a few concurrent client threads, and meanwhile injects faults wit
                             integration service has its WatchCustomers stream open.
 
 Every create carries a request_id (AIP-155). A create that fails because CRM was killed
-(UNAVAILABLE, DEADLINE_EXCEEDED) is retried with the same request_id until it succeeds, so the
-set of created customers is known exactly. Once all creates and faults are done, the script
-waits (at most `--settle-timeout`) for the integration service to catch up, then checks through
+(UNAVAILABLE, DEADLINE_EXCEEDED, or the transport's CANCELLED, UNKNOWN or INTERNAL) is retried
+with the same request_id until it succeeds, so the set of created customers is known exactly.
+Once all creates and faults are done, the script waits (at most `--settle-timeout`) for the integration service to catch up, then checks through
 the public gRPC APIs only (ListCustomers and ListPackageRequests, paging) that every created
 customer exists in CRM and has exactly one welcome package. It prints created, packaged,
 missing, duplicated, kills and elapsed time, and exits 1 on any violation, failed restart or
@@ -68,7 +68,16 @@ HEALTH_NAMES = {
 }
 PACKAGE_TYPE = "welcome_package"
 # Codes a create may meet while CRM is being killed or restarted; the same request_id is retried.
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# A killed CRM shows up as whatever the client transport makes of the dropped connection, and a
+# busy one sheds load; every create carries its request_id, so retrying any of these is safe.
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+}
 CALL_TIMEOUT = 5.0
 PAGE_SIZE = 1000
 RESTART_TIMEOUT = 30.0  # a restarted service that is not SERVING by then is a failure

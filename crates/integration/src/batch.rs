@@ -100,6 +100,12 @@ async fn run(
                 Err(_) => break,
             }
         }
+        // A delivery that timed out (or was cancelled by shutdown) while its request waited
+        // here no longer wants it sent: its retry, if any, is already queued behind.
+        batch.retain(|p| !p.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let client = client.clone();
         let unsupported = Arc::clone(&unsupported);
         tokio::spawn(async move {

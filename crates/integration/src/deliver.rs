@@ -93,6 +93,9 @@ pub fn is_transient(status: &tonic::Status) -> bool {
                 | Code::Aborted
                 // What the server answers when its --request-timeout cut the call off.
                 | Code::Cancelled
+                // A token rotated in the wrong order: fixing it must not need a re-drive of
+                // every customer delivered meanwhile.
+                | Code::Unauthenticated
         )
 }
 
@@ -239,6 +242,7 @@ mod tests {
             Code::ResourceExhausted,
             Code::Aborted,
             Code::Cancelled,
+            Code::Unauthenticated,
         ] {
             assert!(is_transient(&tonic::Status::new(code, "")));
         }

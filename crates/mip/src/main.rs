@@ -260,6 +260,18 @@ fn signal_received() -> impl Future<Output = ()> {
     }
 }
 
+/// Where a neighbour in this process can be called: a listener on every interface (0.0.0.0,
+/// as in the container image) is called on loopback, which the certificates `mip dev-certs`
+/// makes also name; `https://0.0.0.0` would match no certificate.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port())
+}
+
 fn clock() -> SharedClock {
     Arc::new(SystemClock)
 }
@@ -284,8 +296,9 @@ async fn run(command: Command, metrics_addr: Option<SocketAddr>) -> anyhow::Resu
             let integration_listener = bind(args.integration_listen).await?;
             // In one process the integration service talks to its neighbours where they
             // listen: the bound addresses, not the requested ones (port 0 picks a free port).
-            args.integration.crm_addr = crm_listener.local_addr()?.to_string();
-            args.integration.inventory_addr = inventory_listener.local_addr()?.to_string();
+            args.integration.crm_addr = reachable(crm_listener.local_addr()?).to_string();
+            args.integration.inventory_addr =
+                reachable(inventory_listener.local_addr()?).to_string();
             // If one service fails, stop the others instead of limping along half-up.
             let stop_all = |result: anyhow::Result<()>| {
                 if result.is_err() {

@@ -348,6 +348,26 @@ fn configuration_errors_name_the_file_and_never_print_the_token() {
         "{stderr}"
     );
 
+    // A token that cannot be sent is refused without being quoted.
+    let bad = "bad token with spaces";
+    let env = BTreeMap::from([("MIP_AUTH_TOKEN".to_owned(), bad.to_owned())]);
+    let (status, _, stderr) = run_mip_with_stderr(
+        &[
+            "crm",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data.display().to_string(),
+        ],
+        &env,
+    );
+    assert!(!status.success());
+    assert!(stderr.contains("--auth-token (MIP_AUTH_TOKEN)"), "{stderr}");
+    assert!(
+        !stderr.contains(bad),
+        "the error quoted the token: {stderr}"
+    );
+
     let env = BTreeMap::from([("MIP_AUTH_TOKEN".to_owned(), TOKEN.to_owned())]);
     let (status, help) = run_mip(&["all", "--help"], &env);
     assert!(status.success());

@@ -16,9 +16,10 @@ use tower::{Layer, Service};
 
 use crate::security::Security;
 
-/// Paths of the standard health service: open to probes, never counted against the limit, so
-/// an overloaded server still answers its load balancer.
-const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+/// The standard health check: open to probes, never counted against the limit, so an
+/// overloaded server still answers its load balancer. (Health `Watch`, a long-lived stream,
+/// is an ordinary call: a client may only hold those open with the token.)
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 
 /// Paths of the reflection services (v1 and v1alpha).
 const REFLECTION_PREFIX: &str = "/grpc.reflection.";
@@ -88,7 +89,7 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let path = request.uri().path();
-        if path.starts_with(HEALTH_PREFIX) {
+        if path == HEALTH_CHECK {
             return Box::pin(self.inner.call(request));
         }
         let security = &self.layer.security;
@@ -260,6 +261,7 @@ mod tests {
                 false,
             ),
             (false, "/grpc.health.v1.Health/Check", None, false),
+            (false, "/grpc.health.v1.Health/Watch", None, true),
             (false, reflection, None, true),
             (false, reflection, Some("right"), false),
             (true, reflection, None, false),

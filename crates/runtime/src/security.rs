@@ -45,11 +45,17 @@ impl fmt::Display for Secret {
 }
 
 impl FromStr for Secret {
-    type Err = String;
+    type Err = &'static str;
 
-    fn from_str(text: &str) -> Result<Self, String> {
-        parse_token(text.trim()).map_err(|e| e.to_owned())
+    fn from_str(text: &str) -> Result<Self, &'static str> {
+        parse_token(text.trim())
     }
+}
+
+/// clap's parser of `--auth-token`: takes any text, so that a bad token is refused by
+/// [`SecurityOptions::load`] with an error that does not quote it (clap's own error would).
+fn unchecked_secret(text: &str) -> Result<Secret, String> {
+    Ok(Secret(text.trim().to_owned()))
 }
 
 /// A token is sent as `authorization: Bearer <token>`, so it must be a non-empty header value
@@ -94,7 +100,7 @@ pub struct SecurityOptions {
 
     /// A bearer token given directly. Prefer the environment variable or --auth-token-file:
     /// a command line is visible to every user of the machine.
-    #[arg(long, env = "MIP_AUTH_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "MIP_AUTH_TOKEN", hide_env_values = true, value_parser = unchecked_secret)]
     pub auth_token: Option<Secret>,
 
     /// Let reflection (service listing, `grpcurl describe`) answer without a token. Health
@@ -125,6 +131,12 @@ pub enum SecurityError {
         path: PathBuf,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The token given by `--auth-token` or `MIP_AUTH_TOKEN` is not usable.
+    #[error("--auth-token (MIP_AUTH_TOKEN): {reason}")]
+    Token {
+        /// What is wrong with it.
+        reason: &'static str,
     },
     /// An address is not a valid endpoint.
     #[error("invalid address {addr:?}: {source}")]
@@ -181,7 +193,12 @@ impl SecurityOptions {
             .transpose()?;
         let tokens: Vec<Secret> = match (&self.auth_token_file, &self.auth_token) {
             (Some(path), _) => read_tokens(path)?,
-            (None, Some(token)) => vec![token.clone()],
+            (None, Some(token)) => {
+                // The reason never quotes the token.
+                let token = parse_token(token.expose())
+                    .map_err(|reason| SecurityError::Token { reason })?;
+                vec![token]
+            }
             (None, None) => Vec::new(),
         };
         Ok(Security {
@@ -232,7 +249,8 @@ impl Security {
     }
 
     /// Whether `header` (the value of `authorization`) carries an accepted token. Compared in
-    /// constant time, so timing does not leak how much of a guess was right.
+    /// constant time, so timing does not leak how much of a guess was right (only whether its
+    /// length is right).
     pub fn accepts(&self, header: Option<&[u8]>) -> bool {
         let Some(presented) = header.and_then(bearer_token) else {
             return false;

@@ -304,7 +304,9 @@ impl Db {
 
 /// Whether files can be created in `dir` (a read-only mount or missing permission says no).
 fn writable(dir: &Path) -> std::io::Result<()> {
-    let probe = dir.join(".mip-write-check");
+    // Named after the process, so two services starting on one directory do not remove each
+    // other's probe.
+    let probe = dir.join(format!(".mip-write-check-{}", std::process::id()));
     std::fs::write(&probe, b"")?;
     std::fs::remove_file(&probe)
 }
