@@ -485,3 +485,21 @@ async fn health(args: HealthArgs) -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::reachable;
+
+    #[test]
+    fn neighbours_listening_everywhere_are_called_on_loopback() {
+        let cases = [
+            ("0.0.0.0:50051", "127.0.0.1:50051"),
+            ("[::]:50052", "[::1]:50052"),
+            ("127.0.0.1:50053", "127.0.0.1:50053"),
+            ("10.1.2.3:50051", "10.1.2.3:50051"),
+        ];
+        for (listen, called) in cases {
+            assert_eq!(reachable(listen.parse().unwrap()).to_string(), called);
+        }
+    }
+}
