@@ -138,6 +138,8 @@ impl<S: CrmStore> CrmApi<S> {
             heartbeat: self.options.heartbeat_interval,
             sender,
             shutdown: self.shutdown.clone(),
+            watchers: Arc::clone(&self.watchers),
+            max_watchers: self.options.max_watchers,
         };
         tokio::spawn(async move {
             let _permit = permit;
@@ -416,9 +418,31 @@ struct Watcher<S, O> {
     sender: mpsc::Sender<Result<O, Status>>,
     /// Ends the stream when the server shuts down.
     shutdown: CancellationToken,
+    /// Open-stream permits, to tell how many watchers there are.
+    watchers: Arc<Semaphore>,
+    /// `--max-watchers`: permits in all.
+    max_watchers: usize,
 }
 
+/// Above this many open watch streams, a watcher woken by a commit waits [`COALESCE`] before
+/// reading, so that each wake-up, channel send and HTTP/2 frame carries the events of several
+/// commits. With a few streams the CPU is idle and the wait would only add latency (the
+/// integration service's single stream must stay in the millisecond range); with a thousand,
+/// waking every stream for every commit is what saturates the CPU (see TECHNICAL_DESIGN.md,
+/// Performance).
+const COALESCE_ABOVE: usize = 64;
+
+/// How long a watcher lets commits collect when many streams are open.
+const COALESCE: Duration = Duration::from_millis(2);
+
 impl<S: CrmStore, O: WatchOutput> Watcher<S, O> {
+    /// Whether enough streams are open that waking less often is worth a little latency.
+    fn crowded(&self) -> bool {
+        self.max_watchers
+            .saturating_sub(self.watchers.available_permits())
+            > COALESCE_ABOVE
+    }
+
     async fn run(self, start: Position) {
         let mut cursor = start;
         let mut bounds = self.store.subscribe();
@@ -450,7 +474,17 @@ impl<S: CrmStore, O: WatchOutput> Watcher<S, O> {
                 heartbeat.reset();
             }
             tokio::select! {
-                changed = bounds.changed() => if changed.is_err() { return },
+                changed = bounds.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if self.crowded() {
+                        tokio::select! {
+                            () = tokio::time::sleep(COALESCE) => {}
+                            () = self.shutdown.cancelled() => return self.end().await,
+                        }
+                    }
+                }
                 _ = heartbeat.tick() => {
                     let message = O::heartbeat(pb::Heartbeat {
                         resume_token: resume_token(log_id, cursor),

@@ -1449,3 +1449,38 @@ async fn listing_resume_token_is_usable_at_once_while_writes_commit() {
     })
     .await;
 }
+
+/// With many streams open, watchers let commits collect for a moment before reading (to spare
+/// the CPU); every one of them still gets every event, in order, and the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_of_watchers_each_receive_every_event_in_order() {
+    bounded(async {
+        let (_dir, _clock, mut server) = fresh_with(fast_heartbeats()).await;
+        const WATCHERS: usize = 80;
+        let mut streams = Vec::with_capacity(WATCHERS);
+        for _ in 0..WATCHERS {
+            streams.push(
+                watch(&mut server.client, watch_from(StartPosition::Latest))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let created = create_many(&mut server.client, "crowd", 40).await;
+        let head = head(&mut server.client).await;
+        let mut first: Option<Vec<CustomerEvent>> = None;
+        for mut stream in streams {
+            let events = read_to_head(&mut stream, head).await;
+            assert_eq!(
+                event_customer_ids(&events),
+                ids(&created),
+                "a watcher missed or reordered events"
+            );
+            match &first {
+                None => first = Some(events),
+                Some(first) => assert_eq!(&events, first, "watchers saw different events"),
+            }
+        }
+        server.stop().await;
+    })
+    .await;
+}
