@@ -2,9 +2,9 @@
 //! number of calls in flight.
 //!
 //! A tower layer rather than a tonic interceptor, because the decision depends on the path
-//! (health always open, reflection optionally) and an interceptor does not see it. Refusals are
-//! ordinary gRPC statuses (UNAUTHENTICATED, RESOURCE_EXHAUSTED), sent as trailers-only
-//! responses, so every client reads them the usual way.
+//! (the health check always open, reflection optionally) and an interceptor does not see it.
+//! Refusals are ordinary gRPC statuses (UNAUTHENTICATED, RESOURCE_EXHAUSTED), sent as
+//! trailers-only responses, so every client reads them the usual way.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -103,8 +103,8 @@ pub struct SecurityOptions {
     #[arg(long, env = "MIP_AUTH_TOKEN", hide_env_values = true, value_parser = unchecked_secret)]
     pub auth_token: Option<Secret>,
 
-    /// Let reflection (service listing, `grpcurl describe`) answer without a token. Health
-    /// always answers without one, so probes need no secret.
+    /// Let reflection (service listing, `grpcurl describe`) answer without a token. The health
+    /// check always answers without one, so probes need no secret.
     #[arg(long, env = "MIP_REFLECTION_PUBLIC")]
     pub reflection_public: bool,
 }
