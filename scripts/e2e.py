@@ -196,15 +196,8 @@ def run_secure_platform(work: str) -> None:
             missing = [w for w in wanted if w not in output]
             report(result.returncode in codes and not missing, f"README: {line[:90]}",
                    f"exit {result.returncode}, missing {missing}, output: {output[:400]}")
-        demo = subprocess.run(
-            [sys.executable, str(ROOT / "clients/python/demo.py"),
-             "--crm", f"127.0.0.1:{ports['crm']}",
-             "--inventory", f"127.0.0.1:{ports['inventory']}",
-             "--integration", f"127.0.0.1:{ports['integration']}",
-             "--ca", "certs/ca.pem", "--cert", "certs/client.pem",
-             "--key", "certs/client-key.pem", "--token-file", "certs/token"],
-            cwd=work, capture_output=True, text=True, timeout=120,
-        )
+        demo = run_demo(ports, "--ca", "certs/ca.pem", "--cert", "certs/client.pem",
+                        "--key", "certs/client-key.pem", "--token-file", "certs/token", cwd=work)
         report(demo.returncode == 0 and "demo passed" in demo.stdout,
                "Python demo with mutual TLS and a token", demo.stdout + demo.stderr)
         token = open(os.path.join(work, "certs/token")).read().strip()
@@ -221,6 +214,17 @@ def run_secure_platform(work: str) -> None:
         log.close()
 
 
+def run_demo(ports: dict, *extra: str, cwd=None) -> subprocess.CompletedProcess:
+    """clients/python/demo.py against the platform on `ports`, with `extra` flags."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "clients/python/demo.py"),
+         "--crm", f"127.0.0.1:{ports['crm']}",
+         "--inventory", f"127.0.0.1:{ports['inventory']}",
+         "--integration", f"127.0.0.1:{ports['integration']}", *extra],
+        cwd=cwd, capture_output=True, text=True, timeout=120,
+    )
+
+
 def run_python_demo(ports: dict) -> None:
     generated = subprocess.run(
         [sys.executable, str(ROOT / "clients/python/generate.py")],
@@ -230,13 +234,7 @@ def run_python_demo(ports: dict) -> None:
     stub = ROOT / "clients/python/generated/crm/v1/crm_pb2_grpc.py"
     report(stub.exists() and "stores customers and publishes every change" in stub.read_text(),
            "proto comments reach the generated Python client")
-    demo = subprocess.run(
-        [sys.executable, str(ROOT / "clients/python/demo.py"),
-         "--crm", f"127.0.0.1:{ports['crm']}",
-         "--inventory", f"127.0.0.1:{ports['inventory']}",
-         "--integration", f"127.0.0.1:{ports['integration']}"],
-        capture_output=True, text=True, timeout=120,
-    )
+    demo = run_demo(ports)
     report(demo.returncode == 0 and "demo passed" in demo.stdout,
            "Python demo: health, watch from token, create, package appears",
            demo.stdout + demo.stderr)

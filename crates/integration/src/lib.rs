@@ -368,12 +368,13 @@ pub async fn serve(
     ));
     let engine_task = tokio::spawn(engine.run(checkpoint));
     health.set_serving().await;
-    let served = mip_runtime::server::serve(
+    let served = mip_runtime::server::serve_secured(
         listener,
         mip_proto::INTEGRATION_DESCRIPTOR_SET,
         routes,
         health,
         server,
+        security,
         shutdown.clone(),
     )
     .await;

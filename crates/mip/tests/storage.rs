@@ -10,7 +10,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use common::{MIP, mip, run_bounded, run_mip};
+use common::{MIP, mip, run_bounded, run_mip, without_mip_env};
 
 /// An unprivileged user, for when the tests run as root (which file permissions do not stop).
 const NOBODY: &str = "65534";
@@ -37,11 +37,7 @@ fn mip_as_unprivileged(args: &[&str]) -> Command {
             MIP,
         ])
         .args(args);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("MIP_") {
-            command.env_remove(name);
-        }
-    }
+    without_mip_env(&mut command);
     command
 }
 

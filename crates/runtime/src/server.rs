@@ -24,7 +24,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tracing::{info, warn};
 
 use crate::admission::AdmissionLayer;
-use crate::security::{SecurityError, SecurityOptions};
+use crate::security::{Security, SecurityError, SecurityOptions};
 
 /// Transport settings shared by every server, set once here.
 #[derive(Debug, Clone, clap::Args)]
@@ -273,8 +273,31 @@ pub async fn serve(
     options: &ServerOptions,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let addr = listener.local_addr().ok();
     let security = options.security.load()?;
+    serve_secured(
+        listener,
+        descriptor_set,
+        routes,
+        health,
+        options,
+        security,
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`] with [`ServerOptions::security`] already loaded, for a service that also uses it
+/// for its own clients (so the files are read once).
+pub async fn serve_secured(
+    listener: TcpListener,
+    descriptor_set: &'static [u8],
+    routes: Routes,
+    health: Health,
+    options: &ServerOptions,
+    security: Security,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr().ok();
     // The service's own contract, health, and the standard error details, so that grpcurl can
     // also decode the field violations in an INVALID_ARGUMENT.
     let reflection = || {

@@ -21,13 +21,18 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 /// `mip` with no `MIP_*` variable inherited from whoever runs the tests.
 pub fn mip() -> Command {
     let mut command = Command::new(MIP);
+    without_mip_env(&mut command);
+    command.env("RUST_LOG", "info").stdin(Stdio::null());
+    command
+}
+
+/// Keeps `command` from inheriting any `MIP_*` variable of whoever runs the tests.
+pub fn without_mip_env(command: &mut Command) {
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("MIP_") {
             command.env_remove(name);
         }
     }
-    command.env("RUST_LOG", "info").stdin(Stdio::null());
-    command
 }
 
 /// Runs `mip <args>` to completion, with a bound on how long it may take; returns its status
