@@ -76,6 +76,11 @@ use mip_runtime::sqlite::Durability;
 
 use crate::scenarios::Scenario;
 
+/// mimalloc instead of the system allocator: glibc's `malloc` and `free` took about 12% of the
+/// CPU in a throughput profile (TECHNICAL_DESIGN.md, Performance).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Benchmarks the Mini Integration Platform (CRM, Inventory, integration service) over real
 /// gRPC on loopback, and checks that every customer got exactly one welcome package.
 #[derive(Debug, Parser)]
