@@ -214,8 +214,21 @@ async fn receive(
     stop: CancellationToken,
 ) -> Watcher {
     let mut watcher = Watcher::new();
+    // Futures made once rather than in every `select!`: a new one per message registered and
+    // unregistered a waiter each time, which cost the client as much as decoding.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    let mut last_wanted = *target.borrow_and_update();
+    let set = async move {
+        // The target is set once, when the load is done; a dropped sender ends the watcher.
+        match target.wait_for(|&t| t != i64::MAX).await {
+            Ok(t) => *t,
+            Err(_) => i64::MIN,
+        }
+    };
+    tokio::pin!(set);
     loop {
-        if watcher.received > 0 && watcher.last >= *target.borrow_and_update() {
+        if watcher.received > 0 && watcher.last >= last_wanted {
             return watcher;
         }
         tokio::select! {
@@ -236,8 +249,13 @@ async fn receive(
                     return watcher;
                 }
             },
-            changed = target.changed() => if changed.is_err() { return watcher },
-            () = stop.cancelled() => {
+            wanted = &mut set, if last_wanted == i64::MAX => {
+                if wanted == i64::MIN {
+                    return watcher;
+                }
+                last_wanted = wanted;
+            }
+            () = &mut stopped => {
                 watcher.error = Some("no progress; gave up".to_owned());
                 return watcher;
             }

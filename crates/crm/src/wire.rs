@@ -21,7 +21,6 @@ use mip_proto::crm::v1 as pb;
 use mip_proto::crm::v1::crm_service_server::CrmServiceServer;
 use mip_runtime::server::ServerOptions;
 use prost::Message;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::{
     Codec, CompressionEncoding, DecodeBuf, Decoder, EnabledCompressionEncodings, EncodeBuf, Encoder,
 };
@@ -29,7 +28,7 @@ use tonic::server::{NamedService, ServerStreamingService};
 use tonic::{Request, Response, Status};
 
 use crate::domain::CustomerEvent;
-use crate::service::{CrmApi, WatchOutput};
+use crate::service::{CrmApi, Unbatch, WatchOutput};
 use crate::store::CrmStore;
 
 /// The method served here rather than by the generated server.
@@ -99,7 +98,7 @@ struct WatchMethod<S>(Arc<CrmApi<S>>);
 
 impl<S: CrmStore> ServerStreamingService<pb::WatchCustomersRequest> for WatchMethod<S> {
     type Response = Encoded;
-    type ResponseStream = ReceiverStream<Result<Encoded, Status>>;
+    type ResponseStream = Unbatch<Encoded>;
     type Future =
         Pin<Box<dyn Future<Output = Result<Response<Self::ResponseStream>, Status>> + Send>>;
 
