@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 use uuid::Uuid;
 
+use crate::RequestIds;
 use crate::report::{histogram, record_duration};
 
 /// A CRM client on one connection.
@@ -68,6 +69,8 @@ pub struct Clients {
     crm: Vec<CrmClient>,
     /// Inventory, for the checks (listing only, so one connection).
     pub inventory: InventoryClient,
+    /// How CreateCustomer's request ids are made.
+    request_ids: RequestIds,
 }
 
 impl Clients {
@@ -76,6 +79,7 @@ impl Clients {
         crm: SocketAddr,
         inventory: SocketAddr,
         connections: usize,
+        request_ids: RequestIds,
     ) -> anyhow::Result<Self> {
         let mut clients = Vec::with_capacity(connections);
         for _ in 0..connections.max(1) {
@@ -85,6 +89,7 @@ impl Clients {
             crm: clients,
             inventory: InventoryServiceClient::new(connect(inventory).await?)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            request_ids,
         })
     }
 
@@ -141,9 +146,9 @@ fn retryable(code: Code) -> bool {
 async fn create_customer(
     mut crm: CrmClient,
     i: u64,
+    request_id: Uuid,
     retries: &AtomicU64,
 ) -> Result<Created, Status> {
-    let request_id = Uuid::new_v4();
     let mut attempt = 1;
     loop {
         // Built afresh per attempt: tonic consumes the request, and retries are rare.
@@ -215,6 +220,7 @@ pub async fn closed_loop_from(
         // choice; each keeps its own histogram and list, merged at the end, so callers never
         // contend on a lock.
         let (crm, next, retries) = (clients.crm(worker), Arc::clone(&next), Arc::clone(&retries));
+        let request_ids = clients.request_ids;
         tasks.spawn(async move {
             let mut created = Vec::with_capacity(n / workers + 1);
             let mut latency = histogram();
@@ -224,7 +230,8 @@ pub async fn closed_loop_from(
                     return Ok::<_, Status>((created, latency));
                 }
                 let sent = Instant::now();
-                created.push(create_customer(crm.clone(), i as u64, &retries).await?);
+                let request_id = request_ids.make();
+                created.push(create_customer(crm.clone(), i as u64, request_id, &retries).await?);
                 record_duration(&mut latency, sent.elapsed());
             }
         });
@@ -289,8 +296,9 @@ pub async fn open_loop(
                 last_send = Instant::now();
                 max_send_lag = max_send_lag.max(last_send - due);
                 let (crm, retries) = (clients.crm(k as usize), Arc::clone(&retries));
+                let request_id = clients.request_ids.make();
                 tasks.spawn(async move {
-                    let result = create_customer(crm, k, &retries).await;
+                    let result = create_customer(crm, k, request_id, &retries).await;
                     (result, due.elapsed())
                 });
                 max_in_flight = max_in_flight.max(tasks.len());

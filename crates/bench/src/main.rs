@@ -188,6 +188,11 @@ struct Flags {
     )]
     connections: usize,
 
+    /// How the load makes CreateCustomer's request ids: `ordered` (UUIDv7, what the API
+    /// recommends) or `random` (UUIDv4, which costs CRM a random page write per create).
+    #[arg(long, env = "MIP_BENCH_REQUEST_IDS", value_enum, default_value_t = RequestIds::Ordered, global = true)]
+    request_ids: RequestIds,
+
     /// Fail a run when deliveries (or watchers) make no progress for this long.
     #[arg(long, env = "MIP_BENCH_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
     stall_timeout: Duration,
@@ -237,6 +242,8 @@ pub struct Settings {
     pub durability: Durability,
     /// HTTP/2 connections for the load.
     pub connections: usize,
+    /// CreateCustomer's request ids.
+    pub request_ids: RequestIds,
     /// No progress for this long fails the run.
     pub stall_timeout: Duration,
     /// RUST_LOG of service processes.
@@ -262,6 +269,7 @@ impl Settings {
             poll_interval: flags.poll_interval,
             durability: flags.durability,
             connections: flags.connections,
+            request_ids: flags.request_ids,
             stall_timeout: flags.stall_timeout,
             service_log: flags.service_log.clone(),
             smoke,
@@ -396,6 +404,25 @@ async fn interrupted() -> &'static str {
     }
     let _ = tokio::signal::ctrl_c().await;
     "interrupted"
+}
+
+/// How the load makes request ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RequestIds {
+    /// UUIDv7: time-ordered, so CRM's request-id index grows at its end.
+    Ordered,
+    /// UUIDv4: each create writes a random page of that index.
+    Random,
+}
+
+impl RequestIds {
+    /// A new request id.
+    pub fn make(self) -> uuid::Uuid {
+        match self {
+            Self::Ordered => uuid::Uuid::now_v7(),
+            Self::Random => uuid::Uuid::new_v4(),
+        }
+    }
 }
 
 /// The name clap shows for a value, for reports (`auto`, `full`).

@@ -135,6 +135,8 @@ pub struct SettingsRecord {
     polls: usize,
     /// `--connections`.
     connections: usize,
+    /// `--request-ids`.
+    request_ids: String,
     /// `--smoke`.
     smoke: bool,
 }
@@ -228,6 +230,7 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
             watchers: settings.watchers,
             polls: settings.polls,
             connections: settings.connections,
+            request_ids: value_name(&settings.request_ids),
             smoke: settings.smoke,
         },
         results: part.results,
@@ -243,7 +246,13 @@ async fn start(
     config: &PlatformConfig,
 ) -> anyhow::Result<(Platform, Clients)> {
     let platform = Platform::start(config).await?;
-    let clients = Clients::connect(platform.crm, platform.inventory, settings.connections).await?;
+    let clients = Clients::connect(
+        platform.crm,
+        platform.inventory,
+        settings.connections,
+        settings.request_ids,
+    )
+    .await?;
     Ok((platform, clients))
 }
 
@@ -444,7 +453,13 @@ async fn unary(
     table: &mut Table,
 ) -> anyhow::Result<Part<UnaryResults>> {
     let mut platform = Platform::start_without_integration(config).await?;
-    let clients = Clients::connect(platform.crm, platform.inventory, settings.connections).await?;
+    let clients = Clients::connect(
+        platform.crm,
+        platform.inventory,
+        settings.connections,
+        settings.request_ids,
+    )
+    .await?;
     let run = load::closed_loop(&clients, settings.customers, settings.concurrency).await?;
     platform.start_integration().await?;
     let (packages, _) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
@@ -733,7 +748,13 @@ async fn poll_cost(
     table: &mut Table,
 ) -> anyhow::Result<Part<PollCostResults>> {
     let mut platform = Platform::start_without_integration(config).await?;
-    let clients = Clients::connect(platform.crm, platform.inventory, settings.connections).await?;
+    let clients = Clients::connect(
+        platform.crm,
+        platform.inventory,
+        settings.connections,
+        settings.request_ids,
+    )
+    .await?;
     let crm_pid = platform
         .pids()
         .into_iter()

@@ -318,8 +318,10 @@ pub async fn serve(
     let stats = Arc::new(Stats::default());
     let crm = CrmServiceClient::new(channel(&options.crm_addr, &options, &security)?)
         .max_decoding_message_size(server.max_message_bytes);
+    let request_ids = store.request_ids(clock.now()).await?;
     let deliverer = Deliverer::new(
         channel(&options.inventory_addr, &options, &security)?,
+        request_ids,
         RetryPolicy {
             max_attempts: options.max_attempts.max(1),
             initial_backoff: options.retry_initial,

@@ -1,4 +1,5 @@
-//! The integration service's own durable state: the checkpoint and the dead-letter list.
+//! The integration service's own durable state: the checkpoint, the dead-letter list, and
+//! from when idempotency keys are time-ordered.
 //!
 //! Both live in one SQLite database under the data directory, written through the shared
 //! group-commit writer. The SQL is portable to PostgreSQL.
@@ -12,6 +13,7 @@ use mip_runtime::sqlite::{Db, DbError, Durability};
 use rusqlite::{OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
+use crate::deliver::{RequestIds, UPGRADE_MARGIN};
 use crate::tracker::Mark;
 
 /// A delivery that failed for good.
@@ -50,14 +52,20 @@ pub trait IntegrationStore: Send + Sync + 'static {
     async fn remove_dead_letter(&self, event_id: &str) -> Result<(), DbError>;
     /// How many dead letters there are.
     async fn count_dead_letters(&self) -> Result<u64, DbError>;
+    /// How idempotency keys are derived, fixed the first time this is asked: time-ordered for
+    /// every customer in a new data directory, and for customers created from
+    /// [`UPGRADE_MARGIN`] after `now` in one an earlier version left (it may have sent
+    /// name-based keys past its checkpoint).
+    async fn request_ids(&self, now: SystemTime) -> Result<RequestIds, DbError>;
 }
 
 /// Database file name under the data directory.
 pub const DB_FILE: &str = "integration.db";
 
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(
-        "CREATE TABLE checkpoint (
+    Migrations::new(vec![
+        M::up(
+            "CREATE TABLE checkpoint (
             id          BIGINT PRIMARY KEY CHECK (id = 1),
             token       TEXT NOT NULL,
             sequence    BIGINT NOT NULL,
@@ -72,7 +80,14 @@ fn migrations() -> Migrations<'static> {
             create_time BIGINT NOT NULL,
             update_time BIGINT NOT NULL
         );",
-    )])
+        ),
+        M::up(
+            "CREATE TABLE request_ids (
+                id               BIGINT PRIMARY KEY CHECK (id = 1),
+                ordered_from_ms  BIGINT NOT NULL
+            );",
+        ),
+    ])
 }
 
 /// The embedded store.
@@ -202,5 +217,89 @@ impl IntegrationStore for SqliteStore {
                 Ok(n.unsigned_abs())
             })
             .await
+    }
+
+    async fn request_ids(&self, now: SystemTime) -> Result<RequestIds, DbError> {
+        self.db
+            .write(move |c| {
+                let fixed: Option<i64> = c
+                    .prepare_cached("SELECT ordered_from_ms FROM request_ids WHERE id = 1")?
+                    .query_row([], |r| r.get(0))
+                    .optional()?;
+                if let Some(ms) = fixed {
+                    return Ok(RequestIds::ordered_from_ms(ms.unsigned_abs()));
+                }
+                let earlier_version: bool = c
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM checkpoint)
+                             OR EXISTS (SELECT 1 FROM dead_letters)",
+                    )?
+                    .query_row([], |r| r.get(0))?;
+                let ms = if earlier_version {
+                    let from = (now + UPGRADE_MARGIN)
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    u64::try_from(from.as_millis()).unwrap_or(u64::MAX)
+                } else {
+                    0
+                };
+                let ids = RequestIds::ordered_from_ms(ms);
+                c.prepare_cached("INSERT INTO request_ids (id, ordered_from_ms) VALUES (1, ?1)")?
+                    .execute([i64::try_from(ids.since_ms()).unwrap_or(i64::MAX)])?;
+                Ok(ids)
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_new_data_dir_orders_every_key_and_the_choice_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), Durability::Normal).unwrap();
+        let now = SystemTime::now();
+        let ids = store.request_ids(now).await.unwrap();
+        assert_eq!(ids, RequestIds::ordered());
+        // Kept across later starts, whatever happens in between.
+        store
+            .save_checkpoint(
+                Mark {
+                    token: "t".to_owned(),
+                    sequence: 1,
+                },
+                now,
+            )
+            .await
+            .unwrap();
+        let later = now + Duration::from_secs(86_400);
+        assert_eq!(store.request_ids(later).await.unwrap(), ids);
+    }
+
+    #[tokio::test]
+    async fn a_data_dir_with_a_checkpoint_orders_keys_only_after_the_margin() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), Durability::Normal).unwrap();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000);
+        store
+            .save_checkpoint(
+                Mark {
+                    token: "t".to_owned(),
+                    sequence: 7,
+                },
+                now,
+            )
+            .await
+            .unwrap();
+        let ids = store.request_ids(now).await.unwrap();
+        assert_eq!(
+            u128::from(ids.since_ms()),
+            (1_900_000_000 + UPGRADE_MARGIN.as_secs() as u128) * 1000
+        );
+        assert_eq!(store.request_ids(now).await.unwrap(), ids);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mip_integration::Stats;
-use mip_integration::deliver::{Deliverer, RandomJitter, RetryPolicy};
+use mip_integration::deliver::{Deliverer, RandomJitter, RequestIds, RetryPolicy};
 use mip_integration::engine::Handler;
 use mip_integration::service::IntegrationApi;
 use mip_integration::store::{DeadLetter, IntegrationStore, SqliteStore};
@@ -81,6 +81,7 @@ impl Fixture {
             let stats = Arc::new(Stats::default());
             let deliverer = Deliverer::new(
                 InterceptedService::new(channel, Authenticator::default()),
+                RequestIds::ordered(),
                 RetryPolicy {
                     max_attempts: 1,
                     initial_backoff: Duration::from_millis(1),

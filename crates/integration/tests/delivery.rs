@@ -16,6 +16,8 @@ use common::{
 };
 use mip_crm::CrmOptions;
 use mip_integration::Mode;
+use mip_integration::deliver::UPGRADE_MARGIN;
+use mip_integration::store::{DeadLetter, IntegrationStore, SqliteStore};
 use mip_proto::crm::v1::ListCustomerEventsRequest;
 use mip_proto::integration::v1::{
     FeedMode, ListDeadLettersRequest, ListDeadLettersResponse, RetryDeadLettersRequest,
@@ -26,10 +28,12 @@ use mip_proto::inventory::v1::inventory_service_server::{
 };
 use mip_runtime::CancellationToken;
 use mip_runtime::clock::ManualClock;
+use mip_runtime::sqlite::Durability;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status};
+use uuid::Uuid;
 
 /// Customers per test, unless a test needs a different number.
 const CUSTOMERS: usize = 200;
@@ -111,6 +115,77 @@ async fn existing_customers_get_packages_on_first_start() {
         )
         .await;
         wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
+        integration.stop().await;
+        inventory.stop().await;
+        crm.stop().await;
+    })
+    .await;
+}
+
+/// An earlier version sent name-based idempotency keys, possibly past the checkpoint it saved.
+/// Started on its data directory, this version must send the same keys for those customers,
+/// or Inventory would create their packages a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_an_earlier_versions_data_dir_sends_no_second_package() {
+    bounded(async {
+        let dirs = Dirs::new();
+        let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
+        let mut inventory = common::Inventory::start(&dirs.inventory()).await;
+        let ids = create_customers(&crm.client(), CUSTOMERS).await;
+        // What the earlier version did: it delivered every customer with a name-based key and
+        // saved no checkpoint, so this version starts from the earliest event and repeats all
+        // of them. Its data directory holds a dead letter, which marks it as used.
+        for id in &ids {
+            inventory
+                .client()
+                .create_package_request(inventory::CreatePackageRequestRequest {
+                    customer_id: id.clone(),
+                    package_type: "welcome_package".to_owned(),
+                    request_id: Uuid::new_v5(
+                        &Uuid::from_u128(0x6d69_7000_7765_6c63_6f6d_6500_0000_0001),
+                        format!("welcome_package/{id}").as_bytes(),
+                    )
+                    .to_string(),
+                })
+                .await
+                .expect("create as the earlier version did");
+        }
+        let store = SqliteStore::open(&dirs.integration(), Durability::Normal).unwrap();
+        let now = SystemTime::now();
+        store
+            .put_dead_letter(DeadLetter {
+                event_id: "earlier".to_owned(),
+                customer_id: Uuid::now_v7().to_string(),
+                reason: "left by an earlier version".to_owned(),
+                attempts: 1,
+                create_time: now,
+                update_time: now,
+            })
+            .await
+            .unwrap();
+        drop(store);
+        let mut integration = Integration::start(
+            &dirs.integration(),
+            integration_options(crm.addr, inventory.addr, Mode::Auto),
+        )
+        .await;
+        // Every event is handled (the checkpoint reaches the head) and nobody has two.
+        let head = crm_head(&crm.client()).await;
+        integration.wait_for_checkpoint(head).await;
+        wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
+        // Customers created from now on get time-ordered keys only after the margin.
+        let store = SqliteStore::open(&dirs.integration(), Durability::Normal).unwrap();
+        let since = store
+            .request_ids(SystemTime::now())
+            .await
+            .unwrap()
+            .since_ms();
+        let expected = now + UPGRADE_MARGIN;
+        let expected = expected
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        assert!(u128::from(since) >= expected - 60_000 && u128::from(since) <= expected + 60_000);
         integration.stop().await;
         inventory.stop().await;
         crm.stop().await;
