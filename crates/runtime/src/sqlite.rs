@@ -1,9 +1,17 @@
 //! The embedded store's plumbing: one SQLite database per service, in WAL mode.
 //!
 //! Writes go through a single writer thread that **group-commits**: it takes every write that
-//! is waiting, runs each inside its own savepoint of one shared transaction, commits once (one
-//! fsync for the whole batch), and only then answers the callers. A write that fails rolls back
-//! its own savepoint without disturbing the others in its batch. Callers can attach an
+//! is waiting, runs them one after another in one shared transaction, commits once (one fsync
+//! for the whole batch), and only then answers the callers.
+//!
+//! **A write must fail before it changes anything**: check, then write. A write that fails
+//! without having changed a row leaves its batch undisturbed. One that fails after changing
+//! rows cannot be undone alone (there is no savepoint per write), so its whole batch is rolled
+//! back and every write in it fails with [`DbError::BatchAborted`], which is transient. Every
+//! store validates first, so this only happens on storage errors, which fail the batch's
+//! commit anyway. Savepoints per write were what this replaced: opening and releasing them,
+//! and copying every page a write touched into the savepoint journal, cost about a fifth of
+//! end-to-end throughput (TECHNICAL_DESIGN.md, Performance). Callers can attach an
 //! `on_commit` action that runs on the writer thread in commit order: the CRM store uses it to
 //! publish change events to live watchers in exactly the order they were committed.
 //!
@@ -65,6 +73,10 @@ pub enum DbError {
     /// The writer thread has stopped (the service is shutting down).
     #[error("the store is shutting down")]
     Closed,
+    /// Another write in the same group commit failed after changing rows, so the whole group
+    /// was rolled back; this write was not committed and may be retried.
+    #[error("the write was rolled back with its group commit; retry it")]
+    BatchAborted,
 }
 
 impl DbError {
@@ -75,7 +87,7 @@ impl DbError {
                 e.sqlite_error_code(),
                 Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
             ),
-            DbError::Pool(_) | DbError::Closed => true,
+            DbError::Pool(_) | DbError::Closed | DbError::BatchAborted => true,
             DbError::Migration(_) | DbError::Open { .. } => false,
         }
     }
@@ -97,7 +109,7 @@ type Completion = Box<dyn FnOnce(Result<(), DbError>) + Send>;
 
 /// A write waiting for the writer thread.
 trait WriteJob: Send {
-    /// Runs the write inside its savepoint; says whether it succeeded, and how to answer.
+    /// Runs the write; says whether it succeeded, and how to answer.
     fn run(self: Box<Self>, conn: &Connection) -> (bool, Completion);
     /// Answers the caller without running: the batch could not even begin.
     fn abort(self: Box<Self>, error: DbError);
@@ -365,7 +377,7 @@ fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn WriteJob>
             }
         }
         let size = batch.len();
-        let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => tx,
             Err(e) => {
                 let e = DbError::from(e);
@@ -377,34 +389,29 @@ fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn WriteJob>
             }
         };
         let mut completions = Vec::with_capacity(size);
-        // A savepoint that cannot be opened or released leaves the transaction in an unknown
-        // state: the whole batch is then rolled back and every write in it fails.
+        // Set when the transaction can no longer be committed as a whole: a write failed after
+        // changing rows, or SQLite rolled the transaction back itself (it may, on I/O errors).
         let mut broken = None;
         let mut jobs = batch.drain(..);
         for job in jobs.by_ref() {
-            let savepoint = match tx.savepoint() {
-                Ok(sp) => sp,
-                Err(e) => {
-                    let e = DbError::from(e);
-                    job.abort(e.clone());
-                    broken = Some(e);
-                    break;
-                }
-            };
-            let (ok, completion) = job.run(&savepoint);
+            let changes = tx.total_changes();
+            let (ok, completion) = job.run(&tx);
             completions.push(completion);
-            let released = if ok {
-                savepoint.commit()
-            } else {
-                savepoint.finish()
-            };
-            if let Err(e) = released {
-                broken = Some(DbError::from(e));
+            if tx.is_autocommit() {
+                broken = Some(DbError::BatchAborted);
+                break;
+            }
+            if !ok && tx.total_changes() != changes {
+                broken = Some(DbError::BatchAborted);
                 break;
             }
         }
         if let Some(e) = broken {
-            failures.failed(path, &e, "write batch failed; rolled back");
+            failures.failed(
+                path,
+                &e,
+                "a write failed after changing rows; its whole group commit was rolled back",
+            );
             for job in jobs {
                 job.abort(e.clone());
             }
@@ -443,7 +450,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn failed_write_does_not_disturb_its_batch() {
+    async fn a_write_that_fails_before_changing_anything_leaves_its_batch_alone() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path(), "t.db", &migrations(), Durability::Normal).unwrap();
         let insert = |name: &'static str| {
@@ -466,6 +473,57 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(count, 2);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fails_after_changing_rows_rolls_back_its_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), "t.db", &migrations(), Durability::Normal).unwrap();
+        let insert = |names: &'static [&'static str]| {
+            let db = db.clone();
+            async move {
+                db.write(move |c| {
+                    for name in names {
+                        c.execute("INSERT INTO item (name) VALUES (?1)", [name])?;
+                    }
+                    Ok::<_, DbError>(())
+                })
+                .await
+            }
+        };
+        // Holds the writer, so that the writes after it queue up and commit as one group.
+        let hold = db.write(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            Ok::<_, DbError>(())
+        });
+        let (_, x, half, y) = tokio::join!(
+            hold,
+            insert(&["x"]),
+            insert(&["half", "half"]),
+            insert(&["y"])
+        );
+        assert!(matches!(x, Err(DbError::BatchAborted)), "{x:?}");
+        assert!(matches!(y, Err(DbError::BatchAborted)), "{y:?}");
+        assert!(
+            matches!(&half, Err(DbError::Sqlite(e)) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation)),
+            "{half:?}"
+        );
+        let count = |db: Db| async move {
+            db.read(|c| {
+                c.query_row("SELECT COUNT(*) FROM item", [], |r| r.get::<_, i64>(0))
+                    .map_err(DbError::from)
+            })
+            .await
+            .unwrap()
+        };
+        assert_eq!(
+            count(db.clone()).await,
+            0,
+            "nothing of the group is committed"
+        );
+        // The writer carries on: a retry commits.
+        insert(&["x"]).await.unwrap();
+        assert_eq!(count(db.clone()).await, 1);
     }
 
     #[tokio::test]
