@@ -34,6 +34,7 @@ EXPECT = {
     " list": ["crm.v1.CrmService", "grpc.health.v1.Health"],
     "describe crm.v1.CrmService.CreateCustomer": ["rpc CreateCustomer", "Creates a customer"],
     '"name": "Ada Lovelace"': ['"email": "ada@example.com"', '"id"'],
+    "BatchCreateCustomers": ['"results"', '"email": "grace@example.com"', '"email": "edsger@example.com"'],
     "WatchCustomers": ["CUSTOMER_EVENT_TYPE_CREATED", "resumeToken"],
     "ListPackageRequests": ['"packageType": "welcome_package"'],
     "ListCustomerEvents": ['"events"', "CUSTOMER_EVENT_TYPE_CREATED"],

@@ -9,8 +9,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
+use mip_proto::crm::v1::create_customer_result::Result as CreateResult;
 use mip_proto::crm::v1::crm_service_client::CrmServiceClient;
-use mip_proto::crm::v1::{CreateCustomerRequest, ListCustomersRequest};
+use mip_proto::crm::v1::{
+    BatchCreateCustomersRequest, CreateCustomerRequest, Customer, ListCustomersRequest,
+};
 use mip_proto::integration::v1::integration_service_client::IntegrationServiceClient;
 use mip_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use tokio::task::JoinSet;
@@ -71,6 +74,9 @@ pub struct Clients {
     pub inventory: InventoryClient,
     /// How CreateCustomer's request ids are made.
     request_ids: RequestIds,
+    /// Customers per call in the closed loop: 1 for CreateCustomer, more for
+    /// BatchCreateCustomers.
+    batch: usize,
 }
 
 impl Clients {
@@ -80,6 +86,7 @@ impl Clients {
         inventory: SocketAddr,
         connections: usize,
         request_ids: RequestIds,
+        batch: usize,
     ) -> anyhow::Result<Self> {
         let mut clients = Vec::with_capacity(connections);
         for _ in 0..connections.max(1) {
@@ -90,6 +97,7 @@ impl Clients {
             inventory: InventoryServiceClient::new(connect(inventory).await?)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
             request_ids,
+            batch: batch.max(1),
         })
     }
 
@@ -159,15 +167,65 @@ async fn create_customer(
         });
         request.set_timeout(CALL_TIMEOUT);
         match crm.create_customer(request).await {
+            Ok(response) => return created(&response.into_inner()),
+            Err(status) if retryable(status.code()) && attempt < MAX_ATTEMPTS => {
+                retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                attempt += 1;
+            }
+            Err(status) => return Err(status),
+        }
+    }
+}
+
+/// A created customer, as the checks need it.
+fn created(customer: &Customer) -> Result<Created, Status> {
+    let id = Uuid::parse_str(&customer.id)
+        .map_err(|e| Status::internal(format!("CRM returned a bad id {:?}: {e}", customer.id)))?;
+    Ok(Created {
+        id,
+        create_us: micros(customer.create_time.as_ref()),
+    })
+}
+
+/// Creates customers number `first..first + n` in one BatchCreateCustomers call, retrying the
+/// whole call on transient failures (the request ids make that safe). Any request of the
+/// batch failing fails the run: a fresh platform has no reason to refuse one.
+async fn create_customers(
+    mut crm: CrmClient,
+    first: u64,
+    n: u64,
+    request_ids: RequestIds,
+    retries: &AtomicU64,
+) -> Result<Vec<Created>, Status> {
+    let requests: Vec<CreateCustomerRequest> = (first..first + n)
+        .map(|i| CreateCustomerRequest {
+            name: CUSTOMER_NAME.to_owned(),
+            email: format!("bench-{i}@example.com"),
+            request_id: request_ids.make().to_string(),
+        })
+        .collect();
+    let mut attempt = 1;
+    loop {
+        let mut request = Request::new(BatchCreateCustomersRequest {
+            requests: requests.clone(),
+        });
+        request.set_timeout(CALL_TIMEOUT);
+        match crm.batch_create_customers(request).await {
             Ok(response) => {
-                let customer = response.into_inner();
-                let id = Uuid::parse_str(&customer.id).map_err(|e| {
-                    Status::internal(format!("CRM returned a bad id {:?}: {e}", customer.id))
-                })?;
-                return Ok(Created {
-                    id,
-                    create_us: micros(customer.create_time.as_ref()),
-                });
+                return response
+                    .into_inner()
+                    .results
+                    .iter()
+                    .map(|r| match &r.result {
+                        Some(CreateResult::Customer(customer)) => created(customer),
+                        Some(CreateResult::Error(e)) => Err(Status::new(
+                            Code::from(e.code),
+                            format!("a request of the batch failed: {}", e.message),
+                        )),
+                        None => Err(Status::internal("CRM returned an empty result")),
+                    })
+                    .collect();
             }
             Err(status) if retryable(status.code()) && attempt < MAX_ATTEMPTS => {
                 retries.fetch_add(1, Ordering::Relaxed);
@@ -183,7 +241,7 @@ async fn create_customer(
 pub struct ClosedLoop {
     /// Every customer created, in no particular order.
     pub created: Vec<Created>,
-    /// CreateCustomer latency as each caller saw it, in microseconds.
+    /// Latency of each create call as its caller saw it, in microseconds.
     pub latency: Histogram<u64>,
     /// From the first call to the last reply.
     pub elapsed: Duration,
@@ -220,18 +278,26 @@ pub async fn closed_loop_from(
         // choice; each keeps its own histogram and list, merged at the end, so callers never
         // contend on a lock.
         let (crm, next, retries) = (clients.crm(worker), Arc::clone(&next), Arc::clone(&retries));
-        let request_ids = clients.request_ids;
+        let (request_ids, batch) = (clients.request_ids, clients.batch);
         tasks.spawn(async move {
             let mut created = Vec::with_capacity(n / workers + 1);
             let mut latency = histogram();
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
+                let i = next.fetch_add(batch, Ordering::Relaxed);
                 if i >= end {
                     return Ok::<_, Status>((created, latency));
                 }
                 let sent = Instant::now();
-                let request_id = request_ids.make();
-                created.push(create_customer(crm.clone(), i as u64, request_id, &retries).await?);
+                if batch == 1 {
+                    let request_id = request_ids.make();
+                    created
+                        .push(create_customer(crm.clone(), i as u64, request_id, &retries).await?);
+                } else {
+                    let n = batch.min(end - i) as u64;
+                    created.extend(
+                        create_customers(crm.clone(), i as u64, n, request_ids, &retries).await?,
+                    );
+                }
                 record_duration(&mut latency, sent.elapsed());
             }
         });

@@ -193,6 +193,11 @@ struct Flags {
     #[arg(long, env = "MIP_BENCH_REQUEST_IDS", value_enum, default_value_t = RequestIds::Ordered, global = true)]
     request_ids: RequestIds,
 
+    /// Customers per call in the closed-loop scenarios (throughput, unary, memory): 1 sends
+    /// CreateCustomer, more send BatchCreateCustomers with that many (at most 1000).
+    #[arg(long, env = "MIP_BENCH_BATCH", default_value_t = 1, global = true)]
+    batch: usize,
+
     /// Fail a run when deliveries (or watchers) make no progress for this long.
     #[arg(long, env = "MIP_BENCH_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
     stall_timeout: Duration,
@@ -244,6 +249,8 @@ pub struct Settings {
     pub connections: usize,
     /// CreateCustomer's request ids.
     pub request_ids: RequestIds,
+    /// Customers per closed-loop call.
+    pub batch: usize,
     /// No progress for this long fails the run.
     pub stall_timeout: Duration,
     /// RUST_LOG of service processes.
@@ -270,6 +277,7 @@ impl Settings {
             durability: flags.durability,
             connections: flags.connections,
             request_ids: flags.request_ids,
+            batch: flags.batch,
             stall_timeout: flags.stall_timeout,
             service_log: flags.service_log.clone(),
             smoke,
@@ -279,6 +287,10 @@ impl Settings {
         anyhow::ensure!(settings.watchers > 0, "--watchers must be at least 1");
         anyhow::ensure!(settings.polls > 0, "--polls must be at least 1");
         anyhow::ensure!(settings.connections > 0, "--connections must be at least 1");
+        anyhow::ensure!(
+            (1..=1000).contains(&settings.batch),
+            "--batch must be 1 to 1000"
+        );
         Ok(settings)
     }
 }

@@ -137,6 +137,8 @@ pub struct SettingsRecord {
     connections: usize,
     /// `--request-ids`.
     request_ids: String,
+    /// `--batch`.
+    batch: usize,
     /// `--smoke`.
     smoke: bool,
 }
@@ -231,6 +233,7 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
             polls: settings.polls,
             connections: settings.connections,
             request_ids: value_name(&settings.request_ids),
+            batch: settings.batch,
             smoke: settings.smoke,
         },
         results: part.results,
@@ -251,6 +254,7 @@ async fn start(
         platform.inventory,
         settings.connections,
         settings.request_ids,
+        settings.batch,
     )
     .await?;
     Ok((platform, clients))
@@ -290,7 +294,7 @@ pub struct ThroughputResults {
     end_to_end_s: f64,
     /// Customers per second, created and given their package.
     end_to_end_per_s: f64,
-    /// CreateCustomer latency as the callers saw it.
+    /// Latency of each create call (CreateCustomer, or BatchCreateCustomers with --batch) as the callers saw it.
     create_latency: Percentiles,
     /// Transient CreateCustomer failures retried.
     create_retries: u64,
@@ -324,10 +328,15 @@ async fn throughput(
         create_latency: Percentiles::of(&run.latency),
         create_retries: run.retries,
     };
+    let call = if settings.batch > 1 {
+        format!("BatchCreateCustomers ({} per call)", settings.batch)
+    } else {
+        "CreateCustomer".to_owned()
+    };
     table.row(
         "customers",
         format!(
-            "{} at concurrency {}",
+            "{} at concurrency {}, by {call}",
             results.customers, results.concurrency
         ),
     );
@@ -345,8 +354,8 @@ async fn throughput(
             results.end_to_end_per_s, results.end_to_end_s
         ),
     );
-    table.row("CreateCustomer latency", results.create_latency.summary());
-    table.row("CreateCustomer retries", results.create_retries.to_string());
+    table.row("call latency", results.create_latency.summary());
+    table.row("call retries", results.create_retries.to_string());
     Ok(Part {
         results,
         checks: vec![Check::OneWelcomePackageEach(packages)],
@@ -458,6 +467,7 @@ async fn unary(
         platform.inventory,
         settings.connections,
         settings.request_ids,
+        settings.batch,
     )
     .await?;
     let run = load::closed_loop(&clients, settings.customers, settings.concurrency).await?;
@@ -753,6 +763,7 @@ async fn poll_cost(
         platform.inventory,
         settings.connections,
         settings.request_ids,
+        settings.batch,
     )
     .await?;
     let crm_pid = platform

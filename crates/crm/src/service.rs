@@ -9,7 +9,7 @@ use mip_proto::crm::v1 as pb;
 use mip_proto::timestamp;
 use mip_runtime::CancellationToken;
 use mip_runtime::clock::{SharedClock, from_micros, to_micros};
-use mip_runtime::status::{Violations, token_reason};
+use mip_runtime::status::{Violations, field_violations, invalid_field, token_reason};
 use mip_runtime::token::{self, TokenError};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Semaphore, mpsc};
@@ -29,6 +29,21 @@ use crate::store::CrmStore;
 const RESUME_TOKEN: u8 = 1;
 /// Token kind of `ListCustomers` page tokens: `[log_id, snapshot, after_created_seq]`.
 const CUSTOMER_PAGE_TOKEN: u8 = 2;
+
+/// Most requests in one `BatchCreateCustomers` call.
+pub const MAX_BATCH: usize = 1000;
+
+/// A failed create, as one result of a batch.
+fn batch_item_error(status: &Status) -> pb::BatchItemError {
+    pb::BatchItemError {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        field_violations: field_violations(status)
+            .into_iter()
+            .map(|(field, description)| pb::FieldViolation { field, description })
+            .collect(),
+    }
+}
 
 /// Events read per step by a watcher that is catching up.
 const WATCH_BATCH: usize = 256;
@@ -121,6 +136,31 @@ impl<S: CrmStore> CrmApi<S> {
 
     fn event_to_proto(&self, event: &CustomerEvent) -> pb::CustomerEvent {
         event_to_proto(self.store.bounds().log_id, event)
+    }
+
+    /// Validates and creates one customer: `CreateCustomer`, and each item of
+    /// `BatchCreateCustomers`.
+    async fn create(&self, request: pb::CreateCustomerRequest) -> Result<pb::Customer, Status> {
+        let mut violations = Violations::new();
+        let name = violations.check("name", Name::parse(&request.name));
+        let email = violations.check("email", Email::parse(&request.email));
+        let request_id = if request.request_id.is_empty() {
+            None
+        } else {
+            violations.id("request_id", &request.request_id)
+        };
+        violations.finish()?;
+        let (Some(name), Some(email)) = (name, email) else {
+            unreachable!("violations.finish() returned early")
+        };
+        let new = NewCustomer {
+            name,
+            email,
+            request_id,
+        };
+        let customer = self.store.create_customer(new, self.now()).await?;
+        debug!(customer_id = %customer.id, "customer created");
+        Ok(customer_to_proto(&customer))
     }
 
     /// Opens a watch stream whose messages are `O`: protobuf messages for the generated
@@ -281,27 +321,39 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
         &self,
         request: Request<pb::CreateCustomerRequest>,
     ) -> Result<Response<pb::Customer>, Status> {
-        let request = request.into_inner();
-        let mut violations = Violations::new();
-        let name = violations.check("name", Name::parse(&request.name));
-        let email = violations.check("email", Email::parse(&request.email));
-        let request_id = if request.request_id.is_empty() {
-            None
-        } else {
-            violations.id("request_id", &request.request_id)
-        };
-        violations.finish()?;
-        let (Some(name), Some(email)) = (name, email) else {
-            unreachable!("violations.finish() returned early")
-        };
-        let new = NewCustomer {
-            name,
-            email,
-            request_id,
-        };
-        let customer = self.store.create_customer(new, self.now()).await?;
-        debug!(customer_id = %customer.id, "customer created");
-        Ok(Response::new(customer_to_proto(&customer)))
+        Ok(Response::new(self.create(request.into_inner()).await?))
+    }
+
+    async fn batch_create_customers(
+        &self,
+        request: Request<pb::BatchCreateCustomersRequest>,
+    ) -> Result<Response<pb::BatchCreateCustomersResponse>, Status> {
+        let requests = request.into_inner().requests;
+        if requests.is_empty() || requests.len() > MAX_BATCH {
+            return Err(invalid_field(
+                "requests",
+                format!(
+                    "must hold 1 to {MAX_BATCH} requests, not {}",
+                    requests.len()
+                ),
+            ));
+        }
+        // Each create is its own write, queued in request order: the store's writer commits
+        // them together (one flush), and each checks before it writes, so one failing leaves
+        // the others.
+        let results = futures::future::join_all(requests.into_iter().map(|r| self.create(r)))
+            .await
+            .into_iter()
+            .map(|result| pb::CreateCustomerResult {
+                result: Some(match result {
+                    Ok(customer) => pb::create_customer_result::Result::Customer(customer),
+                    Err(status) => {
+                        pb::create_customer_result::Result::Error(batch_item_error(&status))
+                    }
+                }),
+            })
+            .collect();
+        Ok(Response::new(pb::BatchCreateCustomersResponse { results }))
     }
 
     async fn get_customer(

@@ -563,6 +563,62 @@ fn list_customers_refuses_bad_page_sizes_and_tokens() {
     });
 }
 
+/// BatchCreateCustomers: one result per request, in order; each invalid request names exactly
+/// its bad fields, each valid one is created with its name and email or refused as a
+/// duplicate, and none spoils another.
+#[test]
+fn batch_creates_judge_each_request_on_its_own() {
+    let fx = Fixture::new();
+    let item = (name(), email(), prop_oneof![Just(String::new()), id_text()]);
+    proptest!(mip_testkit::config(CASES), |(items in prop::collection::vec(item, 1..16))| {
+        let requests: Vec<pb::CreateCustomerRequest> = items
+            .iter()
+            .map(|(name, (email, _), request_id)| pb::CreateCustomerRequest {
+                name: name.clone(),
+                email: email.clone(),
+                request_id: request_id.clone(),
+            })
+            .collect();
+        let response = fx
+            .runtime
+            .block_on(fx.api.batch_create_customers(Request::new(
+                pb::BatchCreateCustomersRequest { requests: requests.clone() },
+            )))
+            .expect("a batch of 1 to 15 requests is accepted")
+            .into_inner();
+        prop_assert_eq!(response.results.len(), requests.len());
+        for ((name, (email, known), request_id), result) in items.iter().zip(response.results) {
+            let mut bad = Vec::new();
+            if !name_ok(name) {
+                bad.push("name");
+            }
+            if !email_ok(email, *known) {
+                bad.push("email");
+            }
+            if !request_id.is_empty() && !id_ok(request_id) {
+                bad.push("request_id");
+            }
+            match result.result.expect("every result is set") {
+                pb::create_customer_result::Result::Error(error) if !bad.is_empty() => {
+                    prop_assert_eq!(error.code, Code::InvalidArgument as i32);
+                    let fields: Vec<&str> =
+                        error.field_violations.iter().map(|v| v.field.as_str()).collect();
+                    prop_assert_eq!(fields, bad);
+                }
+                pb::create_customer_result::Result::Customer(created) => {
+                    prop_assert!(bad.is_empty(), "{:?} was accepted", (name, email));
+                    prop_assert_eq!(created.email.to_lowercase(), email.trim().to_lowercase());
+                }
+                // The email is taken (by an earlier case, the seed, or this batch), or a request
+                // id was seen before with other parameters.
+                pb::create_customer_result::Result::Error(error) => {
+                    prop_assert_eq!(error.code, Code::AlreadyExists as i32, "{:?}", error);
+                }
+            }
+        }
+    });
+}
+
 /// ListCustomerEvents and WatchCustomers share one reading of where to start: a token of this
 /// log is used, a malformed one or an unknown `start_position` is INVALID_ARGUMENT, another
 /// log's token FAILED_PRECONDITION (RESUME_TOKEN_UNKNOWN_LOG), and a position past the head
@@ -608,7 +664,7 @@ fn feed_requests_accept_exactly_positions_of_this_log() {
 }
 
 /// Every request type of `crm.v1.CrmService`, by full name.
-const REQUEST_TYPES: [&str; 7] = [
+const REQUEST_TYPES: [&str; 8] = [
     "crm.v1.CreateCustomerRequest",
     "crm.v1.GetCustomerRequest",
     "crm.v1.UpdateCustomerRequest",
@@ -616,6 +672,7 @@ const REQUEST_TYPES: [&str; 7] = [
     "crm.v1.ListCustomersRequest",
     "crm.v1.WatchCustomersRequest",
     "crm.v1.ListCustomerEventsRequest",
+    "crm.v1.BatchCreateCustomersRequest",
 ];
 
 /// Decodes `bytes` as request type `index` of [`REQUEST_TYPES`] and, if that works, calls its
@@ -636,6 +693,28 @@ async fn decode_and_call(
         4 => api.list_customers(decoded(bytes)?).await.map(drop),
         5 => api.watch_customers(decoded(bytes)?).await.map(drop),
         6 => api.list_customer_events(decoded(bytes)?).await.map(drop),
+        7 => {
+            let request: Request<pb::BatchCreateCustomersRequest> = decoded(bytes)?;
+            let items = request.get_ref().requests.len();
+            let response = match api.batch_create_customers(request).await {
+                Ok(response) => response,
+                Err(status) => return Some(Err(status)),
+            };
+            let results = response.into_inner().results;
+            // One result per request, each a customer or an error from the contract.
+            assert_eq!(results.len(), items);
+            for result in results {
+                match result.result.expect("every result is set") {
+                    pb::create_customer_result::Result::Customer(_) => {}
+                    pb::create_customer_result::Result::Error(error) => assert!(
+                        [Code::InvalidArgument, Code::AlreadyExists, Code::NotFound]
+                            .contains(&Code::from(error.code)),
+                        "{error:?}"
+                    ),
+                }
+            }
+            Ok(())
+        }
         _ => unreachable!("{index} is not a request type"),
     })
 }

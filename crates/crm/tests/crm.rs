@@ -11,13 +11,15 @@ use std::time::{Duration, SystemTime};
 
 use mip_crm::error::{RESUME_TOKEN_EXPIRED, RESUME_TOKEN_UNKNOWN_LOG};
 use mip_crm::{CrmOptions, SERVICE_NAME, StartError};
+use mip_proto::crm::v1::create_customer_result::Result as Created;
 use mip_proto::crm::v1::crm_service_client::CrmServiceClient;
 use mip_proto::crm::v1::watch_customers_response::Kind;
 use mip_proto::crm::v1::{
-    CreateCustomerRequest, Customer, CustomerEvent, CustomerEventType, DeleteCustomerRequest,
-    DeleteCustomerResponse, GetCustomerRequest, Heartbeat, ListCustomerEventsRequest,
-    ListCustomerEventsResponse, ListCustomersRequest, ListCustomersResponse, StartPosition,
-    UpdateCustomerRequest, WatchCustomersRequest, WatchCustomersResponse,
+    BatchCreateCustomersRequest, CreateCustomerRequest, Customer, CustomerEvent, CustomerEventType,
+    DeleteCustomerRequest, DeleteCustomerResponse, GetCustomerRequest, Heartbeat,
+    ListCustomerEventsRequest, ListCustomerEventsResponse, ListCustomersRequest,
+    ListCustomersResponse, StartPosition, UpdateCustomerRequest, WatchCustomersRequest,
+    WatchCustomersResponse,
 };
 use mip_runtime::CancellationToken;
 use mip_runtime::clock::{Clock, ManualClock};
@@ -791,6 +793,123 @@ async fn retried_create_returns_the_original_and_logs_one_event() {
         assert_eq!(event_customer_ids(&events), [first.id.as_str()]);
         let (listed, _) = list_all(client, 0).await;
         assert_eq!(listed, [first]);
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn batch_create_answers_each_request_in_order_and_logs_them_in_order() {
+    bounded(async {
+        let (_dir, _clock, mut server) = fresh().await;
+        let client = &mut server.client;
+        let earlier = create(client, "Grace", "grace@example.com").await;
+        let replayed = CreateCustomerRequest {
+            request_id: Uuid::now_v7().to_string(),
+            ..new_customer("Alan", "alan@example.com")
+        };
+        let first = client
+            .create_customer(replayed.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        let requests = vec![
+            new_customer("Ada", "ada@example.com"),
+            new_customer("", "not-an-email"),
+            new_customer("Ada again", "ADA@example.com"),
+            replayed,
+            new_customer("Grace twin", "Grace@Example.com"),
+            new_customer("Edsger", "edsger@example.com"),
+        ];
+        let results = client
+            .batch_create_customers(BatchCreateCustomersRequest { requests })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        let results: Vec<Created> = results.into_iter().map(|r| r.result.unwrap()).collect();
+        assert_eq!(results.len(), 6, "one result per request");
+        let Created::Customer(ada) = &results[0] else {
+            panic!("{:?}", results[0])
+        };
+        assert_eq!(ada.email, "ada@example.com");
+        let Created::Error(invalid) = &results[1] else {
+            panic!("{:?}", results[1])
+        };
+        assert_eq!(invalid.code, Code::InvalidArgument as i32);
+        let fields: Vec<&str> = invalid
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert_eq!(fields, ["name", "email"]);
+        let Created::Error(twin) = &results[2] else {
+            panic!("{:?}", results[2])
+        };
+        assert_eq!(
+            twin.code,
+            Code::AlreadyExists as i32,
+            "the first of a batch wins"
+        );
+        assert_eq!(
+            results[3],
+            Created::Customer(first.clone()),
+            "a repeated request id answers with the original"
+        );
+        let Created::Error(taken) = &results[4] else {
+            panic!("{:?}", results[4])
+        };
+        assert_eq!(taken.code, Code::AlreadyExists as i32);
+        let Created::Customer(edsger) = &results[5] else {
+            panic!("{:?}", results[5])
+        };
+        // The log holds the batch's new customers after the earlier ones, in request order.
+        let events = all_events(client).await;
+        assert_eq!(
+            event_customer_ids(&events),
+            [
+                earlier.id.as_str(),
+                first.id.as_str(),
+                ada.id.as_str(),
+                edsger.id.as_str()
+            ]
+        );
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn batch_create_refuses_an_empty_or_oversized_batch() {
+    bounded(async {
+        let (_dir, _clock, mut server) = fresh().await;
+        let client = &mut server.client;
+        for n in [0, 1001] {
+            let requests = (0..n)
+                .map(|i| new_customer("Bulk", &format!("bulk{i}@example.com")))
+                .collect();
+            let status = client
+                .batch_create_customers(BatchCreateCustomersRequest { requests })
+                .await
+                .unwrap_err();
+            assert_eq!(violated_fields(&status), ["requests"], "{n} requests");
+        }
+        assert_eq!(head(client).await, 0, "nothing was created");
+        let requests = (0..1000)
+            .map(|i| new_customer("Bulk", &format!("bulk{i}@example.com")))
+            .collect();
+        let results = client
+            .batch_create_customers(BatchCreateCustomersRequest { requests })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r.result, Some(Created::Customer(_))))
+        );
+        assert_eq!(head(client).await, 1000);
         server.stop().await;
     })
     .await;

@@ -156,7 +156,8 @@ impl<S: InventoryStore> pb::inventory_service_server::InventoryService for Inven
             ));
         }
         // Each create is its own write: the store's writer commits them together in one
-        // transaction (one flush), each in its own savepoint, so one failing leaves the others.
+        // transaction (one flush), and each checks before it writes, so one failing leaves the
+        // others.
         let results = futures::future::join_all(requests.into_iter().map(|r| self.create(r)))
             .await
             .into_iter()
