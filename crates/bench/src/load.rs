@@ -189,8 +189,8 @@ fn created(customer: &Customer) -> Result<Created, Status> {
 }
 
 /// Creates customers number `first..first + n` in one BatchCreateCustomers call, retrying the
-/// whole call on transient failures (the request ids make that safe). Any request of the
-/// batch failing fails the run: a fresh platform has no reason to refuse one.
+/// whole call on transient failures, of the call or of any request in it (the request ids
+/// make that safe). Any other refusal fails the run: a fresh platform has no reason for one.
 async fn create_customers(
     mut crm: CrmClient,
     first: u64,
@@ -212,6 +212,18 @@ async fn create_customers(
         });
         request.set_timeout(CALL_TIMEOUT);
         match crm.batch_create_customers(request).await {
+            // A transient refusal of any one request: send the whole batch again (the request
+            // ids make the repeat of the others harmless).
+            Ok(response)
+                if attempt < MAX_ATTEMPTS
+                    && response.get_ref().results.iter().any(|r| {
+                        matches!(&r.result, Some(CreateResult::Error(e)) if retryable(Code::from(e.code)))
+                    }) =>
+            {
+                retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                attempt += 1;
+            }
             Ok(response) => {
                 return response
                     .into_inner()

@@ -33,6 +33,27 @@ const CUSTOMER_PAGE_TOKEN: u8 = 2;
 /// Most requests in one `BatchCreateCustomers` call.
 pub const MAX_BATCH: usize = 1000;
 
+/// A `CreateCustomerRequest`, validated: every bad field named at once.
+fn check_create(request: &pb::CreateCustomerRequest) -> Result<NewCustomer, Status> {
+    let mut violations = Violations::new();
+    let name = violations.check("name", Name::parse(&request.name));
+    let email = violations.check("email", Email::parse(&request.email));
+    let request_id = if request.request_id.is_empty() {
+        None
+    } else {
+        violations.id("request_id", &request.request_id)
+    };
+    violations.finish()?;
+    let (Some(name), Some(email)) = (name, email) else {
+        unreachable!("violations.finish() returned early")
+    };
+    Ok(NewCustomer {
+        name,
+        email,
+        request_id,
+    })
+}
+
 /// A failed create, as one result of a batch.
 fn batch_item_error(status: &Status) -> pb::BatchItemError {
     pb::BatchItemError {
@@ -138,26 +159,9 @@ impl<S: CrmStore> CrmApi<S> {
         event_to_proto(self.store.bounds().log_id, event)
     }
 
-    /// Validates and creates one customer: `CreateCustomer`, and each item of
-    /// `BatchCreateCustomers`.
+    /// Validates and creates one customer: `CreateCustomer`.
     async fn create(&self, request: pb::CreateCustomerRequest) -> Result<pb::Customer, Status> {
-        let mut violations = Violations::new();
-        let name = violations.check("name", Name::parse(&request.name));
-        let email = violations.check("email", Email::parse(&request.email));
-        let request_id = if request.request_id.is_empty() {
-            None
-        } else {
-            violations.id("request_id", &request.request_id)
-        };
-        violations.finish()?;
-        let (Some(name), Some(email)) = (name, email) else {
-            unreachable!("violations.finish() returned early")
-        };
-        let new = NewCustomer {
-            name,
-            email,
-            request_id,
-        };
+        let new = check_create(&request)?;
         let customer = self.store.create_customer(new, self.now()).await?;
         debug!(customer_id = %customer.id, "customer created");
         Ok(customer_to_proto(&customer))
@@ -338,19 +342,38 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
                 ),
             ));
         }
-        // Each create is its own write, queued in request order: the store's writer commits
-        // them together (one flush), and each checks before it writes, so one failing leaves
-        // the others.
-        let results = futures::future::join_all(requests.into_iter().map(|r| self.create(r)))
-            .await
+        // Every valid request goes to the store in one write, in request order: one commit,
+        // and their events in the log in that order. Each checks before it writes, so one
+        // refused leaves the others.
+        let checked: Vec<Result<NewCustomer, Status>> = requests.iter().map(check_create).collect();
+        let valid: Vec<NewCustomer> = checked
+            .iter()
+            .filter_map(|c| c.as_ref().ok().cloned())
+            .collect();
+        let mut created = if valid.is_empty() {
+            Vec::new()
+        } else {
+            self.store.create_customers(valid, self.now()).await?
+        }
+        .into_iter();
+        let results = checked
             .into_iter()
-            .map(|result| pb::CreateCustomerResult {
-                result: Some(match result {
-                    Ok(customer) => pb::create_customer_result::Result::Customer(customer),
-                    Err(status) => {
-                        pb::create_customer_result::Result::Error(batch_item_error(&status))
-                    }
-                }),
+            .map(|checked| {
+                let result = checked.and_then(|_| {
+                    created
+                        .next()
+                        .expect("one result per valid request")
+                        .map(|customer| customer_to_proto(&customer))
+                        .map_err(Status::from)
+                });
+                pb::CreateCustomerResult {
+                    result: Some(match result {
+                        Ok(customer) => pb::create_customer_result::Result::Customer(customer),
+                        Err(status) => {
+                            pb::create_customer_result::Result::Error(batch_item_error(&status))
+                        }
+                    }),
+                }
             })
             .collect();
         Ok(Response::new(pb::BatchCreateCustomersResponse { results }))
@@ -559,6 +582,11 @@ impl<S: CrmStore, O: WatchOutput> Watcher<S, O> {
                     break;
                 }
                 for chunk in events.chunks(SEND_BATCH) {
+                    // A client that keeps up never makes `send` wait, so shutdown is checked
+                    // here too: a long catch-up still ends with the notice, in time.
+                    if self.shutdown.is_cancelled() {
+                        return self.end().await;
+                    }
                     let batch = chunk.iter().map(|e| O::event(log_id, e)).collect();
                     if !self.send(batch, &mut shutdown).await {
                         return;

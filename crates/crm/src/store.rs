@@ -29,6 +29,14 @@ use crate::feed::Feed;
 pub trait CrmStore: Send + Sync + 'static {
     /// Creates a customer and its CREATED event; a repeated `request_id` returns the original.
     async fn create_customer(&self, new: NewCustomer, now: SystemTime) -> Result<Customer, Error>;
+    /// Creates each customer as [`CrmStore::create_customer`] would, in order, in one write:
+    /// one commit for all, and their events in the log in the order given. Each succeeds or
+    /// fails on its own; the outer error is for the write as a whole (storage).
+    async fn create_customers(
+        &self,
+        new: Vec<NewCustomer>,
+        now: SystemTime,
+    ) -> Result<Vec<Result<Customer, Error>>, Error>;
     /// One customer.
     async fn get_customer(&self, id: Uuid) -> Result<Customer, Error>;
     /// Applies a patch and appends an UPDATED event (none if nothing changed).
@@ -262,70 +270,107 @@ fn email_taken(c: &Connection, key: &str, except: Option<Uuid>) -> Result<bool, 
     Ok(owner.is_some_and(|owner| except.is_none_or(|e| e.to_string() != owner)))
 }
 
+/// Creates a customer and its CREATED event inside the current write; a repeated
+/// `request_id` returns the original and no event. Every refusal (request id reused, email
+/// taken) is found before anything is written.
+fn insert_customer(
+    c: &Connection,
+    new: NewCustomer,
+    now: SystemTime,
+) -> Result<(Customer, Option<Arc<CustomerEvent>>), Error> {
+    if let Some(request_id) = new.request_id {
+        let previous: Option<(String, String)> = c
+            .prepare_cached(
+                "SELECT fingerprint, customer_id FROM create_requests
+                 WHERE request_id = ?1",
+            )?
+            .query_row([request_id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((fingerprint, customer_id)) = previous {
+            if fingerprint != new.fingerprint() {
+                return Err(Error::RequestIdReused(request_id));
+            }
+            let customer_id = parse_uuid(&customer_id, 1)?;
+            return match find_customer(c, customer_id)? {
+                Some(customer) => Ok((customer, None)),
+                None => Err(Error::CreatedThenDeleted {
+                    request_id,
+                    customer_id,
+                }),
+            };
+        }
+    }
+    if email_taken(c, &new.email.key(), None)? {
+        return Err(Error::EmailTaken(new.email.as_str().to_owned()));
+    }
+    let customer = Customer {
+        id: Uuid::now_v7(),
+        name: new.name.as_str().to_owned(),
+        email: new.email.as_str().to_owned(),
+        create_time: now,
+        update_time: now,
+        version: 1,
+    };
+    let event = SqliteStore::append(c, EventType::Created, &customer, now)?;
+    c.prepare_cached(
+        "INSERT INTO customers (id, name, email, email_key, create_time, update_time,
+         version, created_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        customer.id.to_string(),
+        customer.name,
+        customer.email,
+        new.email.key(),
+        to_micros(now),
+        to_micros(now),
+        customer.version,
+        i64::try_from(event.seq).unwrap_or(i64::MAX),
+    ])?;
+    if let Some(request_id) = new.request_id {
+        c.prepare_cached(
+            "INSERT INTO create_requests (request_id, fingerprint, customer_id) VALUES
+             (?1, ?2, ?3)",
+        )?
+        .execute(params![
+            request_id.to_string(),
+            new.fingerprint(),
+            customer.id.to_string()
+        ])?;
+    }
+    Ok((customer, Some(Arc::new(event))))
+}
+
 #[async_trait]
 impl CrmStore for SqliteStore {
     async fn create_customer(&self, new: NewCustomer, now: SystemTime) -> Result<Customer, Error> {
         self.write_events(move |c| {
-            if let Some(request_id) = new.request_id {
-                let previous: Option<(String, String)> = c
-                    .prepare_cached(
-                        "SELECT fingerprint, customer_id FROM create_requests
-                         WHERE request_id = ?1",
-                    )?
-                    .query_row([request_id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()?;
-                if let Some((fingerprint, customer_id)) = previous {
-                    if fingerprint != new.fingerprint() {
-                        return Err(Error::RequestIdReused(request_id));
+            let (customer, event) = insert_customer(c, new, now)?;
+            Ok((customer, event.into_iter().collect()))
+        })
+        .await
+    }
+
+    async fn create_customers(
+        &self,
+        new: Vec<NewCustomer>,
+        now: SystemTime,
+    ) -> Result<Vec<Result<Customer, Error>>, Error> {
+        self.write_events(move |c| {
+            let mut results = Vec::with_capacity(new.len());
+            let mut events = Vec::with_capacity(new.len());
+            for one in new {
+                match insert_customer(c, one, now) {
+                    Ok((customer, event)) => {
+                        results.push(Ok(customer));
+                        events.extend(event);
                     }
-                    let customer_id = parse_uuid(&customer_id, 1)?;
-                    return match find_customer(c, customer_id)? {
-                        Some(customer) => Ok((customer, Vec::new())),
-                        None => Err(Error::CreatedThenDeleted {
-                            request_id,
-                            customer_id,
-                        }),
-                    };
+                    // A storage failure may leave this write half done: fail it all.
+                    Err(e @ Error::Storage(_)) => return Err(e),
+                    // Every other refusal is found before anything is written.
+                    Err(e) => results.push(Err(e)),
                 }
             }
-            if email_taken(c, &new.email.key(), None)? {
-                return Err(Error::EmailTaken(new.email.as_str().to_owned()));
-            }
-            let customer = Customer {
-                id: Uuid::now_v7(),
-                name: new.name.as_str().to_owned(),
-                email: new.email.as_str().to_owned(),
-                create_time: now,
-                update_time: now,
-                version: 1,
-            };
-            let event = Self::append(c, EventType::Created, &customer, now)?;
-            c.prepare_cached(
-                "INSERT INTO customers (id, name, email, email_key, create_time, update_time,
-                 version, created_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?
-            .execute(params![
-                customer.id.to_string(),
-                customer.name,
-                customer.email,
-                new.email.key(),
-                to_micros(now),
-                to_micros(now),
-                customer.version,
-                i64::try_from(event.seq).unwrap_or(i64::MAX),
-            ])?;
-            if let Some(request_id) = new.request_id {
-                c.prepare_cached(
-                    "INSERT INTO create_requests (request_id, fingerprint, customer_id) VALUES
-                     (?1, ?2, ?3)",
-                )?
-                .execute(params![
-                    request_id.to_string(),
-                    new.fingerprint(),
-                    customer.id.to_string()
-                ])?;
-            }
-            Ok((customer, vec![Arc::new(event)]))
+            Ok((results, events))
         })
         .await
     }

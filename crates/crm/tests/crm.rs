@@ -880,7 +880,7 @@ async fn batch_create_answers_each_request_in_order_and_logs_them_in_order() {
 }
 
 #[tokio::test]
-async fn batch_create_refuses_an_empty_or_oversized_batch() {
+async fn batch_create_refuses_an_empty_or_oversized_batch_and_keeps_a_full_one_in_order() {
     bounded(async {
         let (_dir, _clock, mut server) = fresh().await;
         let client = &mut server.client;
@@ -904,12 +904,22 @@ async fn batch_create_refuses_an_empty_or_oversized_batch() {
             .unwrap()
             .into_inner()
             .results;
-        assert!(
-            results
-                .iter()
-                .all(|r| matches!(r.result, Some(Created::Customer(_))))
-        );
-        assert_eq!(head(client).await, 1000);
+        let emails: Vec<String> = results
+            .into_iter()
+            .map(|r| match r.result {
+                Some(Created::Customer(customer)) => customer.email,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let expected: Vec<String> = (0..1000).map(|i| format!("bulk{i}@example.com")).collect();
+        assert_eq!(emails, expected, "results in request order");
+        // The log has the thousand CREATED events in request order.
+        let logged: Vec<String> = all_events(client)
+            .await
+            .into_iter()
+            .map(|e| e.customer.expect("event carries a customer").email)
+            .collect();
+        assert_eq!(logged, expected, "events in request order");
         server.stop().await;
     })
     .await;

@@ -31,7 +31,10 @@ const REQUEST_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6d69_7000_7765_6c63_6f6d_65
 
 /// Customers created before this instant (2026-11-23T00:00:00Z, when time-ordered ids came
 /// in) keep name-based ids whatever the integration's own state says, so that a replay after
-/// losing the data directory derives the ids earlier versions sent. Fixed forever.
+/// losing the data directory derives the ids earlier versions sent for them. Customers created
+/// after it that an earlier version served are protected only by the data directory's own
+/// record ([`RequestIds::ordered_from_ms`]): lose that directory and replay, and they can get a
+/// second package. Fixed forever.
 const ORDERED_SINCE_MS: u64 = 1_795_392_000_000;
 
 /// How long after an upgrade customers keep name-based ids: an older version may have sent

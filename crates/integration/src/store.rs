@@ -53,9 +53,10 @@ pub trait IntegrationStore: Send + Sync + 'static {
     /// How many dead letters there are.
     async fn count_dead_letters(&self) -> Result<u64, DbError>;
     /// How idempotency keys are derived, fixed the first time this is asked: time-ordered for
-    /// every customer in a new data directory, and for customers created from
-    /// [`UPGRADE_MARGIN`] after `now` in one an earlier version left (it may have sent
-    /// name-based keys past its checkpoint).
+    /// every customer in a data directory this process created, and only for customers
+    /// created from [`UPGRADE_MARGIN`] after `now` in one that already existed (an earlier
+    /// version's, which may have sent name-based keys past its checkpoint, or even before
+    /// saving any).
     async fn request_ids(&self, now: SystemTime) -> Result<RequestIds, DbError>;
 }
 
@@ -95,13 +96,17 @@ fn migrations() -> Migrations<'static> {
 pub struct SqliteStore {
     /// The database.
     db: Db,
+    /// Whether the database file was there before this process opened it.
+    existed: bool,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) `dir/integration.db`.
     pub fn open(dir: &Path, durability: Durability) -> Result<Self, DbError> {
+        let existed = dir.join(DB_FILE).exists();
         Ok(Self {
             db: Db::open(dir, DB_FILE, &migrations(), durability)?,
+            existed,
         })
     }
 }
@@ -220,6 +225,7 @@ impl IntegrationStore for SqliteStore {
     }
 
     async fn request_ids(&self, now: SystemTime) -> Result<RequestIds, DbError> {
+        let existed = self.existed;
         self.db
             .write(move |c| {
                 let fixed: Option<i64> = c
@@ -229,12 +235,16 @@ impl IntegrationStore for SqliteStore {
                 if let Some(ms) = fixed {
                     return Ok(RequestIds::ordered_from_ms(ms.unsigned_abs()));
                 }
-                let earlier_version: bool = c
+                // A file that was already there may be an earlier version's, even one with no
+                // checkpoint yet; so may anything holding a checkpoint or a dead letter. Either
+                // way, keep name-based keys for the customers it may have served.
+                let used: bool = c
                     .prepare_cached(
                         "SELECT EXISTS (SELECT 1 FROM checkpoint)
                              OR EXISTS (SELECT 1 FROM dead_letters)",
                     )?
                     .query_row([], |r| r.get(0))?;
+                let earlier_version = existed || used;
                 let ms = if earlier_version {
                     let from = (now + UPGRADE_MARGIN)
                         .duration_since(SystemTime::UNIX_EPOCH)
@@ -278,6 +288,20 @@ mod tests {
             .unwrap();
         let later = now + Duration::from_secs(86_400);
         assert_eq!(store.request_ids(later).await.unwrap(), ids);
+    }
+
+    #[tokio::test]
+    async fn a_data_dir_that_already_existed_orders_keys_only_after_the_margin() {
+        let dir = tempfile::tempdir().unwrap();
+        // An earlier version created the database and stopped before saving a checkpoint.
+        drop(SqliteStore::open(dir.path(), Durability::Normal).unwrap());
+        let store = SqliteStore::open(dir.path(), Durability::Normal).unwrap();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000);
+        let ids = store.request_ids(now).await.unwrap();
+        assert_eq!(
+            u128::from(ids.since_ms()),
+            (1_900_000_000 + UPGRADE_MARGIN.as_secs() as u128) * 1000
+        );
     }
 
     #[tokio::test]

@@ -7,11 +7,11 @@
 //! **A write must fail before it changes anything**: check, then write. A write that fails
 //! without having changed a row leaves its batch undisturbed. One that fails after changing
 //! rows cannot be undone alone (there is no savepoint per write), so its whole batch is rolled
-//! back and every write in it fails with [`DbError::BatchAborted`], which is transient. Every
-//! store validates first, so this only happens on storage errors, which fail the batch's
-//! commit anyway. Savepoints per write were what this replaced: opening and releasing them,
-//! and copying every page a write touched into the savepoint journal, cost about a fifth of
-//! end-to-end throughput (TECHNICAL_DESIGN.md, Performance). Callers can attach an
+//! back and every other write in it fails with [`DbError::BatchAborted`], which is transient
+//! (the failing write gets its own error). Every store checks before it writes, so only a
+//! storage error can do this. Savepoints per write were what this replaced: opening and
+//! releasing them, and copying every page a write touched into the savepoint journal, cost
+//! 7–16% of end-to-end throughput (TECHNICAL_DESIGN.md, Performance). Callers can attach an
 //! `on_commit` action that runs on the writer thread in commit order: the CRM store uses it to
 //! publish change events to live watchers in exactly the order they were committed.
 //!
@@ -214,8 +214,9 @@ impl Db {
             Durability::Full => "FULL",
             Durability::Normal => "NORMAL",
         };
-        // temp_store = MEMORY: every write runs in its own savepoint, whose sub-journal SQLite
-        // otherwise keeps in a temporary file (measured: about 15% of throughput).
+        // temp_store = MEMORY: statement journals (and, when writes still had savepoints, their
+        // sub-journals) stay in memory rather than in temporary files (measured: about 15% of
+        // throughput then).
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = {synchronous};
@@ -364,7 +365,8 @@ impl FailureLog {
     }
 }
 
-/// The writer thread: batch, run each write in a savepoint, commit once, answer in order.
+/// The writer thread: batch, run the writes one after another in one transaction, commit once,
+/// answer in order.
 fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn WriteJob>>, path: &Path) {
     let mut failures = FailureLog::default();
     let mut batch: Vec<Box<dyn WriteJob>> = Vec::with_capacity(MAX_BATCH);
@@ -398,19 +400,22 @@ fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn WriteJob>
             let (ok, completion) = job.run(&tx);
             completions.push(completion);
             if tx.is_autocommit() {
-                broken = Some(DbError::BatchAborted);
+                broken =
+                    Some("SQLite rolled the transaction back (after an I/O error or a full disk)");
                 break;
             }
             if !ok && tx.total_changes() != changes {
-                broken = Some(DbError::BatchAborted);
+                broken = Some("a write failed after changing rows");
                 break;
             }
         }
-        if let Some(e) = broken {
+        if let Some(why) = broken {
+            // The failing write answers with its own error; the rest of its group with this.
+            let e = DbError::BatchAborted;
             failures.failed(
                 path,
                 &e,
-                "a write failed after changing rows; its whole group commit was rolled back",
+                &format!("{why}; its whole group commit was rolled back"),
             );
             for job in jobs {
                 job.abort(e.clone());
