@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 use uuid::Uuid;
 
-use crate::domain::{NewPackageRequest, PackageRequest, PackageStatus, PackageType};
+use crate::domain::{Created, NewPackageRequest, PackageRequest, PackageStatus, PackageType};
 use crate::store::InventoryStore;
 
 /// Token kind of `ListPackageRequests` page tokens: `[filter_fingerprint, after_seq]`. Kinds 1
@@ -82,6 +82,36 @@ fn filter_fingerprint(customer_id: Option<Uuid>) -> u64 {
 /// Most requests in one `BatchCreatePackageRequests` call.
 pub const MAX_BATCH: usize = 1000;
 
+/// A `CreatePackageRequestRequest`, validated: every bad field named at once.
+fn check_create(request: &pb::CreatePackageRequestRequest) -> Result<NewPackageRequest, Status> {
+    let mut violations = Violations::new();
+    let customer_id = violations.id("customer_id", &request.customer_id);
+    let package_type = violations.check("package_type", PackageType::parse(&request.package_type));
+    let request_id = violations.optional_id("request_id", &request.request_id);
+    violations.finish()?;
+    let (Some(customer_id), Some(package_type)) = (customer_id, package_type) else {
+        unreachable!("violations.finish() returned early")
+    };
+    Ok(NewPackageRequest {
+        customer_id,
+        package_type,
+        request_id,
+    })
+}
+
+/// A created (or replayed) package request, logged and converted for the response.
+fn created_to_proto(created: &Created) -> pb::PackageRequest {
+    let package_request = &created.package_request;
+    debug!(
+        customer_id = %package_request.customer_id,
+        package_request_id = %package_request.id,
+        package_type = %package_request.package_type,
+        replayed = created.replayed,
+        "package request created"
+    );
+    package_request_to_proto(package_request)
+}
+
 /// A failed create, as one result of a batch.
 fn batch_item_error(status: &Status) -> pb::BatchItemError {
     pb::BatchItemError {
@@ -95,39 +125,17 @@ fn batch_item_error(status: &Status) -> pb::BatchItemError {
 }
 
 impl<S: InventoryStore> InventoryApi<S> {
-    /// Validates and creates one package request: `CreatePackageRequest`, and each item of
-    /// `BatchCreatePackageRequests`.
+    /// Validates and creates one package request: `CreatePackageRequest`.
     async fn create(
         &self,
         request: pb::CreatePackageRequestRequest,
     ) -> Result<pb::PackageRequest, Status> {
-        let mut violations = Violations::new();
-        let customer_id = violations.id("customer_id", &request.customer_id);
-        let package_type =
-            violations.check("package_type", PackageType::parse(&request.package_type));
-        let request_id = violations.optional_id("request_id", &request.request_id);
-        violations.finish()?;
-        let (Some(customer_id), Some(package_type)) = (customer_id, package_type) else {
-            unreachable!("violations.finish() returned early")
-        };
-        let new = NewPackageRequest {
-            customer_id,
-            package_type,
-            request_id,
-        };
+        let new = check_create(&request)?;
         let created = self
             .store
             .create_package_request(new, self.clock.now())
             .await?;
-        let package_request = created.package_request;
-        debug!(
-            customer_id = %package_request.customer_id,
-            package_request_id = %package_request.id,
-            package_type = %package_request.package_type,
-            replayed = created.replayed,
-            "package request created"
-        );
-        Ok(package_request_to_proto(&package_request))
+        Ok(created_to_proto(&created))
     }
 }
 
@@ -155,21 +163,44 @@ impl<S: InventoryStore> pb::inventory_service_server::InventoryService for Inven
                 ),
             ));
         }
-        // Each create is its own write: the store's writer commits them together in one
-        // transaction (one flush), and each checks before it writes, so one failing leaves the
-        // others.
-        let results = futures::future::join_all(requests.into_iter().map(|r| self.create(r)))
-            .await
+        // Every valid request goes to the store in one write, in request order: one commit.
+        // Each checks before it writes, so one refused leaves the others.
+        let checked: Vec<Result<NewPackageRequest, Status>> =
+            requests.iter().map(check_create).collect();
+        let valid: Vec<NewPackageRequest> = checked
+            .iter()
+            .filter_map(|c| c.as_ref().ok().cloned())
+            .collect();
+        let mut created = if valid.is_empty() {
+            Vec::new()
+        } else {
+            self.store
+                .create_package_requests(valid, self.clock.now())
+                .await?
+        }
+        .into_iter();
+        let results = checked
             .into_iter()
-            .map(|result| pb::CreatePackageRequestResult {
-                result: Some(match result {
-                    Ok(package_request) => {
-                        pb::create_package_request_result::Result::PackageRequest(package_request)
-                    }
-                    Err(status) => {
-                        pb::create_package_request_result::Result::Error(batch_item_error(&status))
-                    }
-                }),
+            .map(|checked| {
+                let result = checked.and_then(|_| {
+                    created
+                        .next()
+                        .expect("one result per valid request")
+                        .map(|c| created_to_proto(&c))
+                        .map_err(Status::from)
+                });
+                pb::CreatePackageRequestResult {
+                    result: Some(match result {
+                        Ok(package_request) => {
+                            pb::create_package_request_result::Result::PackageRequest(
+                                package_request,
+                            )
+                        }
+                        Err(status) => pb::create_package_request_result::Result::Error(
+                            batch_item_error(&status),
+                        ),
+                    }),
+                }
             })
             .collect();
         Ok(Response::new(pb::BatchCreatePackageRequestsResponse {

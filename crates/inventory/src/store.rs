@@ -32,6 +32,14 @@ pub trait InventoryStore: Send + Sync + 'static {
         new: NewPackageRequest,
         now: SystemTime,
     ) -> Result<Created, Error>;
+    /// Creates each package request as [`InventoryStore::create_package_request`] would, in
+    /// order, in one write: one commit for all. Each succeeds or fails on its own; the outer
+    /// error is for the write as a whole (storage).
+    async fn create_package_requests(
+        &self,
+        new: Vec<NewPackageRequest>,
+        now: SystemTime,
+    ) -> Result<Vec<Result<Created, Error>>, Error>;
     /// One package request.
     async fn get_package_request(&self, id: Uuid) -> Result<PackageRequest, Error>;
     /// Up to `limit` package requests created after creation position `after`, oldest first,
@@ -126,6 +134,61 @@ fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
+/// Creates a PENDING package request inside the current write, or returns the one a repeated
+/// `request_id` created. Every refusal (request id reused) is found before anything is written.
+fn insert(c: &Connection, new: NewPackageRequest, now: SystemTime) -> Result<Created, Error> {
+    if let Some(request_id) = new.request_id {
+        let previous: Option<(Option<String>, String)> = c
+            .prepare_cached("SELECT fingerprint, id FROM package_requests WHERE request_id = ?1")?
+            .query_row([request_id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((fingerprint, id)) = previous {
+            if fingerprint.as_deref() != Some(new.fingerprint().as_str()) {
+                return Err(Error::RequestIdReused(request_id));
+            }
+            let id = parse_uuid(&id, 1)?;
+            let original = find(c, id)?.ok_or(Error::NotFound(id))?;
+            return Ok(Created {
+                package_request: original,
+                replayed: true,
+            });
+        }
+    }
+    let seq: i64 = c
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM package_requests")?
+        .query_row([], |r| r.get(0))?;
+    let package_request = PackageRequest {
+        id: Uuid::now_v7(),
+        customer_id: new.customer_id,
+        package_type: new.package_type.as_str().to_owned(),
+        status: PackageStatus::Pending,
+        create_time: now,
+        update_time: now,
+        request_id: new.request_id,
+    };
+    c.prepare_cached(
+        "INSERT INTO package_requests
+            (id, customer_id, package_type, status, create_time, update_time,
+             request_id, fingerprint, seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        package_request.id.to_string(),
+        package_request.customer_id.to_string(),
+        package_request.package_type,
+        package_request.status.code(),
+        to_micros(now),
+        to_micros(now),
+        new.request_id.map(|r| r.to_string()),
+        new.request_id.map(|_| new.fingerprint()),
+        seq,
+    ])?;
+    Ok(Created {
+        package_request,
+        replayed: false,
+    })
+}
+
 #[async_trait]
 impl InventoryStore for SqliteStore {
     async fn create_package_request(
@@ -136,60 +199,27 @@ impl InventoryStore for SqliteStore {
         // Stored to the microsecond: rounding here makes the create response equal to every
         // later read of the same row.
         let now = from_micros(to_micros(now));
+        self.db.write(move |c| insert(c, new, now)).await
+    }
+
+    async fn create_package_requests(
+        &self,
+        new: Vec<NewPackageRequest>,
+        now: SystemTime,
+    ) -> Result<Vec<Result<Created, Error>>, Error> {
+        let now = from_micros(to_micros(now));
         self.db
             .write(move |c| {
-                if let Some(request_id) = new.request_id {
-                    let previous: Option<(Option<String>, String)> = c
-                        .prepare_cached(
-                            "SELECT fingerprint, id FROM package_requests WHERE request_id = ?1",
-                        )?
-                        .query_row([request_id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
-                        .optional()?;
-                    if let Some((fingerprint, id)) = previous {
-                        if fingerprint.as_deref() != Some(new.fingerprint().as_str()) {
-                            return Err(Error::RequestIdReused(request_id));
-                        }
-                        let id = parse_uuid(&id, 1)?;
-                        let original = find(c, id)?.ok_or(Error::NotFound(id))?;
-                        return Ok(Created {
-                            package_request: original,
-                            replayed: true,
-                        });
+                let mut results = Vec::with_capacity(new.len());
+                for one in new {
+                    match insert(c, one, now) {
+                        // A storage failure may leave this write half done: fail it all.
+                        Err(e @ Error::Storage(_)) => return Err(e),
+                        // Every other refusal is found before anything is written.
+                        result => results.push(result),
                     }
                 }
-                let seq: i64 = c
-                    .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM package_requests")?
-                    .query_row([], |r| r.get(0))?;
-                let package_request = PackageRequest {
-                    id: Uuid::now_v7(),
-                    customer_id: new.customer_id,
-                    package_type: new.package_type.as_str().to_owned(),
-                    status: PackageStatus::Pending,
-                    create_time: now,
-                    update_time: now,
-                    request_id: new.request_id,
-                };
-                c.prepare_cached(
-                    "INSERT INTO package_requests
-                        (id, customer_id, package_type, status, create_time, update_time,
-                         request_id, fingerprint, seq)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                )?
-                .execute(params![
-                    package_request.id.to_string(),
-                    package_request.customer_id.to_string(),
-                    package_request.package_type,
-                    package_request.status.code(),
-                    to_micros(now),
-                    to_micros(now),
-                    new.request_id.map(|r| r.to_string()),
-                    new.request_id.map(|_| new.fingerprint()),
-                    seq,
-                ])?;
-                Ok(Created {
-                    package_request,
-                    replayed: false,
-                })
+                Ok(results)
             })
             .await
     }
