@@ -22,8 +22,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 use uuid::Uuid;
 
-use crate::RequestIds;
 use crate::report::{histogram, record_duration};
+use crate::{RequestIds, Settings};
 
 /// A CRM client on one connection.
 pub type CrmClient = CrmServiceClient<Channel>;
@@ -80,14 +80,14 @@ pub struct Clients {
 }
 
 impl Clients {
-    /// Opens `connections` connections to CRM and one to Inventory.
+    /// Opens `--connections` connections to CRM and one to Inventory, creating customers as
+    /// `settings` say.
     pub async fn connect(
         crm: SocketAddr,
         inventory: SocketAddr,
-        connections: usize,
-        request_ids: RequestIds,
-        batch: usize,
+        settings: &Settings,
     ) -> anyhow::Result<Self> {
+        let connections = settings.connections;
         let mut clients = Vec::with_capacity(connections);
         for _ in 0..connections.max(1) {
             clients.push(CrmServiceClient::new(connect(crm).await?));
@@ -96,8 +96,8 @@ impl Clients {
             crm: clients,
             inventory: InventoryServiceClient::new(connect(inventory).await?)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            request_ids,
-            batch: batch.max(1),
+            request_ids: settings.request_ids,
+            batch: settings.batch.max(1),
         })
     }
 

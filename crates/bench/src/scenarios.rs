@@ -249,14 +249,7 @@ async fn start(
     config: &PlatformConfig,
 ) -> anyhow::Result<(Platform, Clients)> {
     let platform = Platform::start(config).await?;
-    let clients = Clients::connect(
-        platform.crm,
-        platform.inventory,
-        settings.connections,
-        settings.request_ids,
-        settings.batch,
-    )
-    .await?;
+    let clients = Clients::connect(platform.crm, platform.inventory, settings).await?;
     Ok((platform, clients))
 }
 
@@ -462,14 +455,7 @@ async fn unary(
     table: &mut Table,
 ) -> anyhow::Result<Part<UnaryResults>> {
     let mut platform = Platform::start_without_integration(config).await?;
-    let clients = Clients::connect(
-        platform.crm,
-        platform.inventory,
-        settings.connections,
-        settings.request_ids,
-        settings.batch,
-    )
-    .await?;
+    let clients = Clients::connect(platform.crm, platform.inventory, settings).await?;
     let run = load::closed_loop(&clients, settings.customers, settings.concurrency).await?;
     platform.start_integration().await?;
     let (packages, _) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
@@ -758,14 +744,7 @@ async fn poll_cost(
     table: &mut Table,
 ) -> anyhow::Result<Part<PollCostResults>> {
     let mut platform = Platform::start_without_integration(config).await?;
-    let clients = Clients::connect(
-        platform.crm,
-        platform.inventory,
-        settings.connections,
-        settings.request_ids,
-        settings.batch,
-    )
-    .await?;
+    let clients = Clients::connect(platform.crm, platform.inventory, settings).await?;
     let crm_pid = platform
         .pids()
         .into_iter()

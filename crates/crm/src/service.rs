@@ -8,8 +8,9 @@ use std::time::Duration;
 use mip_proto::crm::v1 as pb;
 use mip_proto::timestamp;
 use mip_runtime::CancellationToken;
+use mip_runtime::batch;
 use mip_runtime::clock::{SharedClock, from_micros, to_micros};
-use mip_runtime::status::{Violations, field_violations, invalid_field, token_reason};
+use mip_runtime::status::{Violations, field_violations, token_reason};
 use mip_runtime::token::{self, TokenError};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Semaphore, mpsc};
@@ -333,47 +334,24 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
         request: Request<pb::BatchCreateCustomersRequest>,
     ) -> Result<Response<pb::BatchCreateCustomersResponse>, Status> {
         let requests = request.into_inner().requests;
-        if requests.is_empty() || requests.len() > MAX_BATCH {
-            return Err(invalid_field(
-                "requests",
-                format!(
-                    "must hold 1 to {MAX_BATCH} requests, not {}",
-                    requests.len()
-                ),
-            ));
-        }
+        batch::check_size(requests.len(), MAX_BATCH)?;
         // Every valid request goes to the store in one write, in request order: one commit,
         // and their events in the log in that order. Each checks before it writes, so one
         // refused leaves the others.
-        let checked: Vec<Result<NewCustomer, Status>> = requests.iter().map(check_create).collect();
-        let valid: Vec<NewCustomer> = checked
-            .iter()
-            .filter_map(|c| c.as_ref().ok().cloned())
-            .collect();
-        let mut created = if valid.is_empty() {
-            Vec::new()
-        } else {
-            self.store.create_customers(valid, self.now()).await?
-        }
-        .into_iter();
-        let results = checked
+        let checked = requests.iter().map(check_create).collect();
+        let now = self.now();
+        let results = batch::create_valid(checked, |valid| self.store.create_customers(valid, now))
+            .await?
             .into_iter()
-            .map(|checked| {
-                let result = checked.and_then(|_| {
-                    created
-                        .next()
-                        .expect("one result per valid request")
-                        .map(|customer| customer_to_proto(&customer))
-                        .map_err(Status::from)
-                });
-                pb::CreateCustomerResult {
-                    result: Some(match result {
-                        Ok(customer) => pb::create_customer_result::Result::Customer(customer),
-                        Err(status) => {
-                            pb::create_customer_result::Result::Error(batch_item_error(&status))
-                        }
-                    }),
-                }
+            .map(|result| pb::CreateCustomerResult {
+                result: Some(match result {
+                    Ok(customer) => {
+                        pb::create_customer_result::Result::Customer(customer_to_proto(&customer))
+                    }
+                    Err(status) => {
+                        pb::create_customer_result::Result::Error(batch_item_error(&status))
+                    }
+                }),
             })
             .collect();
         Ok(Response::new(pb::BatchCreateCustomersResponse { results }))

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use mip_proto::inventory::v1 as pb;
 use mip_proto::timestamp;
+use mip_runtime::batch;
 use mip_runtime::clock::SharedClock;
-use mip_runtime::status::{Violations, field_violations, invalid_field};
+use mip_runtime::status::{Violations, field_violations};
 use mip_runtime::token;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
@@ -154,55 +155,27 @@ impl<S: InventoryStore> pb::inventory_service_server::InventoryService for Inven
         request: Request<pb::BatchCreatePackageRequestsRequest>,
     ) -> Result<Response<pb::BatchCreatePackageRequestsResponse>, Status> {
         let requests = request.into_inner().requests;
-        if requests.is_empty() || requests.len() > MAX_BATCH {
-            return Err(invalid_field(
-                "requests",
-                format!(
-                    "must hold 1 to {MAX_BATCH} requests, not {}",
-                    requests.len()
-                ),
-            ));
-        }
+        batch::check_size(requests.len(), MAX_BATCH)?;
         // Every valid request goes to the store in one write, in request order: one commit.
         // Each checks before it writes, so one refused leaves the others.
-        let checked: Vec<Result<NewPackageRequest, Status>> =
-            requests.iter().map(check_create).collect();
-        let valid: Vec<NewPackageRequest> = checked
-            .iter()
-            .filter_map(|c| c.as_ref().ok().cloned())
-            .collect();
-        let mut created = if valid.is_empty() {
-            Vec::new()
-        } else {
-            self.store
-                .create_package_requests(valid, self.clock.now())
-                .await?
-        }
-        .into_iter();
-        let results = checked
-            .into_iter()
-            .map(|checked| {
-                let result = checked.and_then(|_| {
-                    created
-                        .next()
-                        .expect("one result per valid request")
-                        .map(|c| created_to_proto(&c))
-                        .map_err(Status::from)
-                });
-                pb::CreatePackageRequestResult {
-                    result: Some(match result {
-                        Ok(package_request) => {
-                            pb::create_package_request_result::Result::PackageRequest(
-                                package_request,
-                            )
-                        }
-                        Err(status) => pb::create_package_request_result::Result::Error(
-                            batch_item_error(&status),
-                        ),
-                    }),
+        let checked = requests.iter().map(check_create).collect();
+        let now = self.clock.now();
+        let results = batch::create_valid(checked, |valid| {
+            self.store.create_package_requests(valid, now)
+        })
+        .await?
+        .into_iter()
+        .map(|result| pb::CreatePackageRequestResult {
+            result: Some(match result {
+                Ok(created) => pb::create_package_request_result::Result::PackageRequest(
+                    created_to_proto(&created),
+                ),
+                Err(status) => {
+                    pb::create_package_request_result::Result::Error(batch_item_error(&status))
                 }
-            })
-            .collect();
+            }),
+        })
+        .collect();
         Ok(Response::new(pb::BatchCreatePackageRequestsResponse {
             results,
         }))

@@ -12,10 +12,12 @@
 //! - [`probe`]: the client side of the standard health check, for `mip health`.
 //! - [`security`]: TLS (optionally mutual) for servers and channels, and bearer tokens.
 //! - [`admission`]: the gate in front of every handler: token check and in-flight limit.
+//! - [`batch`]: the shared part of the batch create methods.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admission;
+pub mod batch;
 pub mod clock;
 pub mod metrics;
 pub mod probe;
