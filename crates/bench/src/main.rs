@@ -18,7 +18,8 @@
 //! Common flags (they go before or after the scenario): `-n` customers (100000), `-c`
 //! concurrency (64), `-r` rate per second (1000), `--duration` seconds (10), `-w` watchers
 //! (1000), `--polls` calls per poll-cost batch (2000), `--mode stream|poll|auto` (auto),
-//! `--durability full|normal` (full), `--processes`, `--json PATH` (default
+//! `--max-in-flight` of the integration service (2048), `--durability full|normal` (full),
+//! `--processes`, `--json PATH` (default
 //! `target/bench/<scenario>.json`). `--help` lists them all.
 //!
 //! By default the three services run in this process, each on its own `127.0.0.1:0` listener
@@ -34,6 +35,7 @@
 //! { "scenario": "latency", "passed": true, "build": "release", "cpus": 2,
 //!   "started_unix_ms": 0, "elapsed_s": 6.1,
 //!   "settings": { "deployment": "in-process", "mode": "auto", "poll_interval_ms": 500,
+//!                 "max_in_flight": 2048,
 //!                 "durability": "full", "customers": 100000, "concurrency": 64,
 //!                 "rate_per_s": 1000.0, "duration_s": 10.0, "watchers": 1000, "polls": 2000,
 //!                 "connections": 4, "smoke": false },
@@ -174,6 +176,11 @@ struct Flags {
     #[arg(long, env = "MIP_BENCH_POLL_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration, global = true)]
     poll_interval: Duration,
 
+    /// The integration service's `--max-in-flight`: deliveries at once, and so how large its
+    /// batches to Inventory can grow.
+    #[arg(long, env = "MIP_BENCH_MAX_IN_FLIGHT", default_value_t = mip_integration::DEFAULT_MAX_IN_FLIGHT, global = true)]
+    max_in_flight: usize,
+
     /// How durably every service commits: `full` fsyncs every group commit, `normal` does not.
     #[arg(long, env = "MIP_BENCH_DURABILITY", value_enum, default_value_t = Durability::Full, global = true)]
     durability: Durability,
@@ -243,6 +250,8 @@ pub struct Settings {
     pub mode: Mode,
     /// Its poll interval.
     pub poll_interval: Duration,
+    /// Its deliveries at once.
+    pub max_in_flight: usize,
     /// Every service's durability.
     pub durability: Durability,
     /// HTTP/2 connections for the load.
@@ -274,6 +283,7 @@ impl Settings {
             processes: flags.processes,
             mode: flags.mode,
             poll_interval: flags.poll_interval,
+            max_in_flight: flags.max_in_flight,
             durability: flags.durability,
             connections: flags.connections,
             request_ids: flags.request_ids,
@@ -286,6 +296,10 @@ impl Settings {
         anyhow::ensure!(settings.concurrency > 0, "--concurrency must be at least 1");
         anyhow::ensure!(settings.watchers > 0, "--watchers must be at least 1");
         anyhow::ensure!(settings.polls > 0, "--polls must be at least 1");
+        anyhow::ensure!(
+            settings.max_in_flight > 0,
+            "--max-in-flight must be at least 1"
+        );
         anyhow::ensure!(settings.connections > 0, "--connections must be at least 1");
         anyhow::ensure!(
             (1..=1000).contains(&settings.batch),

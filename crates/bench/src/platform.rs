@@ -47,6 +47,8 @@ pub struct PlatformConfig {
     pub mode: Mode,
     /// Its poll interval.
     pub poll_interval: Duration,
+    /// Its deliveries at once.
+    pub max_in_flight: usize,
     /// Every service's durability.
     pub durability: Durability,
     /// RUST_LOG of the service processes.
@@ -147,6 +149,7 @@ impl Platform {
             inventory_addr: self.inventory.to_string(),
             mode: self.config.mode,
             poll_interval: self.config.poll_interval,
+            max_in_flight: self.config.max_in_flight,
             ..IntegrationOptions::default()
         };
         let dir = self.dir.path().join("integration");
@@ -164,6 +167,8 @@ impl Platform {
                     crate::value_name(&options.mode),
                     "--poll-interval".to_owned(),
                     humantime::format_duration(options.poll_interval).to_string(),
+                    "--max-in-flight".to_owned(),
+                    options.max_in_flight.to_string(),
                 ]);
                 processes.push(Process::spawn(
                     &mip_binary()?,

@@ -119,6 +119,8 @@ pub struct SettingsRecord {
     mode: String,
     /// Its poll interval.
     poll_interval_ms: u64,
+    /// Its deliveries at once.
+    max_in_flight: usize,
     /// Every service's durability.
     durability: String,
     /// `-n`.
@@ -163,6 +165,7 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
         processes,
         mode,
         poll_interval: settings.poll_interval,
+        max_in_flight: settings.max_in_flight,
         durability: settings.durability,
         service_log: settings.service_log.clone(),
     };
@@ -224,6 +227,7 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
             deployment: if processes { "processes" } else { "in-process" },
             mode: value_name(&mode),
             poll_interval_ms: settings.poll_interval.as_millis() as u64,
+            max_in_flight: settings.max_in_flight,
             durability: value_name(&settings.durability),
             customers: settings.customers,
             concurrency: settings.concurrency,
