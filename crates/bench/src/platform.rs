@@ -341,8 +341,10 @@ impl InProcess {
         self.spawn("CRM", move |listener| async move {
             mip_crm::serve(
                 listener,
-                &dir,
-                durability,
+                &mip_runtime::store::Database::Sqlite {
+                    dir: dir.to_path_buf(),
+                    durability,
+                },
                 mip_crm::CrmOptions::default(),
                 &ServerOptions::default(),
                 clock(),
@@ -361,8 +363,10 @@ impl InProcess {
         self.spawn("Inventory", move |listener| async move {
             mip_inventory::serve(
                 listener,
-                &dir,
-                durability,
+                &mip_runtime::store::Database::Sqlite {
+                    dir: dir.to_path_buf(),
+                    durability,
+                },
                 &ServerOptions::default(),
                 clock(),
                 token,
@@ -381,8 +385,10 @@ impl InProcess {
         self.spawn("integration service", move |listener| async move {
             mip_integration::serve(
                 listener,
-                &dir,
-                durability,
+                &mip_runtime::store::Database::Sqlite {
+                    dir: dir.to_path_buf(),
+                    durability,
+                },
                 options,
                 &ServerOptions::default(),
                 clock(),

@@ -19,14 +19,13 @@ pub mod service;
 pub mod store;
 pub mod wire;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use mip_runtime::CancellationToken;
 use mip_runtime::clock::SharedClock;
 use mip_runtime::server::{Health, ServeError, ServerOptions};
-use mip_runtime::sqlite::Durability;
+use mip_runtime::store::{Database, DbError};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tracing::warn;
@@ -72,18 +71,28 @@ impl Default for CrmOptions {
     }
 }
 
-/// Opens the store in `data_dir` and serves CRM on `listener` until `shutdown` is cancelled.
+/// Opens the store `database` names and serves CRM on `listener` until `shutdown` is
+/// cancelled.
 pub async fn serve(
     listener: TcpListener,
-    data_dir: &Path,
-    durability: Durability,
+    database: &Database,
     options: CrmOptions,
     server: &ServerOptions,
     clock: SharedClock,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let health = Health::new(&[SERVICE_NAME]).await;
-    let store = Arc::new(SqliteStore::open(data_dir, durability).await?);
+    let store = match database {
+        Database::Sqlite { dir, durability } => {
+            Arc::new(SqliteStore::open(dir, *durability).await?)
+        }
+        Database::Postgres(pg) => {
+            return Err(StartError::Store(Error::Storage(DbError::Open {
+                database: pg.name().to_owned(),
+                reason: "this build keeps CRM in SQLite only".into(),
+            })));
+        }
+    };
     if let Some(retention) = options.event_retention {
         tokio::spawn(prune_loop(
             Arc::clone(&store),

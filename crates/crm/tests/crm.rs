@@ -103,8 +103,10 @@ impl Server {
                 };
                 mip_crm::serve(
                     listener,
-                    &data_dir,
-                    Durability::Normal,
+                    &mip_runtime::store::Database::Sqlite {
+                        dir: data_dir.to_path_buf(),
+                        durability: Durability::Normal,
+                    },
                     options,
                     &server,
                     clock,

@@ -22,7 +22,6 @@ pub mod service;
 pub mod store;
 pub mod tracker;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
@@ -34,7 +33,7 @@ use mip_runtime::CancellationToken;
 use mip_runtime::clock::SharedClock;
 use mip_runtime::security::{AuthenticatedChannel, Security, SecurityError};
 use mip_runtime::server::{Health, ServeError, ServerOptions};
-use mip_runtime::sqlite::{DbError, Durability};
+use mip_runtime::store::{Database, DbError};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
@@ -308,13 +307,12 @@ fn channel(
     Ok(InterceptedService::new(channel, security.authenticator()))
 }
 
-/// Opens the store in `data_dir`, serves the admin API on `listener`, and follows CRM until
-/// `shutdown` is cancelled.
+/// Opens the store `database` names, serves the admin API on `listener`, and follows CRM
+/// until `shutdown` is cancelled.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
-    data_dir: &Path,
-    durability: Durability,
+    database: &Database,
     options: IntegrationOptions,
     server: &ServerOptions,
     clock: SharedClock,
@@ -323,7 +321,15 @@ pub async fn serve(
 ) -> Result<(), StartError> {
     let health = Health::new(&[SERVICE_NAME]).await;
     let security = server.security.load()?;
-    let store = Arc::new(SqliteStore::open(data_dir, durability)?);
+    let store = match database {
+        Database::Sqlite { dir, durability } => Arc::new(SqliteStore::open(dir, *durability)?),
+        Database::Postgres(pg) => {
+            return Err(StartError::Store(DbError::Open {
+                database: pg.name().to_owned(),
+                reason: "this build keeps the integration service's state in SQLite only".into(),
+            }));
+        }
+    };
     let checkpoint = store.checkpoint().await?;
     let stats = Arc::new(Stats::default());
     let crm = CrmServiceClient::new(channel(&options.crm_addr, &options, &security)?)

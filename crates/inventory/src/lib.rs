@@ -16,14 +16,13 @@ pub mod error;
 pub mod service;
 pub mod store;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use mip_proto::inventory::v1::inventory_service_server::InventoryServiceServer;
 use mip_runtime::CancellationToken;
 use mip_runtime::clock::SharedClock;
 use mip_runtime::server::{Health, ServeError, ServerOptions};
-use mip_runtime::sqlite::Durability;
+use mip_runtime::store::{Database, DbError};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
@@ -34,18 +33,27 @@ pub use store::{InventoryStore, SqliteStore};
 /// Fully-qualified gRPC name of the service, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "inventory.v1.InventoryService";
 
-/// Opens the store in `data_dir` and serves Inventory on `listener` until `shutdown` is
+/// Opens the store `database` names and serves Inventory on `listener` until `shutdown` is
 /// cancelled.
 pub async fn serve(
     listener: TcpListener,
-    data_dir: &Path,
-    durability: Durability,
+    database: &Database,
     server: &ServerOptions,
     clock: SharedClock,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let health = Health::new(&[SERVICE_NAME]).await;
-    let store = Arc::new(SqliteStore::open(data_dir, durability).await?);
+    let store = match database {
+        Database::Sqlite { dir, durability } => {
+            Arc::new(SqliteStore::open(dir, *durability).await?)
+        }
+        Database::Postgres(pg) => {
+            return Err(StartError::Store(Error::Storage(DbError::Open {
+                database: pg.name().to_owned(),
+                reason: "this build keeps Inventory in SQLite only".into(),
+            })));
+        }
+    };
     let api = InventoryApi::new(store, clock);
     let routes = Routes::new(mip_runtime::limited!(
         InventoryServiceServer::new(api),

@@ -69,8 +69,10 @@ impl Server {
                 };
                 mip_inventory::serve(
                     listener,
-                    &data_dir,
-                    Durability::Normal,
+                    &mip_runtime::store::Database::Sqlite {
+                        dir: data_dir.to_path_buf(),
+                        durability: Durability::Normal,
+                    },
                     &options,
                     clock,
                     shutdown,

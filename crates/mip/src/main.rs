@@ -18,7 +18,7 @@ use mip_runtime::clock::{SharedClock, SystemClock};
 use mip_runtime::probe::ProbeError;
 use mip_runtime::security::Security;
 use mip_runtime::server::{ServerOptions, bind};
-use mip_runtime::sqlite::Durability;
+use mip_runtime::store::StoreOptions;
 use mip_runtime::telemetry::{self, LogFormat};
 use tokio::net::TcpListener;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -65,19 +65,6 @@ enum Command {
     DevCerts(certs::DevCertsArgs),
 }
 
-/// Where a service keeps its database, and how durably.
-#[derive(Debug, Clone, clap::Args)]
-struct StoreArgs {
-    /// Directory of the embedded SQLite databases (one file per service). Created if missing.
-    #[arg(long, env = "MIP_DATA_DIR", default_value = "./data")]
-    data_dir: PathBuf,
-
-    /// `full`: every commit is fsynced (survives power loss). `normal`: survives a process
-    /// crash, may lose the last commits on power loss.
-    #[arg(long, env = "MIP_DURABILITY", value_enum, default_value_t = Durability::Full)]
-    durability: Durability,
-}
-
 #[derive(Debug, clap::Args)]
 struct AllArgs {
     /// Address of the CRM service.
@@ -97,7 +84,7 @@ struct AllArgs {
     integration_listen: SocketAddr,
 
     #[command(flatten)]
-    store: StoreArgs,
+    store: StoreOptions,
 
     #[command(flatten)]
     crm: mip_crm::CrmOptions,
@@ -116,7 +103,7 @@ struct CrmArgs {
     listen: SocketAddr,
 
     #[command(flatten)]
-    store: StoreArgs,
+    store: StoreOptions,
 
     #[command(flatten)]
     crm: mip_crm::CrmOptions,
@@ -132,7 +119,7 @@ struct InventoryArgs {
     listen: SocketAddr,
 
     #[command(flatten)]
-    store: StoreArgs,
+    store: StoreOptions,
 
     #[command(flatten)]
     server: ServerOptions,
@@ -149,7 +136,7 @@ struct IntegrationArgs {
     listen: SocketAddr,
 
     #[command(flatten)]
-    store: StoreArgs,
+    store: StoreOptions,
 
     #[command(flatten)]
     integration: mip_integration::IntegrationOptions,
@@ -363,7 +350,7 @@ async fn run(command: Command, metrics_addr: Option<SocketAddr>) -> anyhow::Resu
 
 async fn run_crm(
     listener: TcpListener,
-    store: &StoreArgs,
+    store: &StoreOptions,
     options: mip_crm::CrmOptions,
     server: &ServerOptions,
     shutdown: &CancellationToken,
@@ -376,8 +363,7 @@ async fn run_crm(
     );
     mip_crm::serve(
         listener,
-        &store.data_dir,
-        store.durability,
+        &store.database()?,
         options,
         server,
         clock(),
@@ -389,7 +375,7 @@ async fn run_crm(
 
 async fn run_inventory(
     listener: TcpListener,
-    store: &StoreArgs,
+    store: &StoreOptions,
     server: &ServerOptions,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -401,8 +387,7 @@ async fn run_inventory(
     );
     mip_inventory::serve(
         listener,
-        &store.data_dir,
-        store.durability,
+        &store.database()?,
         server,
         clock(),
         shutdown.clone(),
@@ -413,7 +398,7 @@ async fn run_inventory(
 
 async fn run_integration(
     listener: TcpListener,
-    store: &StoreArgs,
+    store: &StoreOptions,
     options: mip_integration::IntegrationOptions,
     server: &ServerOptions,
     shutdown: &CancellationToken,
@@ -426,8 +411,7 @@ async fn run_integration(
     );
     mip_integration::serve(
         listener,
-        &store.data_dir,
-        store.durability,
+        &store.database()?,
         options,
         server,
         clock(),

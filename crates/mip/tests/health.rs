@@ -70,8 +70,10 @@ async fn start_crm(data_dir: &Path) -> Running {
     let task = tokio::spawn(async move {
         mip_crm::serve(
             listener,
-            &data_dir,
-            Durability::Normal,
+            &mip_runtime::store::Database::Sqlite {
+                dir: data_dir.to_path_buf(),
+                durability: Durability::Normal,
+            },
             CrmOptions::default(),
             &ServerOptions::default(),
             clock(),
@@ -95,8 +97,10 @@ async fn start_inventory(data_dir: &Path) -> Running {
     let task = tokio::spawn(async move {
         mip_inventory::serve(
             listener,
-            &data_dir,
-            Durability::Normal,
+            &mip_runtime::store::Database::Sqlite {
+                dir: data_dir.to_path_buf(),
+                durability: Durability::Normal,
+            },
             &ServerOptions::default(),
             clock(),
             token,
@@ -124,8 +128,10 @@ async fn start_integration(data_dir: &Path, crm: SocketAddr, inventory: SocketAd
     let task = tokio::spawn(async move {
         mip_integration::serve(
             listener,
-            &data_dir,
-            Durability::Normal,
+            &mip_runtime::store::Database::Sqlite {
+                dir: data_dir.to_path_buf(),
+                durability: Durability::Normal,
+            },
             options,
             &ServerOptions::default(),
             clock(),

@@ -3,6 +3,10 @@
 //! - [`server`]: binds, serves a set of gRPC routes with health and reflection, applies the
 //!   shared transport limits, and shuts down gracefully in bounded time.
 //! - [`telemetry`]: `tracing` set-up with `RUST_LOG` and text or JSON output.
+//! - [`store`]: what every store shares whatever its backend: the `--database-url` choice
+//!   ([`store::Database`]) and backend-neutral storage errors ([`store::DbError`]).
+//! - [`postgres`]: the PostgreSQL backend's plumbing: pool, migrations under an advisory lock,
+//!   error classification, group commit, connecting in the background.
 //! - [`sqlite`]: the embedded store's plumbing: WAL, migrations, one writer thread that
 //!   group-commits concurrent writes, and a pool of read connections.
 //! - [`token`]: opaque, checksummed page and resume tokens.
@@ -20,11 +24,13 @@ pub mod admission;
 pub mod batch;
 pub mod clock;
 pub mod metrics;
+pub mod postgres;
 pub mod probe;
 pub mod security;
 pub mod server;
 pub mod sqlite;
 pub mod status;
+pub mod store;
 pub mod telemetry;
 pub mod token;
 

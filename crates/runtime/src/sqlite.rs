@@ -25,7 +25,9 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use rusqlite_migration::Migrations;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error};
+use tracing::debug;
+
+use crate::store::FailureLog;
 
 /// Most writes grouped into one transaction. Bounds the latency a batch adds to its first
 /// write while still amortising the fsync over hundreds of writes under load.
@@ -50,57 +52,38 @@ pub enum Durability {
     Normal,
 }
 
-/// Storage failures.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum DbError {
-    /// SQLite reported an error.
-    #[error("database error: {0}")]
-    Sqlite(Arc<rusqlite::Error>),
-    /// No read connection could be had.
-    #[error("database connection pool: {0}")]
-    Pool(Arc<r2d2::Error>),
-    /// The schema could not be brought up to date.
-    #[error("database schema migration failed: {0}")]
-    Migration(Arc<rusqlite_migration::Error>),
-    /// The database file or its folder could not be opened or created.
-    #[error("cannot open database {path}: {reason}")]
-    Open {
-        /// The file that was being opened.
-        path: PathBuf,
-        /// What went wrong, in words.
-        reason: String,
-    },
-    /// The writer thread has stopped (the service is shutting down).
-    #[error("the store is shutting down")]
-    Closed,
-    /// Another write in the same group commit failed after changing rows, so the whole group
-    /// was rolled back; this write was not committed and may be retried.
-    #[error("the write was rolled back with its group commit; retry it")]
-    BatchAborted,
-}
+pub use crate::store::DbError;
 
-impl DbError {
-    /// Whether retrying later may succeed: the database was busy, or the store is restarting.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            DbError::Sqlite(e) => matches!(
-                e.sqlite_error_code(),
-                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-            ),
-            DbError::Pool(_) | DbError::Closed | DbError::BatchAborted => true,
-            DbError::Migration(_) | DbError::Open { .. } => false,
-        }
-    }
+/// How a SQLite database is named in errors that do not come with its path.
+const SQLITE: &str = "the SQLite database";
 
-    /// Whether the disk is full, which callers report as RESOURCE_EXHAUSTED.
-    pub fn is_disk_full(&self) -> bool {
-        matches!(self, DbError::Sqlite(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull))
-    }
-}
-
+/// The one place SQLite's errors are sorted into [`DbError`]s.
 impl From<rusqlite::Error> for DbError {
     fn from(e: rusqlite::Error) -> Self {
-        DbError::Sqlite(Arc::new(e))
+        let database = SQLITE.to_owned();
+        let reason = e.to_string();
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                DbError::Unavailable { database, reason }
+            }
+            Some(rusqlite::ErrorCode::DiskFull) => DbError::DiskFull { database, reason },
+            // "UNIQUE constraint failed: customers.email_key": the constraint is the column.
+            Some(rusqlite::ErrorCode::ConstraintViolation)
+                if reason.starts_with("UNIQUE constraint failed: ") =>
+            {
+                DbError::UniqueViolation {
+                    constraint: reason["UNIQUE constraint failed: ".len()..].to_owned(),
+                }
+            }
+            _ => DbError::Other { database, reason },
+        }
+    }
+}
+
+fn pool_error(e: r2d2::Error) -> DbError {
+    DbError::Unavailable {
+        database: SQLITE.to_owned(),
+        reason: format!("no read connection: {e}"),
     }
 }
 
@@ -185,17 +168,18 @@ impl Db {
         durability: Durability,
     ) -> Result<Self, DbError> {
         let path = dir.join(file);
+        let database = path.display().to_string();
         std::fs::create_dir_all(dir).map_err(|e| DbError::Open {
-            path: path.clone(),
+            database: database.clone(),
             reason: format!("cannot create data directory {}: {e}", dir.display()),
         })?;
         let open_error = |e: rusqlite::Error| DbError::Open {
-            path: path.clone(),
+            database: database.clone(),
             reason: e.to_string(),
         };
         // SQLite only says "unable to open database file"; say why when the folder is the cause.
         writable(dir).map_err(|e| DbError::Open {
-            path: path.clone(),
+            database: database.clone(),
             reason: format!("cannot write in the data directory {}: {e}", dir.display()),
         })?;
         let mut conn = Connection::open(&path).map_err(open_error)?;
@@ -203,7 +187,7 @@ impl Db {
         // would then fail later, so refuse to start instead.
         if conn.is_readonly(rusqlite::MAIN_DB).map_err(open_error)? {
             return Err(DbError::Open {
-                path: path.clone(),
+                database: database.clone(),
                 reason: format!(
                     "the file is read-only; the service needs to write {} and the files in it",
                     dir.display()
@@ -234,7 +218,10 @@ impl Db {
             .map_err(open_error)?;
         migrations
             .to_latest(&mut conn)
-            .map_err(|e| DbError::Migration(Arc::new(e)))?;
+            .map_err(|e| DbError::Migration {
+                database: database.clone(),
+                reason: e.to_string(),
+            })?;
 
         let manager = SqliteConnectionManager::file(&path)
             .with_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
@@ -246,7 +233,7 @@ impl Db {
             .max_size(8)
             .min_idle(Some(1))
             .build(manager)
-            .map_err(|e| DbError::Pool(Arc::new(e)))?;
+            .map_err(pool_error)?;
 
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         let thread_path = path.clone();
@@ -254,7 +241,7 @@ impl Db {
             .name(format!("sqlite-writer-{file}"))
             .spawn(move || writer_loop(conn, queue, &thread_path))
             .map_err(|e| DbError::Open {
-                path: path.clone(),
+                database: database.clone(),
                 reason: format!("cannot start writer thread: {e}"),
             })?;
         Ok(Self {
@@ -305,9 +292,7 @@ impl Db {
     {
         let pool = self.readers.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = pool
-                .get()
-                .map_err(|e| E::from(DbError::Pool(Arc::new(e))))?;
+            let conn = pool.get().map_err(|e| E::from(pool_error(e)))?;
             work(&conn)
         })
         .await
@@ -322,47 +307,6 @@ fn writable(dir: &Path) -> std::io::Result<()> {
     let probe = dir.join(format!(".mip-write-check-{}", std::process::id()));
     std::fs::write(&probe, b"")?;
     std::fs::remove_file(&probe)
-}
-
-/// Least time between two logged write failures. A full disk fails every batch; logging each
-/// would flood the log (and maybe fill the disk the log is on) while clients already get
-/// RESOURCE_EXHAUSTED for every write.
-const FAILURE_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Logs write failures, at most one line per [`FAILURE_LOG_INTERVAL`], with a count of those
-/// in between.
-#[derive(Default)]
-struct FailureLog {
-    /// When the last line was written.
-    last: Option<std::time::Instant>,
-    /// Failures since then, not logged.
-    suppressed: u64,
-}
-
-impl FailureLog {
-    fn failed(&mut self, path: &Path, error: &DbError, what: &str) {
-        let now = std::time::Instant::now();
-        if self
-            .last
-            .is_some_and(|last| now.duration_since(last) < FAILURE_LOG_INTERVAL)
-        {
-            self.suppressed += 1;
-            return;
-        }
-        let hint = if error.is_disk_full() {
-            "; writes fail until disk space is freed, then resume by themselves"
-        } else {
-            ""
-        };
-        error!(
-            path = %path.display(),
-            error = %error,
-            similar_failures_not_logged = self.suppressed,
-            "{what}{hint}"
-        );
-        self.last = Some(now);
-        self.suppressed = 0;
-    }
 }
 
 /// The writer thread: batch, run the writes one after another in one transaction, commit once,
@@ -383,7 +327,11 @@ fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn WriteJob>
             Ok(tx) => tx,
             Err(e) => {
                 let e = DbError::from(e);
-                failures.failed(path, &e, "cannot begin a write transaction");
+                failures.failed(
+                    &path.display().to_string(),
+                    &e,
+                    "cannot begin a write transaction",
+                );
                 for job in batch.drain(..) {
                     job.abort(e.clone());
                 }
@@ -413,7 +361,7 @@ fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn WriteJob>
             // The failing write answers with its own error; the rest of its group with this.
             let e = DbError::BatchAborted;
             failures.failed(
-                path,
+                &path.display().to_string(),
                 &e,
                 &format!("{why}; its whole group commit was rolled back"),
             );
@@ -428,7 +376,11 @@ fn writer_loop(mut conn: Connection, mut queue: mpsc::Receiver<Box<dyn WriteJob>
         }
         let committed = tx.commit().map_err(DbError::from);
         if let Err(e) = &committed {
-            failures.failed(path, e, "commit failed; the batch was rolled back");
+            failures.failed(
+                &path.display().to_string(),
+                e,
+                "commit failed; the batch was rolled back",
+            );
         } else {
             debug!(size, "group commit");
         }
@@ -510,7 +462,7 @@ mod tests {
         assert!(matches!(x, Err(DbError::BatchAborted)), "{x:?}");
         assert!(matches!(y, Err(DbError::BatchAborted)), "{y:?}");
         assert!(
-            matches!(&half, Err(DbError::Sqlite(e)) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation)),
+            matches!(&half, Err(DbError::UniqueViolation { constraint }) if constraint == "item.name"),
             "{half:?}"
         );
         let count = |db: Db| async move {

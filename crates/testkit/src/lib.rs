@@ -1,4 +1,5 @@
-//! What the services' property tests share: protobuf-shaped bytes to feed every request type,
+//! What the services' tests share: protobuf-shaped bytes to feed every request type, a private
+//! PostgreSQL server with a database per test ([`postgres`], [`backend_tests!`]),
 //! and the list of request types a contract has, so a test can insist it covers them all.
 //!
 //! Only a dev-dependency: nothing here ships in `mip`.
@@ -118,4 +119,50 @@ pub fn config(cases: u32) -> ProptestConfig {
         failure_persistence: None,
         ..ProptestConfig::default()
     }
+}
+
+pub mod postgres;
+
+/// A new, empty PostgreSQL database on the test process's shared server, as a store's
+/// [`mip_runtime::store::Database`]; `None` (after one skip line) where PostgreSQL is missing.
+pub fn postgres_database() -> Option<mip_runtime::store::Database> {
+    let server = postgres::PgServer::shared()?;
+    Some(
+        mip_runtime::store::Database::from_url(&server.create_database(), 8)
+            .expect("a test database URL parses"),
+    )
+}
+
+/// Runs the same test against every backend: each `async fn name(db: Database) { .. }` becomes
+/// a module `name` with the tests `sqlite` (a temporary directory) and `postgres` (a fresh
+/// database on the test process's own server, skipped where PostgreSQL is missing).
+#[macro_export]
+macro_rules! backend_tests {
+    ($( $(#[doc = $doc:literal])* async fn $name:ident($db:ident: Database) $body:block )*) => {
+        $(
+            $(#[doc = $doc])*
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    let dir = tempfile::tempdir().expect("temp dir");
+                    let $db = mip_runtime::store::Database::Sqlite {
+                        dir: dir.path().to_path_buf(),
+                        durability: mip_runtime::sqlite::Durability::Normal,
+                    };
+                    $body
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    let Some($db) = $crate::postgres_database() else {
+                        return;
+                    };
+                    $body
+                }
+            }
+        )*
+    };
 }

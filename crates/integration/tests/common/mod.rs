@@ -211,8 +211,10 @@ impl Crm {
         let task = tokio::spawn(async move {
             mip_crm::serve(
                 listener,
-                &dir,
-                Durability::Normal,
+                &mip_runtime::store::Database::Sqlite {
+                    dir: dir.to_path_buf(),
+                    durability: Durability::Normal,
+                },
                 options,
                 &server_options(),
                 clock,
@@ -277,8 +279,10 @@ impl Inventory {
         let task = tokio::spawn(async move {
             mip_inventory::serve(
                 listener,
-                &dir,
-                Durability::Normal,
+                &mip_runtime::store::Database::Sqlite {
+                    dir: dir.to_path_buf(),
+                    durability: Durability::Normal,
+                },
                 &server_options(),
                 system_clock(),
                 token,
@@ -372,8 +376,10 @@ impl Integration {
         let task = tokio::spawn(async move {
             mip_integration::serve(
                 listener,
-                &dir,
-                Durability::Normal,
+                &mip_runtime::store::Database::Sqlite {
+                    dir: dir.to_path_buf(),
+                    durability: Durability::Normal,
+                },
                 options,
                 &server_options(),
                 system_clock(),
