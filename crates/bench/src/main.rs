@@ -19,6 +19,8 @@
 //! concurrency (64), `-r` rate per second (1000), `--duration` seconds (10), `-w` watchers
 //! (1000), `--polls` calls per poll-cost batch (2000), `--mode stream|poll|auto` (auto),
 //! `--max-in-flight` of the integration service (2048), `--durability full|normal` (full),
+//! `--database-url postgres://...` (PostgreSQL instead of SQLite; the bench empties the
+//! services' schemas in that database before each scenario),
 //! `--processes`, `--json PATH` (default
 //! `target/bench/<scenario>.json`). `--help` lists them all.
 //!
@@ -185,6 +187,18 @@ struct Flags {
     #[arg(long, env = "MIP_BENCH_DURABILITY", value_enum, default_value_t = Durability::Full, global = true)]
     durability: Durability,
 
+    /// Run every service on this PostgreSQL database instead of temporary SQLite files, for
+    /// example `postgres://postgres@127.0.0.1:5432/bench`. Each scenario starts from empty
+    /// `crm`, `inventory` and `integration` schemas: the bench DROPS them first, so never point
+    /// it at a database whose data you want. `--durability` then does not apply.
+    #[arg(
+        long,
+        env = "MIP_BENCH_DATABASE_URL",
+        hide_env_values = true,
+        global = true
+    )]
+    database_url: Option<String>,
+
     /// HTTP/2 connections the load is spread over. A few, so the client neither funnels every
     /// call through one socket nor pays for a connection per call.
     #[arg(
@@ -254,6 +268,8 @@ pub struct Settings {
     pub max_in_flight: usize,
     /// Every service's durability.
     pub durability: Durability,
+    /// PostgreSQL instead of SQLite, if set.
+    pub database_url: Option<String>,
     /// HTTP/2 connections for the load.
     pub connections: usize,
     /// CreateCustomer's request ids.
@@ -285,6 +301,7 @@ impl Settings {
             poll_interval: flags.poll_interval,
             max_in_flight: flags.max_in_flight,
             durability: flags.durability,
+            database_url: flags.database_url.clone(),
             connections: flags.connections,
             request_ids: flags.request_ids,
             batch: flags.batch,

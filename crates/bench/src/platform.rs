@@ -21,6 +21,7 @@ use mip_runtime::CancellationToken;
 use mip_runtime::clock::{SharedClock, SystemClock};
 use mip_runtime::server::ServerOptions;
 use mip_runtime::sqlite::Durability;
+use mip_runtime::store::Database;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
@@ -49,8 +50,10 @@ pub struct PlatformConfig {
     pub poll_interval: Duration,
     /// Its deliveries at once.
     pub max_in_flight: usize,
-    /// Every service's durability.
+    /// Every service's durability (SQLite).
     pub durability: Durability,
+    /// PostgreSQL for every service instead of SQLite, if set.
+    pub database_url: Option<String>,
     /// RUST_LOG of the service processes.
     pub service_log: String,
 }
@@ -95,20 +98,23 @@ impl Platform {
             .prefix("mip-bench-")
             .tempdir()
             .context("temporary data directory")?;
+        if let Some(url) = &config.database_url {
+            empty_schemas(url).await?;
+        }
         let (crm, inventory, services) = if config.processes {
             let mip = mip_binary()?;
             let (crm, inventory) = (free_addr()?, free_addr()?);
             let crm_process = Process::spawn(
                 &mip,
                 "crm",
-                &service_args("crm", crm, dir.path(), config.durability),
+                &service_args("crm", crm, dir.path(), config),
                 dir.path(),
                 &config.service_log,
             )?;
             let inventory_process = Process::spawn(
                 &mip,
                 "inventory",
-                &service_args("inventory", inventory, dir.path(), config.durability),
+                &service_args("inventory", inventory, dir.path(), config),
                 dir.path(),
                 &config.service_log,
             )?;
@@ -119,9 +125,9 @@ impl Platform {
             )
         } else {
             let mut in_process = InProcess::new()?;
-            let crm = in_process.start_crm(&dir.path().join("crm"), config.durability)?;
+            let crm = in_process.start_crm(database(config, &dir.path().join("crm"))?)?;
             let inventory =
-                in_process.start_inventory(&dir.path().join("inventory"), config.durability)?;
+                in_process.start_inventory(database(config, &dir.path().join("inventory"))?)?;
             (crm, inventory, Services::InProcess(in_process))
         };
         let mut platform = Self {
@@ -156,8 +162,7 @@ impl Platform {
         let addr = match &mut self.services {
             Services::Processes(processes) => {
                 let addr = free_addr()?;
-                let mut args =
-                    service_args("integration", addr, self.dir.path(), self.config.durability);
+                let mut args = service_args("integration", addr, self.dir.path(), &self.config);
                 args.extend([
                     "--crm-addr".to_owned(),
                     options.crm_addr,
@@ -180,7 +185,7 @@ impl Platform {
                 addr
             }
             Services::InProcess(in_process) => {
-                in_process.start_integration(&dir, self.config.durability, options)?
+                in_process.start_integration(database(&self.config, &dir)?, options)?
             }
         };
         self.integration = Some(addr);
@@ -336,15 +341,12 @@ impl InProcess {
         Ok(addr)
     }
 
-    fn start_crm(&mut self, dir: &Path, durability: Durability) -> anyhow::Result<SocketAddr> {
-        let (dir, token) = (dir.to_owned(), self.shutdown.clone());
+    fn start_crm(&mut self, database: Database) -> anyhow::Result<SocketAddr> {
+        let token = self.shutdown.clone();
         self.spawn("CRM", move |listener| async move {
             mip_crm::serve(
                 listener,
-                &mip_runtime::store::Database::Sqlite {
-                    dir: dir.to_path_buf(),
-                    durability,
-                },
+                &database,
                 mip_crm::CrmOptions::default(),
                 &ServerOptions::default(),
                 clock(),
@@ -354,19 +356,12 @@ impl InProcess {
         })
     }
 
-    fn start_inventory(
-        &mut self,
-        dir: &Path,
-        durability: Durability,
-    ) -> anyhow::Result<SocketAddr> {
-        let (dir, token) = (dir.to_owned(), self.shutdown.clone());
+    fn start_inventory(&mut self, database: Database) -> anyhow::Result<SocketAddr> {
+        let token = self.shutdown.clone();
         self.spawn("Inventory", move |listener| async move {
             mip_inventory::serve(
                 listener,
-                &mip_runtime::store::Database::Sqlite {
-                    dir: dir.to_path_buf(),
-                    durability,
-                },
+                &database,
                 &ServerOptions::default(),
                 clock(),
                 token,
@@ -377,18 +372,14 @@ impl InProcess {
 
     fn start_integration(
         &mut self,
-        dir: &Path,
-        durability: Durability,
+        database: Database,
         options: IntegrationOptions,
     ) -> anyhow::Result<SocketAddr> {
-        let (dir, token) = (dir.to_owned(), self.shutdown.clone());
+        let token = self.shutdown.clone();
         self.spawn("integration service", move |listener| async move {
             mip_integration::serve(
                 listener,
-                &mip_runtime::store::Database::Sqlite {
-                    dir: dir.to_path_buf(),
-                    durability,
-                },
+                &database,
                 options,
                 &ServerOptions::default(),
                 clock(),
@@ -537,17 +528,47 @@ fn service_args(
     command: &str,
     addr: SocketAddr,
     root: &Path,
-    durability: Durability,
+    config: &PlatformConfig,
 ) -> Vec<String> {
-    vec![
-        command.to_owned(),
-        "--listen".to_owned(),
-        addr.to_string(),
-        "--data-dir".to_owned(),
-        root.join(command).display().to_string(),
-        "--durability".to_owned(),
-        crate::value_name(&durability),
-    ]
+    let mut args = vec![command.to_owned(), "--listen".to_owned(), addr.to_string()];
+    match &config.database_url {
+        Some(url) => args.extend(["--database-url".to_owned(), url.clone()]),
+        None => args.extend([
+            "--data-dir".to_owned(),
+            root.join(command).display().to_string(),
+            "--durability".to_owned(),
+            crate::value_name(&config.durability),
+        ]),
+    }
+    args
+}
+
+/// Where an in-process service keeps its tables: `dir`, or the PostgreSQL database.
+fn database(config: &PlatformConfig, dir: &Path) -> anyhow::Result<Database> {
+    Ok(match &config.database_url {
+        Some(url) => Database::from_url(url, mip_runtime::store::DEFAULT_POOL_SIZE)?,
+        None => Database::Sqlite {
+            dir: dir.to_owned(),
+            durability: config.durability,
+        },
+    })
+}
+
+/// Drops the services' schemas, so that each run starts from an empty log, no packages and no
+/// checkpoint, as it does with fresh SQLite files.
+async fn empty_schemas(url: &str) -> anyhow::Result<()> {
+    let options = mip_runtime::postgres::PgOptions::parse(url, 2)?;
+    let pg = mip_runtime::postgres::Pg::new(&options, "mip-bench")?;
+    let client = pg.client().await?;
+    client
+        .batch_execute(
+            "DROP SCHEMA IF EXISTS crm CASCADE;
+             DROP SCHEMA IF EXISTS inventory CASCADE;
+             DROP SCHEMA IF EXISTS integration CASCADE;",
+        )
+        .await
+        .with_context(|| format!("cannot empty the schemas of {}", options.name()))?;
+    Ok(())
 }
 
 /// A loopback address nothing listens on right now: bind an ephemeral port, read it, let it go

@@ -121,8 +121,10 @@ pub struct SettingsRecord {
     poll_interval_ms: u64,
     /// Its deliveries at once.
     max_in_flight: usize,
-    /// Every service's durability.
+    /// Every service's durability (SQLite only).
     durability: String,
+    /// `sqlite` or `postgres`.
+    backend: &'static str,
     /// `-n`.
     customers: usize,
     /// `-c`.
@@ -167,6 +169,7 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
         poll_interval: settings.poll_interval,
         max_in_flight: settings.max_in_flight,
         durability: settings.durability,
+        database_url: settings.database_url.clone(),
         service_log: settings.service_log.clone(),
     };
     let part = match scenario {
@@ -206,10 +209,13 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
         "in-process"
     };
     let title = format!(
-        "{} ({deployment}, mode {}, durability {}{})",
+        "{} ({deployment}, mode {}, {}{})",
         scenario.name(),
         value_name(&mode),
-        value_name(&settings.durability),
+        match settings.database_url {
+            Some(_) => "PostgreSQL".to_owned(),
+            None => format!("SQLite, durability {}", value_name(&settings.durability)),
+        },
         if settings.smoke { ", smoke" } else { "" }
     );
     Ok(Report {
@@ -229,6 +235,11 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
             poll_interval_ms: settings.poll_interval.as_millis() as u64,
             max_in_flight: settings.max_in_flight,
             durability: value_name(&settings.durability),
+            backend: if settings.database_url.is_some() {
+                "postgres"
+            } else {
+                "sqlite"
+            },
             customers: settings.customers,
             concurrency: settings.concurrency,
             rate_per_s: settings.rate,
