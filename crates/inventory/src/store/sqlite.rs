@@ -24,32 +24,31 @@ use crate::error::Error;
 /// Database file name under the data directory.
 pub const DB_FILE: &str = "inventory.db";
 
+/// Versioned schema steps, oldest first. Never edit a step once released: add one.
+const STEPS: [&str; 2] = [
+    "CREATE TABLE package_requests (
+        id           TEXT PRIMARY KEY,
+        customer_id  TEXT NOT NULL,
+        package_type TEXT NOT NULL,
+        status       BIGINT NOT NULL,
+        create_time  BIGINT NOT NULL,
+        update_time  BIGINT NOT NULL,
+        request_id   TEXT UNIQUE,
+        fingerprint  TEXT,
+        seq          BIGINT NOT NULL UNIQUE
+    );
+    CREATE INDEX package_requests_customer_seq ON package_requests (customer_id, seq);",
+    // The listing position comes from a counter row bumped in the write transaction, as on
+    // PostgreSQL, instead of MAX(seq) + 1, which is right only while one thread writes.
+    "CREATE TABLE counter (
+        id   BIGINT PRIMARY KEY CHECK (id = 1),
+        head BIGINT NOT NULL
+    );
+    INSERT INTO counter (id, head) SELECT 1, COALESCE(MAX(seq), 0) FROM package_requests;",
+];
+
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![
-        M::up(
-            "CREATE TABLE package_requests (
-            id           TEXT PRIMARY KEY,
-            customer_id  TEXT NOT NULL,
-            package_type TEXT NOT NULL,
-            status       BIGINT NOT NULL,
-            create_time  BIGINT NOT NULL,
-            update_time  BIGINT NOT NULL,
-            request_id   TEXT UNIQUE,
-            fingerprint  TEXT,
-            seq          BIGINT NOT NULL UNIQUE
-        );
-        CREATE INDEX package_requests_customer_seq ON package_requests (customer_id, seq);",
-        ),
-        // The listing position comes from a counter row bumped in the write transaction, as on
-        // PostgreSQL, instead of MAX(seq) + 1, which is right only while one thread writes.
-        M::up(
-            "CREATE TABLE counter (
-            id   BIGINT PRIMARY KEY CHECK (id = 1),
-            head BIGINT NOT NULL
-        );
-        INSERT INTO counter (id, head) SELECT 1, COALESCE(MAX(seq), 0) FROM package_requests;",
-        ),
-    ])
+    Migrations::new(STEPS.iter().map(|step| M::up(step)).collect())
 }
 
 /// The embedded store: SQLite through the shared group-commit writer.
@@ -288,4 +287,48 @@ impl InventoryStore for SqliteStore {
 fn row_with_seq(row: &Row<'_>) -> rusqlite::Result<(PackageRequest, u64)> {
     let seq: i64 = row.get(7)?;
     Ok((package_request_from_row(row)?, seq.unsigned_abs()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::PackageType;
+
+    #[tokio::test]
+    async fn the_counter_migration_continues_after_the_rows_already_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A database as the first schema version left it, with positions 1 to 3 taken.
+            let mut c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            Migrations::new(vec![M::up(STEPS[0])])
+                .to_latest(&mut c)
+                .unwrap();
+            for seq in 1..=3i64 {
+                c.execute(
+                    "INSERT INTO package_requests
+                        (id, customer_id, package_type, status, create_time, update_time, seq)
+                     VALUES (?1, ?2, 'welcome_package', 1, 0, 0, ?3)",
+                    params![Uuid::now_v7().to_string(), Uuid::now_v7().to_string(), seq],
+                )
+                .unwrap();
+            }
+        }
+        let store = SqliteStore::open(dir.path(), Durability::Normal)
+            .await
+            .unwrap();
+        let new = NewPackageRequest {
+            customer_id: Uuid::now_v7(),
+            package_type: PackageType::parse("welcome_package").unwrap(),
+            request_id: None,
+        };
+        let created = store
+            .create_package_request(new, SystemTime::now())
+            .await
+            .unwrap()
+            .package_request;
+        let after_old = store.list_package_requests(None, 3, 10).await.unwrap();
+        assert_eq!(after_old.package_requests, vec![created]);
+        let all = store.list_package_requests(None, 0, 10).await.unwrap();
+        assert_eq!(all.package_requests.len(), 4);
+    }
 }
