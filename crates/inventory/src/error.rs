@@ -58,6 +58,9 @@ impl From<Error> for Status {
             Error::NotFound(_) => Status::not_found(message),
             Error::RequestIdReused(_) => Status::already_exists(message),
             Error::IllegalMove { .. } => Status::failed_precondition(message),
+            // A constraint the store had no domain error for still refused a duplicate: that
+            // is what ALREADY_EXISTS means, and no server fault.
+            Error::Storage(e) if e.unique_constraint().is_some() => Status::already_exists(message),
             Error::Storage(e) => mip_runtime::status::storage(&e),
         }
     }
@@ -81,6 +84,19 @@ mod tests {
             status.message(),
             "package request 00000000-0000-0000-0000-000000000000 is DELIVERED and cannot move to PENDING; \
              allowed moves: PENDING to SHIPPED, SHIPPED to DELIVERED, PENDING to CANCELLED"
+        );
+    }
+
+    #[test]
+    fn a_unique_violation_without_a_domain_error_is_already_exists() {
+        let status = Status::from(Error::Storage(DbError::UniqueViolation {
+            constraint: "package_requests_request_id_key".into(),
+        }));
+        assert_eq!(status.code(), Code::AlreadyExists);
+        assert!(
+            status.message().contains("package_requests_request_id_key"),
+            "{}",
+            status.message()
         );
     }
 

@@ -20,15 +20,27 @@ use crate::store::InventoryStore;
 /// and 2 are CRM's, so a CRM token pasted here is recognised as one.
 const PACKAGE_PAGE_TOKEN: u8 = 3;
 
-/// The `inventory.v1.InventoryService` implementation.
-pub struct InventoryApi<S> {
+/// The `inventory.v1.InventoryService` implementation, over any store: a backend type, or
+/// `dyn InventoryStore` as [`crate::store::open`] hands it out.
+pub struct InventoryApi<S: ?Sized> {
     /// Package requests.
     store: Arc<S>,
     /// Where timestamps come from.
     clock: SharedClock,
 }
 
-impl<S: InventoryStore> InventoryApi<S> {
+// By hand: a derive would ask for `S: Clone`, which a `dyn InventoryStore` is not, though only
+// the `Arc` is cloned.
+impl<S: ?Sized> Clone for InventoryApi<S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            clock: Arc::clone(&self.clock),
+        }
+    }
+}
+
+impl<S: InventoryStore + ?Sized> InventoryApi<S> {
     /// A service over `store`.
     pub fn new(store: Arc<S>, clock: SharedClock) -> Self {
         Self { store, clock }
@@ -83,21 +95,66 @@ fn filter_fingerprint(customer_id: Option<Uuid>) -> u64 {
 /// Most requests in one `BatchCreatePackageRequests` call.
 pub const MAX_BATCH: usize = 1000;
 
-/// A `CreatePackageRequestRequest`, validated: every bad field named at once.
-fn check_create(request: &pb::CreatePackageRequestRequest) -> Result<NewPackageRequest, Status> {
+/// The value every field check produced, or INVALID_ARGUMENT naming every bad field. A check
+/// that fails records a violation and yields nothing, so "all present and nothing recorded" is
+/// the one way to a value.
+fn validated<T>(violations: Violations, value: Option<T>) -> Result<T, Status> {
+    match value {
+        Some(value) if violations.is_empty() => Ok(value),
+        _ => Err(violations.into_status()),
+    }
+}
+
+impl TryFrom<&pb::CreatePackageRequestRequest> for NewPackageRequest {
+    type Error = Status;
+
+    /// Every bad field named at once.
+    fn try_from(request: &pb::CreatePackageRequestRequest) -> Result<Self, Status> {
+        let mut violations = Violations::new();
+        let customer_id = violations.id("customer_id", &request.customer_id);
+        let package_type =
+            violations.check("package_type", PackageType::parse(&request.package_type));
+        let request_id = violations.optional_id("request_id", &request.request_id);
+        let new = customer_id
+            .zip(package_type)
+            .map(|(customer_id, package_type)| NewPackageRequest {
+                customer_id,
+                package_type,
+                request_id,
+            });
+        validated(violations, new)
+    }
+}
+
+/// A validated `GetPackageRequestRequest`: the id to read.
+fn check_get(request: &pb::GetPackageRequestRequest) -> Result<Uuid, Status> {
     let mut violations = Violations::new();
-    let customer_id = violations.id("customer_id", &request.customer_id);
-    let package_type = violations.check("package_type", PackageType::parse(&request.package_type));
-    let request_id = violations.optional_id("request_id", &request.request_id);
-    violations.finish()?;
-    let (Some(customer_id), Some(package_type)) = (customer_id, package_type) else {
-        unreachable!("violations.finish() returned early")
-    };
-    Ok(NewPackageRequest {
-        customer_id,
-        package_type,
-        request_id,
-    })
+    let id = violations.id("id", &request.id);
+    validated(violations, id)
+}
+
+/// A validated `UpdatePackageRequestStatusRequest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StatusUpdate {
+    /// The package request to move.
+    id: Uuid,
+    /// Where to move it.
+    status: PackageStatus,
+}
+
+impl TryFrom<&pb::UpdatePackageRequestStatusRequest> for StatusUpdate {
+    type Error = Status;
+
+    /// Both bad fields named at once.
+    fn try_from(request: &pb::UpdatePackageRequestStatusRequest) -> Result<Self, Status> {
+        let mut violations = Violations::new();
+        let id = violations.id("id", &request.id);
+        let status = violations.check("status", status_from_proto(request.status));
+        let update = id
+            .zip(status)
+            .map(|(id, status)| StatusUpdate { id, status });
+        validated(violations, update)
+    }
 }
 
 /// A created (or replayed) package request, logged and converted for the response.
@@ -125,13 +182,13 @@ fn batch_item_error(status: &Status) -> pb::BatchItemError {
     }
 }
 
-impl<S: InventoryStore> InventoryApi<S> {
+impl<S: InventoryStore + ?Sized> InventoryApi<S> {
     /// Validates and creates one package request: `CreatePackageRequest`.
     async fn create(
         &self,
         request: pb::CreatePackageRequestRequest,
     ) -> Result<pb::PackageRequest, Status> {
-        let new = check_create(&request)?;
+        let new = NewPackageRequest::try_from(&request)?;
         let created = self
             .store
             .create_package_request(new, self.clock.now())
@@ -141,7 +198,9 @@ impl<S: InventoryStore> InventoryApi<S> {
 }
 
 #[tonic::async_trait]
-impl<S: InventoryStore> pb::inventory_service_server::InventoryService for InventoryApi<S> {
+impl<S: InventoryStore + ?Sized> pb::inventory_service_server::InventoryService
+    for InventoryApi<S>
+{
     async fn create_package_request(
         &self,
         request: Request<pb::CreatePackageRequestRequest>,
@@ -158,7 +217,7 @@ impl<S: InventoryStore> pb::inventory_service_server::InventoryService for Inven
         batch::check_size(requests.len(), MAX_BATCH)?;
         // Every valid request goes to the store in one write, in request order: one commit.
         // Each checks before it writes, so one refused leaves the others.
-        let checked = requests.iter().map(check_create).collect();
+        let checked = requests.iter().map(NewPackageRequest::try_from).collect();
         let now = self.clock.now();
         let results = batch::create_valid(checked, |valid| {
             self.store.create_package_requests(valid, now)
@@ -185,13 +244,8 @@ impl<S: InventoryStore> pb::inventory_service_server::InventoryService for Inven
         &self,
         request: Request<pb::GetPackageRequestRequest>,
     ) -> Result<Response<pb::PackageRequest>, Status> {
-        let mut violations = Violations::new();
-        let id = violations.id("id", &request.get_ref().id);
-        violations.finish()?;
-        let package_request = self
-            .store
-            .get_package_request(id.expect("validated"))
-            .await?;
+        let id = check_get(request.get_ref())?;
+        let package_request = self.store.get_package_request(id).await?;
         Ok(Response::new(package_request_to_proto(&package_request)))
     }
 
@@ -241,14 +295,7 @@ impl<S: InventoryStore> pb::inventory_service_server::InventoryService for Inven
         &self,
         request: Request<pb::UpdatePackageRequestStatusRequest>,
     ) -> Result<Response<pb::PackageRequest>, Status> {
-        let request = request.into_inner();
-        let mut violations = Violations::new();
-        let id = violations.id("id", &request.id);
-        let status = violations.check("status", status_from_proto(request.status));
-        violations.finish()?;
-        let (Some(id), Some(status)) = (id, status) else {
-            unreachable!("violations.finish() returned early")
-        };
+        let StatusUpdate { id, status } = StatusUpdate::try_from(request.get_ref())?;
         let change = self
             .store
             .update_status(id, status, self.clock.now())

@@ -1,10 +1,9 @@
-//! Where package requests live.
+//! The embedded store: SQLite through the shared group-commit writer.
 //!
-//! [`InventoryStore`] is what the service needs from storage; [`SqliteStore`] is the embedded
-//! implementation. Every check-then-write runs inside one write on the single writer thread,
-//! so an idempotent create or a status move cannot race another one. Listing order comes from
-//! `seq`, handed out by that same writer, so it is the commit order. The SQL sticks to what
-//! PostgreSQL also runs (`BIGINT`, `TEXT`, `COALESCE`, no `AUTOINCREMENT` or `rowid`).
+//! Every check-then-write runs inside one write of the writer thread, and a write that is
+//! refused is refused before it changes a row, so it leaves its group commit alone. The SQL
+//! sticks to what PostgreSQL also runs (`BIGINT`, `TEXT`, `COALESCE`, `RETURNING`, no
+//! `AUTOINCREMENT` or `rowid`).
 
 use std::path::Path;
 use std::time::SystemTime;
@@ -16,67 +15,40 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use rusqlite_migration::{M, Migrations};
 use uuid::Uuid;
 
+use super::{InventoryStore, fetch_for, page_of, to_i64};
 use crate::domain::{
     Created, NewPackageRequest, PackageRequest, PackageRequestPage, PackageStatus, StatusChange,
 };
 use crate::error::Error;
 
-/// What the Inventory service needs from storage.
-#[async_trait]
-pub trait InventoryStore: Send + Sync + 'static {
-    /// Creates a PENDING package request. A repeated `request_id` with the same parameters
-    /// returns the original and creates nothing; with other parameters it fails with
-    /// [`Error::RequestIdReused`].
-    async fn create_package_request(
-        &self,
-        new: NewPackageRequest,
-        now: SystemTime,
-    ) -> Result<Created, Error>;
-    /// Creates each package request as [`InventoryStore::create_package_request`] would, in
-    /// order, in one write: one commit for all. Each succeeds or fails on its own; the outer
-    /// error is for the write as a whole (storage).
-    async fn create_package_requests(
-        &self,
-        new: Vec<NewPackageRequest>,
-        now: SystemTime,
-    ) -> Result<Vec<Result<Created, Error>>, Error>;
-    /// One package request.
-    async fn get_package_request(&self, id: Uuid) -> Result<PackageRequest, Error>;
-    /// Up to `limit` package requests created after creation position `after`, oldest first,
-    /// only those of `customer_id` if given.
-    async fn list_package_requests(
-        &self,
-        customer_id: Option<Uuid>,
-        after: u64,
-        limit: usize,
-    ) -> Result<PackageRequestPage, Error>;
-    /// Moves a package request to `status`, if its life cycle allows it.
-    async fn update_status(
-        &self,
-        id: Uuid,
-        status: PackageStatus,
-        now: SystemTime,
-    ) -> Result<StatusChange, Error>;
-}
-
 /// Database file name under the data directory.
 pub const DB_FILE: &str = "inventory.db";
 
+/// Versioned schema steps, oldest first. Never edit a step once released: add one.
+const STEPS: [&str; 2] = [
+    "CREATE TABLE package_requests (
+        id           TEXT PRIMARY KEY,
+        customer_id  TEXT NOT NULL,
+        package_type TEXT NOT NULL,
+        status       BIGINT NOT NULL,
+        create_time  BIGINT NOT NULL,
+        update_time  BIGINT NOT NULL,
+        request_id   TEXT UNIQUE,
+        fingerprint  TEXT,
+        seq          BIGINT NOT NULL UNIQUE
+    );
+    CREATE INDEX package_requests_customer_seq ON package_requests (customer_id, seq);",
+    // The listing position comes from a counter row bumped in the write transaction, as on
+    // PostgreSQL, instead of MAX(seq) + 1, which is right only while one thread writes.
+    "CREATE TABLE counter (
+        id   BIGINT PRIMARY KEY CHECK (id = 1),
+        head BIGINT NOT NULL
+    );
+    INSERT INTO counter (id, head) SELECT 1, COALESCE(MAX(seq), 0) FROM package_requests;",
+];
+
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(
-        "CREATE TABLE package_requests (
-            id           TEXT PRIMARY KEY,
-            customer_id  TEXT NOT NULL,
-            package_type TEXT NOT NULL,
-            status       BIGINT NOT NULL,
-            create_time  BIGINT NOT NULL,
-            update_time  BIGINT NOT NULL,
-            request_id   TEXT UNIQUE,
-            fingerprint  TEXT,
-            seq          BIGINT NOT NULL UNIQUE
-        );
-        CREATE INDEX package_requests_customer_seq ON package_requests (customer_id, seq);",
-    )])
+    Migrations::new(STEPS.iter().map(|step| M::up(step)).collect())
 }
 
 /// The embedded store: SQLite through the shared group-commit writer.
@@ -130,10 +102,6 @@ fn find(c: &Connection, id: Uuid) -> Result<Option<PackageRequest>, Error> {
     .optional()?)
 }
 
-fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
 /// Creates a PENDING package request inside the current write, or returns the one a repeated
 /// `request_id` created. Every refusal (request id reused) is found before anything is written.
 fn insert(c: &Connection, new: NewPackageRequest, now: SystemTime) -> Result<Created, Error> {
@@ -154,9 +122,6 @@ fn insert(c: &Connection, new: NewPackageRequest, now: SystemTime) -> Result<Cre
             });
         }
     }
-    let seq: i64 = c
-        .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM package_requests")?
-        .query_row([], |r| r.get(0))?;
     let package_request = PackageRequest {
         id: Uuid::now_v7(),
         customer_id: new.customer_id,
@@ -166,6 +131,11 @@ fn insert(c: &Connection, new: NewPackageRequest, now: SystemTime) -> Result<Cre
         update_time: now,
         request_id: new.request_id,
     };
+    // Taken last, right before the insert: should the insert fail, the write has changed a
+    // row, so its whole group rolls back and the number is handed out again.
+    let seq: i64 = c
+        .prepare_cached("UPDATE counter SET head = head + 1 WHERE id = 1 RETURNING head")?
+        .query_row([], |r| r.get(0))?;
     c.prepare_cached(
         "INSERT INTO package_requests
             (id, customer_id, package_type, status, create_time, update_time,
@@ -191,6 +161,11 @@ fn insert(c: &Connection, new: NewPackageRequest, now: SystemTime) -> Result<Cre
 
 #[async_trait]
 impl InventoryStore for SqliteStore {
+    async fn ready(&self) -> Result<(), Error> {
+        // Opened, migrated and writable before `open` returned.
+        Ok(())
+    }
+
     async fn create_package_request(
         &self,
         new: NewPackageRequest,
@@ -238,9 +213,7 @@ impl InventoryStore for SqliteStore {
     ) -> Result<PackageRequestPage, Error> {
         self.db
             .read(move |c| {
-                // One row more than asked tells whether another page follows, so the last page
-                // carries no token instead of sending the client for an empty one.
-                let fetch = to_i64(u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1));
+                let fetch = fetch_for(limit);
                 let mut rows = Vec::with_capacity(limit.min(1024) + 1);
                 // Two statements rather than `(?2 IS NULL OR customer_id = ?2)`, which
                 // PostgreSQL cannot type and neither database can serve from the index.
@@ -270,17 +243,7 @@ impl InventoryStore for SqliteStore {
                         }
                     }
                 }
-                let more = rows.len() > limit;
-                rows.truncate(limit);
-                let next_after = if more {
-                    rows.last().map(|(_, seq)| *seq)
-                } else {
-                    None
-                };
-                Ok(PackageRequestPage {
-                    package_requests: rows.into_iter().map(|(r, _)| r).collect(),
-                    next_after,
-                })
+                Ok(page_of(rows, limit))
             })
             .await
     }
@@ -328,70 +291,44 @@ fn row_with_seq(row: &Row<'_>) -> rusqlite::Result<(PackageRequest, u64)> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::domain::PackageType;
 
-    fn new(customer_id: Uuid, request_id: Option<Uuid>) -> NewPackageRequest {
-        NewPackageRequest {
-            customer_id,
-            package_type: PackageType::parse("welcome_package").unwrap(),
-            request_id,
-        }
-    }
-
     #[tokio::test]
-    async fn concurrent_retries_of_one_request_create_it_once() {
+    async fn the_counter_migration_continues_after_the_rows_already_stored() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            SqliteStore::open(dir.path(), Durability::Normal)
-                .await
-                .unwrap(),
-        );
-        let customer_id = Uuid::now_v7();
-        let request_id = Uuid::now_v7();
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..20 {
-            let store = Arc::clone(&store);
-            tasks.spawn(async move {
-                store
-                    .create_package_request(new(customer_id, Some(request_id)), SystemTime::now())
-                    .await
-                    .unwrap()
-            });
+        {
+            // A database as the first schema version left it, with positions 1 to 3 taken.
+            let mut c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            Migrations::new(vec![M::up(STEPS[0])])
+                .to_latest(&mut c)
+                .unwrap();
+            for seq in 1..=3i64 {
+                c.execute(
+                    "INSERT INTO package_requests
+                        (id, customer_id, package_type, status, create_time, update_time, seq)
+                     VALUES (?1, ?2, 'welcome_package', 1, 0, 0, ?3)",
+                    params![Uuid::now_v7().to_string(), Uuid::now_v7().to_string(), seq],
+                )
+                .unwrap();
+            }
         }
-        let created = tasks.join_all().await;
-        let first = &created[0].package_request;
-        assert!(created.iter().all(|c| c.package_request == *first));
-        assert_eq!(created.iter().filter(|c| !c.replayed).count(), 1);
-        let page = store.list_package_requests(None, 0, 100).await.unwrap();
-        assert_eq!(page.package_requests, vec![first.clone()]);
-    }
-
-    #[tokio::test]
-    async fn last_page_carries_no_cursor() {
-        let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), Durability::Normal)
             .await
             .unwrap();
-        let customer_id = Uuid::now_v7();
-        for _ in 0..4 {
-            store
-                .create_package_request(new(customer_id, None), SystemTime::now())
-                .await
-                .unwrap();
-        }
-        let first = store
-            .list_package_requests(Some(customer_id), 0, 2)
+        let new = NewPackageRequest {
+            customer_id: Uuid::now_v7(),
+            package_type: PackageType::parse("welcome_package").unwrap(),
+            request_id: None,
+        };
+        let created = store
+            .create_package_request(new, SystemTime::now())
             .await
-            .unwrap();
-        let after = first.next_after.expect("a second page");
-        let second = store
-            .list_package_requests(Some(customer_id), after, 2)
-            .await
-            .unwrap();
-        assert_eq!(second.package_requests.len(), 2);
-        assert_eq!(second.next_after, None);
+            .unwrap()
+            .package_request;
+        let after_old = store.list_package_requests(None, 3, 10).await.unwrap();
+        assert_eq!(after_old.package_requests, vec![created]);
+        let all = store.list_package_requests(None, 0, 10).await.unwrap();
+        assert_eq!(all.package_requests.len(), 4);
     }
 }
