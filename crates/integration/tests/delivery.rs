@@ -249,18 +249,27 @@ async fn crm_restart_mid_stream_resumes_without_gap() {
     .await;
 }
 
-/// An Inventory in front of the real one that rejects one customer's package request as
-/// invalid while `reject` is set, and forwards everything else. Without `batches` it is an
+/// An Inventory in front of the real one that rejects one customer's package request (or
+/// everyone's) as invalid while `reject` is set, and forwards everything else. Without `batches` it is an
 /// Inventory from before `BatchCreatePackageRequests` (UNIMPLEMENTED).
 struct RejectingInventory {
     /// The real Inventory.
     real: InventoryClient,
-    /// Whether to reject `customer_id` now.
+    /// Whether to reject now.
     reject: Arc<AtomicBool>,
     /// The customer to reject.
-    customer_id: String,
+    /// The customer to reject; `None` rejects every customer.
+    customer_id: Option<String>,
     /// Whether it serves `BatchCreatePackageRequests`.
     batches: bool,
+}
+
+impl RejectingInventory {
+    /// Whether `customer_id`'s package request is rejected now.
+    fn rejects(&self, customer_id: &str) -> bool {
+        self.reject.load(Ordering::SeqCst)
+            && self.customer_id.as_deref().is_none_or(|c| c == customer_id)
+    }
 }
 
 #[tonic::async_trait]
@@ -270,7 +279,7 @@ impl InventoryService for RejectingInventory {
         request: Request<inventory::CreatePackageRequestRequest>,
     ) -> Result<Response<inventory::PackageRequest>, Status> {
         let request = request.into_inner();
-        if self.reject.load(Ordering::SeqCst) && request.customer_id == self.customer_id {
+        if self.rejects(&request.customer_id) {
             return Err(Status::invalid_argument(
                 "customer_id: rejected by the test",
             ));
@@ -287,15 +296,12 @@ impl InventoryService for RejectingInventory {
             return Err(Status::unimplemented("an Inventory from before batches"));
         }
         let mut request = request.into_inner();
-        let rejecting = self.reject.load(Ordering::SeqCst);
         let rejected: Vec<bool> = request
             .requests
             .iter()
-            .map(|r| rejecting && r.customer_id == self.customer_id)
+            .map(|r| self.rejects(&r.customer_id))
             .collect();
-        request
-            .requests
-            .retain(|r| !(rejecting && r.customer_id == self.customer_id));
+        request.requests.retain(|r| !self.rejects(&r.customer_id));
         let mut forwarded = if request.requests.is_empty() {
             Vec::new()
         } else {
@@ -404,8 +410,9 @@ struct Proxy {
 }
 
 impl Proxy {
-    /// A proxy in front of `real` that rejects `customer_id`'s package until told not to.
-    async fn start(real: InventoryClient, customer_id: String, batches: bool) -> Self {
+    /// A proxy in front of `real` that rejects `customer_id`'s package (every customer's if
+    /// `None`) until told not to.
+    async fn start(real: InventoryClient, customer_id: Option<String>, batches: bool) -> Self {
         let reject = Arc::new(AtomicBool::new(true));
         let proxy = RejectingInventory {
             real,
@@ -446,7 +453,7 @@ async fn rejected_package_is_dead_lettered_and_redriven(batches: bool, database:
     // The customer to reject exists before the integration service starts, so the proxy
     // knows its id before any delivery is attempted.
     let rejected = create_customers(&crm.client(), 1).await.remove(0);
-    let proxy = Proxy::start(inventory.clone(), rejected.clone(), batches).await;
+    let proxy = Proxy::start(inventory.clone(), Some(rejected.clone()), batches).await;
     let mut integration = Integration::start(
         database,
         integration_options(crm.addr, proxy.addr, Mode::Stream),
@@ -517,11 +524,13 @@ async fn two_services_on_one_postgres_database_share_the_dead_letters() {
         let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
         let mut real_inventory = common::Inventory::start(&dirs.inventory()).await;
         let inventory = real_inventory.client();
-        let rejected = create_customers(&crm.client(), 1).await.remove(0);
-        let proxy = Proxy::start(inventory.clone(), rejected.clone(), true).await;
+        let proxy = Proxy::start(inventory.clone(), None, true).await;
         let options = integration_options(crm.addr, proxy.addr, Mode::Stream);
         let mut first = Integration::start(&database, options.clone()).await;
         let mut second = Integration::start(&database, options).await;
+        // Created once both follow the feed, so each of them tries it (on a restart, one would
+        // resume from the checkpoint the other saved, past the event).
+        let rejected = create_customers(&crm.client(), 1).await.remove(0);
 
         let letters = eventually(
             "both services' attempts on one dead letter",

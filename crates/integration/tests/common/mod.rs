@@ -400,6 +400,28 @@ impl Integration {
             .await
         });
         self.running = Some(Running { shutdown, task });
+        // It serves at once but reports SERVING only once its store is ready (a PostgreSQL
+        // store connects in the background): until then admin calls are UNAVAILABLE.
+        let addr = self.addr.to_string();
+        eventually(
+            "the integration service to report SERVING",
+            CONVERGE_TIMEOUT,
+            || {
+                let addr = addr.clone();
+                async move {
+                    let status = mip_runtime::probe::check(
+                        &addr,
+                        mip_integration::SERVICE_NAME,
+                        Duration::from_secs(1),
+                        &Default::default(),
+                    )
+                    .await
+                    .ok()?;
+                    (status.as_str_name() == "SERVING").then_some(())
+                }
+            },
+        )
+        .await;
     }
 
     /// Stops it gracefully.
