@@ -1,6 +1,6 @@
 //! Creating one welcome package request, reliably.
 //!
-//! The request id is derived from the customer id ([`RequestIds`]), so every attempt,
+//! The request id is derived from the customer id alone ([`request_id`]), so every attempt,
 //! redelivery, reconnect or relist for the same customer carries the same idempotency key, and
 //! Inventory creates at most one package request per customer however often it is asked. That
 //! is what turns at-least-once delivery into an exactly-once effect.
@@ -29,77 +29,32 @@ pub const PACKAGE_TYPE: &str = "welcome_package";
 /// a new idempotency key and so a second package.
 const REQUEST_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6d69_7000_7765_6c63_6f6d_6500_0000_0001);
 
-/// Customers created before this instant (2026-11-23T00:00:00Z, when time-ordered ids came
-/// in) keep name-based ids whatever the integration's own state says, so that a replay after
-/// losing the data directory derives the ids earlier versions sent for them. Customers created
-/// after it that an earlier version served are protected only by the data directory's own
-/// record ([`RequestIds::ordered_from_ms`]): lose that directory and replay, and they can get a
-/// second package. Fixed forever.
-const ORDERED_SINCE_MS: u64 = 1_795_392_000_000;
-
-/// How long after an upgrade customers keep name-based ids: an older version may have sent
-/// requests past the checkpoint it saved, and a customer's id carries CRM's clock, not ours.
-pub const UPGRADE_MARGIN: Duration = Duration::from_secs(3600);
-
-/// How the idempotency key of a customer's welcome package request is derived.
+/// The idempotency key of `customer_id`'s welcome package request: a function of the
+/// customer id alone, so every attempt, every restart (even one that lost the data directory),
+/// and every integration service sharing the work derives the same key, and Inventory creates
+/// one package request per customer however often it is asked.
 ///
-/// The key is a function of the customer id alone, so it is the same on every attempt. Two
-/// forms exist:
-/// - **time-ordered** (UUIDv8): the customer id's 48-bit millisecond timestamp, then bits of a
-///   SHA-1 name hash. Customer ids are UUIDv7, so consecutive customers get neighbouring keys
-///   and Inventory's request-id index grows at its end: one page per commit instead of one per
-///   request, which was the largest cost left in end-to-end throughput (see TECHNICAL_DESIGN.md,
-///   Performance).
-/// - **name-based** (UUIDv5 of `welcome_package/<customer id>`): what versions before the
-///   time-ordered form sent. Customers created before [`RequestIds::ordered_from_ms`] keep it,
-///   so a request an older version sent is recognised when it is repeated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestIds {
-    /// Customers whose id's timestamp is at or after this (ms since the epoch) get
-    /// time-ordered keys.
-    ordered_from_ms: u64,
-}
-
-impl RequestIds {
-    /// Time-ordered keys for every customer created at or after `ms` (and after
-    /// 2026-11-23T00:00:00Z in any case).
-    pub fn ordered_from_ms(ms: u64) -> Self {
-        Self {
-            ordered_from_ms: ms.max(ORDERED_SINCE_MS),
-        }
-    }
-
-    /// Time-ordered keys for every customer they can be given to.
-    pub fn ordered() -> Self {
-        Self::ordered_from_ms(0)
-    }
-
-    /// From when keys are time-ordered (ms since the epoch, by customer id).
-    pub fn since_ms(&self) -> u64 {
-        self.ordered_from_ms
-    }
-
-    /// The idempotency key of `customer_id`'s welcome package request.
-    pub fn for_customer(&self, customer_id: &str) -> Uuid {
-        let named = Uuid::new_v5(
-            &REQUEST_ID_NAMESPACE,
-            format!("{PACKAGE_TYPE}/{customer_id}").as_bytes(),
-        );
-        match Uuid::parse_str(customer_id) {
-            Ok(id) if id.get_version_num() == 7 && millis(id) >= self.ordered_from_ms => {
-                let mut bytes = *named.as_bytes();
-                bytes[..6].copy_from_slice(&id.as_bytes()[..6]);
-                uuid::Builder::from_custom_bytes(bytes).into_uuid()
-            }
-            _ => named,
-        }
-    }
-}
-
-/// A UUIDv7's timestamp: its first 48 bits, milliseconds since the epoch.
-fn millis(id: Uuid) -> u64 {
-    let b = id.as_bytes();
-    u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]])
+/// The key is a UUIDv8: the customer id's first 6 bytes (a UUIDv7's millisecond timestamp),
+/// then bits of the SHA-1 name hash (UUIDv5) of `welcome_package/<customer id>`. Customer ids
+/// are UUIDv7, so consecutive customers get neighbouring keys and Inventory's request-id index
+/// grows at its end: one page per commit instead of one per request (see TECHNICAL_DESIGN.md,
+/// Performance). An id that is not a UUID (CRM never issues one) has no timestamp to lead
+/// with; its key starts with zeros and is told apart by the hash alone.
+///
+/// Fixed forever: changing it would give every customer a new key, and so a second package.
+pub fn request_id(customer_id: &str) -> Uuid {
+    let named = Uuid::new_v5(
+        &REQUEST_ID_NAMESPACE,
+        format!("{PACKAGE_TYPE}/{customer_id}").as_bytes(),
+    );
+    let mut bytes = *named.as_bytes();
+    let timestamp = Uuid::parse_str(customer_id).map_or([0; 6], |id| {
+        let mut timestamp = [0; 6];
+        timestamp.copy_from_slice(&id.as_bytes()[..6]);
+        timestamp
+    });
+    bytes[..6].copy_from_slice(&timestamp);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
 /// How hard to try.
@@ -194,15 +149,12 @@ pub struct Deliverer {
     jitter: Arc<dyn Jitter>,
     /// Counters for status and metrics.
     stats: Arc<Stats>,
-    /// How idempotency keys are derived.
-    request_ids: RequestIds,
 }
 
 impl Deliverer {
-    /// A deliverer over `channel`, deriving idempotency keys with `request_ids`.
+    /// A deliverer over `channel`.
     pub fn new(
         channel: AuthenticatedChannel,
-        request_ids: RequestIds,
         policy: RetryPolicy,
         jitter: Arc<dyn Jitter>,
         stats: Arc<Stats>,
@@ -215,7 +167,6 @@ impl Deliverer {
             policy,
             jitter,
             stats,
-            request_ids,
         }
     }
 
@@ -228,7 +179,7 @@ impl Deliverer {
 
     /// Creates the customer's welcome package request, retrying transient failures.
     pub async fn deliver(&self, customer_id: &str, shutdown: &CancellationToken) -> Outcome {
-        let request_id = self.request_ids.for_customer(customer_id).to_string();
+        let request_id = request_id(customer_id).to_string();
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -289,60 +240,48 @@ mod tests {
         id.to_string()
     }
 
+    /// A UUID's first 48 bits: a UUIDv7's milliseconds since the epoch.
+    fn millis(id: Uuid) -> u64 {
+        let b = id.as_bytes();
+        u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]])
+    }
+
     #[test]
-    fn name_based_keys_are_what_earlier_versions_sent() {
-        // Pinned: changing the derivation gives customers a second package.
-        let ids = RequestIds::ordered();
-        let old = "0190f2b4-0000-7000-8000-000000000001";
+    fn the_key_of_a_fixed_customer_never_changes() {
+        // Pinned: a different key for a customer already served means a second package.
+        // The key is the one the time-ordered form has always given this customer.
         assert_eq!(
-            ids.for_customer(old).to_string(),
-            Uuid::new_v5(
-                &REQUEST_ID_NAMESPACE,
-                format!("welcome_package/{old}").as_bytes()
-            )
-            .to_string()
+            request_id("01a3185e-3240-7c41-9d3e-2f6a8b1c4d5e").to_string(),
+            "01a3185e-3240-8ade-bbb4-e6905649a7e5"
         );
-        assert_eq!(ids.for_customer(old).get_version_num(), 5);
-        assert_eq!(ids.for_customer("not-a-uuid").get_version_num(), 5);
-        let v4 = Uuid::new_v4().to_string();
-        assert_eq!(ids.for_customer(&v4).get_version_num(), 5);
     }
 
     #[test]
     fn keys_are_stable_distinct_and_ordered_like_the_customers() {
-        let ids = RequestIds::ordered();
-        let t = ORDERED_SINCE_MS + 1_000;
+        let t = 1_800_000_000_000;
         let (a, b, c) = (customer(t, 1), customer(t, 2), customer(t + 1, 0));
-        assert_eq!(ids.for_customer(&a), ids.for_customer(&a));
-        assert_ne!(ids.for_customer(&a), ids.for_customer(&b));
-        assert_eq!(ids.for_customer(&a).get_version_num(), 8);
-        assert!(ids.for_customer(&a).max(ids.for_customer(&b)) < ids.for_customer(&c));
-        assert_eq!(millis(ids.for_customer(&c)), t + 1);
+        assert_eq!(request_id(&a), request_id(&a));
+        assert_ne!(request_id(&a), request_id(&b));
+        assert_eq!(request_id(&a).get_version_num(), 8);
+        assert!(request_id(&a).max(request_id(&b)) < request_id(&c));
+        assert_eq!(millis(request_id(&c)), t + 1);
     }
 
     #[test]
-    fn customers_before_the_switch_keep_name_based_keys() {
-        let upgraded = RequestIds::ordered_from_ms(ORDERED_SINCE_MS + 10_000);
-        assert_eq!(
-            upgraded
-                .for_customer(&customer(ORDERED_SINCE_MS + 9_999, 1))
-                .get_version_num(),
-            5
-        );
-        assert_eq!(
-            upgraded
-                .for_customer(&customer(ORDERED_SINCE_MS + 10_000, 1))
-                .get_version_num(),
-            8
-        );
-        // Never earlier than the fixed date, whatever the state says.
-        assert_eq!(RequestIds::ordered_from_ms(0).since_ms(), ORDERED_SINCE_MS);
-        assert_eq!(
-            RequestIds::ordered()
-                .for_customer(&customer(ORDERED_SINCE_MS - 1, 1))
-                .get_version_num(),
-            5
-        );
+    fn every_customer_id_gets_the_same_form_of_key_whatever_its_age() {
+        // No cut-over date: an old customer's key is derived exactly like a new one's.
+        for id in [customer(1_000, 1), customer(1_900_000_000_000, 1)] {
+            let key = request_id(&id);
+            assert_eq!(key.get_version_num(), 8);
+            assert_eq!(
+                key.as_bytes()[..6],
+                Uuid::parse_str(&id).unwrap().as_bytes()[..6]
+            );
+        }
+        let odd = request_id("not-a-uuid");
+        assert_eq!(odd.get_version_num(), 8);
+        assert_eq!(millis(odd), 0);
+        assert_ne!(odd, request_id("not-a-uuid-either"));
     }
 
     #[test]

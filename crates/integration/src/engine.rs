@@ -73,7 +73,7 @@ enum StreamEnd {
 }
 
 /// The feed reader and its delivery pipeline.
-pub struct Engine<S> {
+pub struct Engine<S: ?Sized> {
     /// Checkpoint and dead letters.
     store: Arc<S>,
     /// CRM client.
@@ -96,7 +96,7 @@ pub struct Engine<S> {
     slots: Arc<Semaphore>,
 }
 
-impl<S: IntegrationStore> Engine<S> {
+impl<S: IntegrationStore + ?Sized> Engine<S> {
     /// An engine; nothing runs until [`Engine::run`].
     pub fn new(
         store: Arc<S>,
@@ -615,8 +615,7 @@ impl<S: IntegrationStore> Engine<S> {
 
 /// Delivers one customer's package and records the outcome. Shared by the feed, relisting and
 /// dead-letter re-drives.
-#[derive(Clone)]
-pub struct Handler<S> {
+pub struct Handler<S: ?Sized> {
     /// Where dead letters go.
     pub store: Arc<S>,
     /// Calls Inventory.
@@ -630,6 +629,21 @@ pub struct Handler<S> {
     /// Whether this handler re-drives existing dead letters, whose failure was counted when
     /// they first failed.
     pub redrive: bool,
+}
+
+// By hand: a derive would ask for `S: Clone`, which a `dyn IntegrationStore` is not; only the
+// `Arc` is cloned.
+impl<S: ?Sized> Clone for Handler<S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            deliverer: self.deliverer.clone(),
+            stats: Arc::clone(&self.stats),
+            clock: Arc::clone(&self.clock),
+            shutdown: self.shutdown.clone(),
+            redrive: self.redrive,
+        }
+    }
 }
 
 /// What became of one delivery.
@@ -651,7 +665,7 @@ impl Handled {
     }
 }
 
-impl<S: IntegrationStore> Handler<S> {
+impl<S: IntegrationStore + ?Sized> Handler<S> {
     /// Delivers and records the outcome.
     /// `customer_create_time` feeds the end-to-end delay metric when known.
     pub async fn handle(
@@ -721,7 +735,7 @@ fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
 }
 
 /// Saves the watermark whenever it moves, at most every [`CHECKPOINT_EVERY`], until shutdown.
-async fn checkpoint_loop<S: IntegrationStore>(
+async fn checkpoint_loop<S: IntegrationStore + ?Sized>(
     store: Arc<S>,
     tracker: Arc<Mutex<Tracker>>,
     moved: Arc<Notify>,
@@ -743,7 +757,7 @@ async fn checkpoint_loop<S: IntegrationStore>(
 }
 
 /// Saves the watermark if it moved since the last save.
-async fn save_watermark<S: IntegrationStore>(
+async fn save_watermark<S: IntegrationStore + ?Sized>(
     store: &S,
     tracker: &Mutex<Tracker>,
     stats: &Stats,

@@ -6,8 +6,10 @@
 //! - [`deliver`]: one delivery: derived idempotency key, deadline, status-aware retries.
 //! - [`batch`]: the calls underneath, coalesced into `BatchCreatePackageRequests`.
 //! - [`tracker`]: the checkpoint rule.
-//! - [`store`]: checkpoint and dead letters in the service's own SQLite database.
+//! - [`store`]: checkpoint and dead letters, in the service's own SQLite database or in schema
+//!   `integration` of a PostgreSQL database.
 //! - [`service`]: the admin API (`integration.v1.IntegrationService`).
+//! - [`error`]: how calls fail, and the one mapping to gRPC statuses.
 //!
 //! The guarantee: at-least-once delivery (the checkpoint never passes unfinished work) plus an
 //! idempotent receiver (the same request id for the same customer) gives an exactly-once
@@ -18,6 +20,7 @@
 pub mod batch;
 pub mod deliver;
 pub mod engine;
+pub mod error;
 pub mod service;
 pub mod store;
 pub mod tracker;
@@ -33,14 +36,15 @@ use mip_runtime::CancellationToken;
 use mip_runtime::clock::SharedClock;
 use mip_runtime::security::{AuthenticatedChannel, Security, SecurityError};
 use mip_runtime::server::{Health, ServeError, ServerOptions};
-use mip_runtime::store::{Database, DbError};
+use mip_runtime::store::Database;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::deliver::{Deliverer, Jitter, RetryPolicy};
 use crate::engine::{Engine, FeedSettings, Handler};
-use crate::store::{IntegrationStore, SqliteStore};
+pub use crate::error::Error;
+use crate::store::IntegrationStore;
 use crate::tracker::Mark;
 
 /// Attempts per dead letter in one `RetryDeadLetters` call.
@@ -278,9 +282,9 @@ impl Stats {
 /// Why the integration service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The store could not be opened.
+    /// The store could not be opened, or failed for good.
     #[error("integration store")]
-    Store(#[from] DbError),
+    Store(#[from] Error),
     /// An address, a certificate or a token for calling CRM or Inventory is not usable.
     #[error(transparent)]
     Security(#[from] SecurityError),
@@ -321,23 +325,14 @@ pub async fn serve(
 ) -> Result<(), StartError> {
     let health = Health::new(&[SERVICE_NAME]).await;
     let security = server.security.load()?;
-    let store = match database {
-        Database::Sqlite { dir, durability } => Arc::new(SqliteStore::open(dir, *durability)?),
-        Database::Postgres(pg) => {
-            return Err(StartError::Store(DbError::Open {
-                database: pg.name().to_owned(),
-                reason: "this build keeps the integration service's state in SQLite only".into(),
-            }));
-        }
-    };
-    let checkpoint = store.checkpoint().await?;
+    // A store that fails for good stops serving too, not only the engine.
+    let stop = shutdown.child_token();
+    let store = store::open(database, &stop).await?;
     let stats = Arc::new(Stats::default());
     let crm = CrmServiceClient::new(channel(&options.crm_addr, &options, &security)?)
         .max_decoding_message_size(server.max_message_bytes);
-    let request_ids = store.request_ids(clock.now()).await?;
     let deliverer = Deliverer::new(
         channel(&options.inventory_addr, &options, &security)?,
-        request_ids,
         RetryPolicy {
             max_attempts: options.max_attempts.max(1),
             initial_backoff: options.retry_initial,
@@ -354,7 +349,7 @@ pub async fn serve(
         deliverer: deliverer.with_max_attempts(REDRIVE_ATTEMPTS),
         stats: Arc::clone(&stats),
         clock: Arc::clone(&clock),
-        shutdown: shutdown.clone(),
+        shutdown: stop.clone(),
         redrive: true,
     };
     let settings = FeedSettings {
@@ -376,7 +371,7 @@ pub async fn serve(
         settings,
         Arc::clone(&stats),
         clock,
-        shutdown.clone(),
+        stop.clone(),
     );
     let configured_mode = format!("{:?}", options.mode).to_lowercase();
     let api = service::IntegrationApi::new(handler, stats, configured_mode);
@@ -384,8 +379,8 @@ pub async fn serve(
         IntegrationServiceServer::new(api),
         server
     ));
-    let engine_task = tokio::spawn(engine.run(checkpoint));
-    health.set_serving().await;
+    // Serving starts at once (NOT_SERVING, admin calls UNAVAILABLE) while the store connects.
+    let engine_task = tokio::spawn(start_engine(store, engine, health.clone(), stop.clone()));
     let served = mip_runtime::server::serve_secured(
         listener,
         mip_proto::INTEGRATION_DESCRIPTOR_SET,
@@ -393,12 +388,62 @@ pub async fn serve(
         health,
         server,
         security,
-        shutdown.clone(),
+        stop.clone(),
     )
     .await;
     // The engine stops on the same token; a server that failed on its own must stop it too.
-    shutdown.cancel();
-    let _ = engine_task.await;
+    stop.cancel();
+    let started = engine_task.await;
     served?;
+    match started {
+        Ok(result) => result.map_err(StartError::Store),
+        // A panic was reported where it happened; serving stopped cleanly.
+        Err(_) => Ok(()),
+    }
+}
+
+/// Waits for the store, reads the checkpoint, marks the service SERVING and follows the feed
+/// until `stop`. A store that fails for good cancels `stop` (ending `serve`) and is returned.
+async fn start_engine(
+    store: Arc<dyn IntegrationStore>,
+    engine: Engine<dyn IntegrationStore>,
+    health: Health,
+    stop: CancellationToken,
+) -> Result<(), Error> {
+    let checkpoint = tokio::select! {
+        checkpoint = first_checkpoint(&*store, &stop) => checkpoint,
+        () = stop.cancelled() => return Ok(()),
+    };
+    let checkpoint = match checkpoint {
+        Ok(checkpoint) => checkpoint,
+        Err(_) if stop.is_cancelled() => return Ok(()),
+        Err(e) => {
+            tracing::error!(error = %e, "the integration store cannot be used; stopping");
+            stop.cancel();
+            return Err(e);
+        }
+    };
+    health.set_serving().await;
+    engine.run(checkpoint).await;
     Ok(())
+}
+
+/// The saved checkpoint, once the store is ready; transient read failures (a database that
+/// went away just after connecting) are retried with backoff.
+async fn first_checkpoint(
+    store: &dyn IntegrationStore,
+    stop: &CancellationToken,
+) -> Result<Option<Mark>, Error> {
+    store.ready().await?;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match store.checkpoint().await {
+            Err(e) if e.is_transient() && !stop.is_cancelled() => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot read the checkpoint yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            result => return result,
+        }
+    }
 }

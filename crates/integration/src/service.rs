@@ -5,12 +5,13 @@ use std::sync::atomic::Ordering;
 
 use mip_proto::integration::v1 as pb;
 use mip_proto::timestamp;
-use mip_runtime::status::{Violations, invalid_field};
+use mip_runtime::status::Violations;
 use mip_runtime::token;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::engine::{Handled, Handler};
+use crate::error::Error;
 use crate::store::IntegrationStore;
 use crate::{FeedState, Stats};
 
@@ -18,7 +19,7 @@ use crate::{FeedState, Stats};
 const DEAD_LETTER_PAGE_TOKEN: u8 = 4;
 
 /// The admin API over the engine's shared state.
-pub struct IntegrationApi<S> {
+pub struct IntegrationApi<S: ?Sized> {
     /// Delivers re-driven dead letters and records their outcome.
     handler: Handler<S>,
     /// Counters and feed state.
@@ -27,7 +28,7 @@ pub struct IntegrationApi<S> {
     configured_mode: String,
 }
 
-impl<S: IntegrationStore> IntegrationApi<S> {
+impl<S: IntegrationStore + ?Sized> IntegrationApi<S> {
     /// An admin API.
     pub fn new(handler: Handler<S>, stats: Arc<Stats>, configured_mode: String) -> Self {
         Self {
@@ -38,24 +39,17 @@ impl<S: IntegrationStore> IntegrationApi<S> {
     }
 }
 
-fn storage(e: mip_runtime::sqlite::DbError) -> Status {
-    mip_runtime::status::storage(&e)
-}
-
 #[tonic::async_trait]
-impl<S: IntegrationStore> pb::integration_service_server::IntegrationService for IntegrationApi<S> {
+impl<S: IntegrationStore + ?Sized> pb::integration_service_server::IntegrationService
+    for IntegrationApi<S>
+{
     async fn get_status(
         &self,
         _request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let stats = &self.stats;
         let (checkpoint, checkpoint_sequence) = stats.checkpoint();
-        let pending = self
-            .handler
-            .store
-            .count_dead_letters()
-            .await
-            .map_err(storage)?;
+        let pending = self.handler.store.count_dead_letters().await?;
         Ok(Response::new(pb::GetStatusResponse {
             mode: match stats.mode() {
                 Some(FeedState::Stream) => pb::FeedMode::Stream,
@@ -94,12 +88,7 @@ impl<S: IntegrationStore> pb::integration_service_server::IntegrationService for
             }
         }
         violations.finish()?;
-        let rows = self
-            .handler
-            .store
-            .dead_letters(after, limit)
-            .await
-            .map_err(storage)?;
+        let rows = self.handler.store.dead_letters(after, limit).await?;
         let next_page_token = match rows.last() {
             Some((id, _)) if rows.len() == limit => {
                 token::encode(DEAD_LETTER_PAGE_TOKEN, &[id.unsigned_abs()])
@@ -128,18 +117,17 @@ impl<S: IntegrationStore> pb::integration_service_server::IntegrationService for
     ) -> Result<Response<pb::RetryDeadLettersResponse>, Status> {
         let wanted = request.into_inner().event_ids;
         if wanted.iter().any(String::is_empty) {
-            return Err(invalid_field("event_ids", "must not contain empty ids"));
+            return Err(Error::InvalidField {
+                field: "event_ids",
+                reason: "must not contain empty ids".into(),
+            }
+            .into());
         }
         let mut delivered = 0;
         let mut still_failing = 0;
         let mut after = 0;
         loop {
-            let rows = self
-                .handler
-                .store
-                .dead_letters(after, 500)
-                .await
-                .map_err(storage)?;
+            let rows = self.handler.store.dead_letters(after, 500).await?;
             let Some((last, _)) = rows.last() else { break };
             after = *last;
             for (_, letter) in rows {
@@ -151,14 +139,13 @@ impl<S: IntegrationStore> pb::integration_service_server::IntegrationService for
                     .handle(&letter.event_id, &letter.customer_id, None)
                     .await;
                 if handled == Handled::Unfinished {
-                    return Err(Status::unavailable("shutting down; retry later"));
+                    return Err(Error::ShuttingDown.into());
                 }
                 if handled == Handled::Delivered {
                     self.handler
                         .store
                         .remove_dead_letter(&letter.event_id)
-                        .await
-                        .map_err(storage)?;
+                        .await?;
                     delivered += 1;
                     info!(customer_id = %letter.customer_id, event_id = %letter.event_id, "dead letter re-driven");
                 } else {

@@ -1,22 +1,24 @@
 //! The integration service's admin API under bad input, called through the service trait with
 //! no network in between: arbitrary `page_size`, page tokens and event ids, and arbitrary bytes
 //! decoded as every request type and handed to the handler. Nothing panics; each call is
-//! accepted or refused exactly as `proto/integration/v1/integration.proto` says.
+//! accepted or refused exactly as `proto/integration/v1/integration.proto` says, whichever
+//! store the service keeps its dead letters in.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mip_integration::Stats;
-use mip_integration::deliver::{Deliverer, RandomJitter, RequestIds, RetryPolicy};
+use mip_integration::deliver::{Deliverer, RandomJitter, RetryPolicy};
 use mip_integration::engine::Handler;
 use mip_integration::service::IntegrationApi;
-use mip_integration::store::{DeadLetter, IntegrationStore, SqliteStore};
+use mip_integration::store::{self, DeadLetter, IntegrationStore};
 use mip_proto::integration::v1 as pb;
 use mip_proto::integration::v1::integration_service_server::IntegrationService;
 use mip_runtime::CancellationToken;
 use mip_runtime::clock::SystemClock;
 use mip_runtime::security::Authenticator;
 use mip_runtime::sqlite::Durability;
+use mip_runtime::store::Database;
 use mip_runtime::token;
 use mip_testkit::{Outcome, text};
 use proptest::prelude::*;
@@ -39,22 +41,42 @@ struct Fixture {
     /// Runs the async handlers; the properties themselves are synchronous.
     runtime: Runtime,
     /// The service under test.
-    api: IntegrationApi<SqliteStore>,
-    /// The store's directory; removed on drop.
-    _dir: tempfile::TempDir,
+    api: IntegrationApi<dyn IntegrationStore>,
+    /// The SQLite store's directory, if it is SQLite; removed on drop.
+    _dir: Option<tempfile::TempDir>,
     /// A genuine page token (after the first dead letter).
     page_token: String,
 }
 
+/// One fixture per backend: SQLite in a temporary directory, and PostgreSQL where it is
+/// installed (a fresh database), so every property holds on both.
+fn fixtures() -> Vec<Fixture> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sqlite = Database::Sqlite {
+        dir: dir.path().to_path_buf(),
+        durability: Durability::Normal,
+    };
+    let mut fixtures = vec![Fixture::new(&sqlite, Some(dir))];
+    if let Some(postgres) = mip_testkit::postgres_database() {
+        fixtures.push(Fixture::new(&postgres, None));
+    }
+    fixtures
+}
+
 impl Fixture {
-    fn new() -> Self {
+    fn new(database: &Database, dir: Option<tempfile::TempDir>) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("runtime");
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Arc::new(SqliteStore::open(dir.path(), Durability::Normal).expect("store"));
+        let store = runtime.block_on(async {
+            let store = store::open(database, &CancellationToken::new())
+                .await
+                .expect("store");
+            store.ready().await.expect("store ready");
+            store
+        });
         // A port nothing listens on: bound, read, released.
         let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -81,7 +103,6 @@ impl Fixture {
             let stats = Arc::new(Stats::default());
             let deliverer = Deliverer::new(
                 InterceptedService::new(channel, Authenticator::default()),
-                RequestIds::ordered(),
                 RetryPolicy {
                     max_attempts: 1,
                     initial_backoff: Duration::from_millis(1),
@@ -167,37 +188,38 @@ fn page_token(genuine: String) -> impl Strategy<Value = (String, Option<u64>)> {
 /// at most 1000).
 #[test]
 fn list_dead_letters_refuses_bad_page_sizes_and_tokens() {
-    let fx = Fixture::new();
-    proptest!(mip_testkit::config(128), |(
-        page_size in page_size(),
-        (page_token, after) in page_token(fx.page_token.clone()),
-    )| {
-        let result = fx.runtime.block_on(fx.api.list_dead_letters(Request::new(
-            pb::ListDeadLettersRequest { page_size, page_token },
-        )));
-        let mut bad = Vec::new();
-        if page_size < 0 {
-            bad.push("page_size");
-        }
-        if after.is_none() {
-            bad.push("page_token");
-        }
-        let (Some(after), true) = (after, bad.is_empty()) else {
-            prop_assert_eq!(Outcome::of(&result), Outcome::invalid(&bad));
-            return Ok(());
-        };
-        let page = result.expect("a valid listing succeeds").into_inner();
-        let limit = if page_size == 0 { 100 } else { page_size.min(1000) as usize };
-        let expected: Vec<&str> = DEAD_LETTERS
-            .iter()
-            .zip(1u64..)
-            .filter(|(_, id)| *id > after)
-            .map(|(event_id, _)| *event_id)
-            .take(limit)
-            .collect();
-        let listed: Vec<&str> = page.dead_letters.iter().map(|d| d.event_id.as_str()).collect();
-        prop_assert_eq!(listed, expected);
-    });
+    for fx in fixtures() {
+        proptest!(mip_testkit::config(128), |(
+            page_size in page_size(),
+            (page_token, after) in page_token(fx.page_token.clone()),
+        )| {
+            let result = fx.runtime.block_on(fx.api.list_dead_letters(Request::new(
+                pb::ListDeadLettersRequest { page_size, page_token },
+            )));
+            let mut bad = Vec::new();
+            if page_size < 0 {
+                bad.push("page_size");
+            }
+            if after.is_none() {
+                bad.push("page_token");
+            }
+            let (Some(after), true) = (after, bad.is_empty()) else {
+                prop_assert_eq!(Outcome::of(&result), Outcome::invalid(&bad));
+                return Ok(());
+            };
+            let page = result.expect("a valid listing succeeds").into_inner();
+            let limit = if page_size == 0 { 100 } else { page_size.min(1000) as usize };
+            let expected: Vec<&str> = DEAD_LETTERS
+                .iter()
+                .zip(1u64..)
+                .filter(|(_, id)| *id > after)
+                .map(|(event_id, _)| *event_id)
+                .take(limit)
+                .collect();
+            let listed: Vec<&str> = page.dead_letters.iter().map(|d| d.event_id.as_str()).collect();
+            prop_assert_eq!(listed, expected);
+        });
+    }
 }
 
 /// RetryDeadLetters: an empty event id is INVALID_ARGUMENT; otherwise each named dead letter
@@ -205,34 +227,35 @@ fn list_dead_letters_refuses_bad_page_sizes_and_tokens() {
 /// on the list; unknown ids are ignored.
 #[test]
 fn retry_dead_letters_refuses_empty_ids_and_ignores_unknown_ones() {
-    let fx = Fixture::new();
-    let id = prop_oneof![
-        2 => prop::sample::select(DEAD_LETTERS.to_vec()).prop_map(str::to_owned),
-        1 => Just(String::new()),
-        2 => text(),
-    ];
-    proptest!(mip_testkit::config(64), |(event_ids in prop::collection::vec(id, 0..6))| {
-        let result = fx.runtime.block_on(fx.api.retry_dead_letters(Request::new(
-            pb::RetryDeadLettersRequest { event_ids: event_ids.clone() },
-        )));
-        if event_ids.iter().any(String::is_empty) {
-            prop_assert_eq!(Outcome::of(&result), Outcome::invalid(&["event_ids"]));
-            return Ok(());
-        }
-        let retried = result.expect("a valid re-drive succeeds").into_inner();
-        let named = DEAD_LETTERS
-            .iter()
-            .filter(|id| event_ids.is_empty() || event_ids.iter().any(|e| e == *id))
-            .count();
-        prop_assert_eq!(retried.delivered, 0);
-        prop_assert_eq!(retried.still_failing as usize, named);
-        let status = fx
-            .runtime
-            .block_on(fx.api.get_status(Request::new(pb::GetStatusRequest {})))
-            .expect("status")
-            .into_inner();
-        prop_assert_eq!(status.dead_letters_pending, DEAD_LETTERS.len() as i64);
-    });
+    for fx in fixtures() {
+        let id = prop_oneof![
+            2 => prop::sample::select(DEAD_LETTERS.to_vec()).prop_map(str::to_owned),
+            1 => Just(String::new()),
+            2 => text(),
+        ];
+        proptest!(mip_testkit::config(64), |(event_ids in prop::collection::vec(id, 0..6))| {
+            let result = fx.runtime.block_on(fx.api.retry_dead_letters(Request::new(
+                pb::RetryDeadLettersRequest { event_ids: event_ids.clone() },
+            )));
+            if event_ids.iter().any(String::is_empty) {
+                prop_assert_eq!(Outcome::of(&result), Outcome::invalid(&["event_ids"]));
+                return Ok(());
+            }
+            let retried = result.expect("a valid re-drive succeeds").into_inner();
+            let named = DEAD_LETTERS
+                .iter()
+                .filter(|id| event_ids.is_empty() || event_ids.iter().any(|e| e == *id))
+                .count();
+            prop_assert_eq!(retried.delivered, 0);
+            prop_assert_eq!(retried.still_failing as usize, named);
+            let status = fx
+                .runtime
+                .block_on(fx.api.get_status(Request::new(pb::GetStatusRequest {})))
+                .expect("status")
+                .into_inner();
+            prop_assert_eq!(status.dead_letters_pending, DEAD_LETTERS.len() as i64);
+        });
+    }
 }
 
 /// Every request type of `integration.v1.IntegrationService`, by full name.
@@ -245,7 +268,7 @@ const REQUEST_TYPES: [&str; 3] = [
 /// Decodes `bytes` as request type `index` of [`REQUEST_TYPES`] and, if that works, calls its
 /// handler. `None` when the bytes do not decode.
 async fn decode_and_call(
-    api: &IntegrationApi<SqliteStore>,
+    api: &IntegrationApi<dyn IntegrationStore>,
     index: usize,
     bytes: &[u8],
 ) -> Option<Result<(), Status>> {
@@ -287,17 +310,18 @@ fn request_types_cover_every_method() {
 /// a response or INVALID_ARGUMENT, never INTERNAL or UNKNOWN.
 #[test]
 fn arbitrary_bytes_as_any_request_are_handled_without_panicking() {
-    let fx = Fixture::new();
-    proptest!(mip_testkit::config(128), |(
-        bytes in prop_oneof![prop::collection::vec(any::<u8>(), 0..256), protobuf_bytes()],
-    )| {
-        for (index, name) in REQUEST_TYPES.iter().enumerate() {
-            let Some(result) = fx.runtime.block_on(decode_and_call(&fx.api, index, &bytes)) else {
-                continue;
-            };
-            if let Err(status) = result {
-                prop_assert_eq!(status.code(), Code::InvalidArgument, "{}: {:?}", name, status);
+    for fx in fixtures() {
+        proptest!(mip_testkit::config(128), |(
+            bytes in prop_oneof![prop::collection::vec(any::<u8>(), 0..256), protobuf_bytes()],
+        )| {
+            for (index, name) in REQUEST_TYPES.iter().enumerate() {
+                let Some(result) = fx.runtime.block_on(decode_and_call(&fx.api, index, &bytes)) else {
+                    continue;
+                };
+                if let Err(status) = result {
+                    prop_assert_eq!(status.code(), Code::InvalidArgument, "{}: {:?}", name, status);
+                }
             }
-        }
-    });
+        });
+    }
 }

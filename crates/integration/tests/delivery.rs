@@ -2,6 +2,9 @@
 //! service each run on a real loopback socket, and whatever happens to them (streaming or
 //! polling, restarts, crashes, outages, rejections, expired checkpoints) every customer ends
 //! up with exactly one welcome package request.
+//!
+//! The core scenarios run twice (`backend_tests!`): with the integration service's store in
+//! SQLite and in PostgreSQL.
 
 mod common;
 
@@ -16,8 +19,6 @@ use common::{
 };
 use mip_crm::CrmOptions;
 use mip_integration::Mode;
-use mip_integration::deliver::UPGRADE_MARGIN;
-use mip_integration::store::{DeadLetter, IntegrationStore, SqliteStore};
 use mip_proto::crm::v1::ListCustomerEventsRequest;
 use mip_proto::integration::v1::{
     FeedMode, ListDeadLettersRequest, ListDeadLettersResponse, RetryDeadLettersRequest,
@@ -28,48 +29,123 @@ use mip_proto::inventory::v1::inventory_service_server::{
 };
 use mip_runtime::CancellationToken;
 use mip_runtime::clock::ManualClock;
-use mip_runtime::sqlite::Durability;
+use mip_runtime::store::Database;
+use mip_testkit::backend_tests;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status};
-use uuid::Uuid;
 
 /// Customers per test, unless a test needs a different number.
 const CUSTOMERS: usize = 200;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_customer_gets_exactly_one_package_when_streaming() {
-    bounded(async {
-        let platform = Platform::start(Mode::Stream).await;
-        let ids = create_customers(&platform.crm.client(), CUSTOMERS).await;
-        wait_for_exactly_one_package_each(&platform.inventory.client(), &ids, CONVERGE_TIMEOUT)
+backend_tests! {
+    async fn every_customer_gets_exactly_one_package_when_streaming(db: Database) {
+        bounded(async {
+            let platform = Platform::start_on(Mode::Stream, &db).await;
+            let ids = create_customers(&platform.crm.client(), CUSTOMERS).await;
+            wait_for_exactly_one_package_each(
+                &platform.inventory.client(),
+                &ids,
+                CONVERGE_TIMEOUT,
+            )
             .await;
-        let head = crm_head(&platform.crm.client()).await;
-        let status = platform.integration.wait_for_checkpoint(head).await;
-        assert_eq!(status.mode(), FeedMode::Stream);
-        assert_eq!(status.dead_lettered, 0);
-        assert!(status.delivered >= CUSTOMERS as i64, "{status:?}");
-        platform.stop().await;
-    })
-    .await;
-}
+            let head = crm_head(&platform.crm.client()).await;
+            let status = platform.integration.wait_for_checkpoint(head).await;
+            assert_eq!(status.mode(), FeedMode::Stream);
+            assert_eq!(status.dead_lettered, 0);
+            assert!(status.delivered >= CUSTOMERS as i64, "{status:?}");
+            platform.stop().await;
+        })
+        .await;
+    }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_customer_gets_exactly_one_package_when_polling() {
-    bounded(async {
-        let platform = Platform::start(Mode::Poll).await;
-        let ids = create_customers(&platform.crm.client(), CUSTOMERS).await;
-        wait_for_exactly_one_package_each(&platform.inventory.client(), &ids, CONVERGE_TIMEOUT)
+    async fn every_customer_gets_exactly_one_package_when_polling(db: Database) {
+        bounded(async {
+            let platform = Platform::start_on(Mode::Poll, &db).await;
+            let ids = create_customers(&platform.crm.client(), CUSTOMERS).await;
+            wait_for_exactly_one_package_each(
+                &platform.inventory.client(),
+                &ids,
+                CONVERGE_TIMEOUT,
+            )
             .await;
-        let head = crm_head(&platform.crm.client()).await;
-        let status = platform.integration.wait_for_checkpoint(head).await;
-        assert_eq!(status.mode(), FeedMode::Poll);
-        assert_eq!(status.mode_switches, 0, "{status:?}");
-        assert!(!status.stream_connected);
-        platform.stop().await;
-    })
-    .await;
+            let head = crm_head(&platform.crm.client()).await;
+            let status = platform.integration.wait_for_checkpoint(head).await;
+            assert_eq!(status.mode(), FeedMode::Poll);
+            assert_eq!(status.mode_switches, 0, "{status:?}");
+            assert!(!status.stream_connected);
+            platform.stop().await;
+        })
+        .await;
+    }
+
+    async fn restart_of_integration_service_mid_run_loses_and_duplicates_nothing(db: Database) {
+        bounded(async {
+            let mut platform = Platform::start_on(Mode::Auto, &db).await;
+            let load = Load::start(&platform.crm.client(), 8);
+            load.wait_for(100).await;
+            platform.integration.crash().await;
+            load.wait_for(200).await;
+            platform.integration.restart().await;
+            load.wait_for(300).await;
+            let ids = load.finish().await;
+            assert_eq!(
+                sorted(all_customer_ids(&platform.crm.client()).await),
+                sorted(ids.clone()),
+                "CRM holds exactly the customers the test created"
+            );
+            wait_for_exactly_one_package_each(
+                &platform.inventory.client(),
+                &ids,
+                CONVERGE_TIMEOUT,
+            )
+            .await;
+            let head = crm_head(&platform.crm.client()).await;
+            platform.integration.wait_for_checkpoint(head).await;
+            platform.stop().await;
+        })
+        .await;
+    }
+
+    async fn crash_with_deliveries_in_flight_redelivers_them_after_restart(db: Database) {
+        bounded(async {
+            let mut platform = Platform::start_on(Mode::Stream, &db).await;
+            let crm = platform.crm.client();
+            // With Inventory down every delivery keeps retrying, so the crash below is sure to
+            // interrupt deliveries in flight: the checkpoint must not have passed any of them.
+            platform.inventory.stop().await;
+            let ids = create_customers(&crm, CUSTOMERS).await;
+            eventually("deliveries to be retrying", CONVERGE_TIMEOUT, || async {
+                let status = platform.integration.status().await;
+                (status.retried >= CUSTOMERS as i64).then_some(())
+            })
+            .await;
+            platform.integration.crash().await;
+            platform.inventory.restart().await;
+            platform.integration.restart().await;
+            wait_for_exactly_one_package_each(
+                &platform.inventory.client(),
+                &ids,
+                CONVERGE_TIMEOUT,
+            )
+            .await;
+            let status = platform.integration.status().await;
+            assert_eq!(status.dead_lettered, 0, "{status:?}");
+            platform.stop().await;
+        })
+        .await;
+    }
+
+    async fn rejected_package_is_dead_lettered_and_redriven_after_fix(db: Database) {
+        bounded(rejected_package_is_dead_lettered_and_redriven(true, &db)).await;
+    }
+
+    async fn start_position_latest_skips_existing_customers_and_pins_the_head_at_once(
+        db: Database
+    ) {
+        bounded(start_position_latest_skips_existing_customers(&db)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,7 +159,7 @@ async fn auto_mode_falls_back_to_polling_when_watch_is_disabled() {
         let mut crm = Crm::start(&dirs.crm(), options, system_clock()).await;
         let mut inventory = common::Inventory::start(&dirs.inventory()).await;
         let mut integration = Integration::start(
-            &dirs.integration(),
+            &dirs.integration_db(),
             integration_options(crm.addr, inventory.addr, Mode::Auto),
         )
         .await;
@@ -110,7 +186,7 @@ async fn existing_customers_get_packages_on_first_start() {
         let ids = create_customers(&crm.client(), CUSTOMERS).await;
         // No checkpoint yet, and the default start position is the earliest event.
         let mut integration = Integration::start(
-            &dirs.integration(),
+            &dirs.integration_db(),
             integration_options(crm.addr, inventory.addr, Mode::Auto),
         )
         .await;
@@ -118,128 +194,6 @@ async fn existing_customers_get_packages_on_first_start() {
         integration.stop().await;
         inventory.stop().await;
         crm.stop().await;
-    })
-    .await;
-}
-
-/// An earlier version sent name-based idempotency keys, possibly past the checkpoint it saved.
-/// Started on its data directory, this version must send the same keys for those customers,
-/// or Inventory would create their packages a second time.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrading_an_earlier_versions_data_dir_sends_no_second_package() {
-    bounded(async {
-        let dirs = Dirs::new();
-        let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
-        let mut inventory = common::Inventory::start(&dirs.inventory()).await;
-        let ids = create_customers(&crm.client(), CUSTOMERS).await;
-        // What the earlier version did: it delivered every customer with a name-based key and
-        // saved no checkpoint, so this version starts from the earliest event and repeats all
-        // of them. Its data directory holds a dead letter, which marks it as used.
-        for id in &ids {
-            inventory
-                .client()
-                .create_package_request(inventory::CreatePackageRequestRequest {
-                    customer_id: id.clone(),
-                    package_type: "welcome_package".to_owned(),
-                    request_id: Uuid::new_v5(
-                        &Uuid::from_u128(0x6d69_7000_7765_6c63_6f6d_6500_0000_0001),
-                        format!("welcome_package/{id}").as_bytes(),
-                    )
-                    .to_string(),
-                })
-                .await
-                .expect("create as the earlier version did");
-        }
-        let store = SqliteStore::open(&dirs.integration(), Durability::Normal).unwrap();
-        let now = SystemTime::now();
-        store
-            .put_dead_letter(DeadLetter {
-                event_id: "earlier".to_owned(),
-                customer_id: Uuid::now_v7().to_string(),
-                reason: "left by an earlier version".to_owned(),
-                attempts: 1,
-                create_time: now,
-                update_time: now,
-            })
-            .await
-            .unwrap();
-        drop(store);
-        let mut integration = Integration::start(
-            &dirs.integration(),
-            integration_options(crm.addr, inventory.addr, Mode::Auto),
-        )
-        .await;
-        // Every event is handled (the checkpoint reaches the head) and nobody has two.
-        let head = crm_head(&crm.client()).await;
-        integration.wait_for_checkpoint(head).await;
-        wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
-        // Customers created from now on get time-ordered keys only after the margin.
-        let store = SqliteStore::open(&dirs.integration(), Durability::Normal).unwrap();
-        let since = store
-            .request_ids(SystemTime::now())
-            .await
-            .unwrap()
-            .since_ms();
-        let expected = now + UPGRADE_MARGIN;
-        let expected = expected
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_millis();
-        assert!(u128::from(since) >= expected - 60_000 && u128::from(since) <= expected + 60_000);
-        integration.stop().await;
-        inventory.stop().await;
-        crm.stop().await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_of_integration_service_mid_run_loses_and_duplicates_nothing() {
-    bounded(async {
-        let mut platform = Platform::start(Mode::Auto).await;
-        let load = Load::start(&platform.crm.client(), 8);
-        load.wait_for(100).await;
-        platform.integration.crash().await;
-        load.wait_for(200).await;
-        platform.integration.restart().await;
-        load.wait_for(300).await;
-        let ids = load.finish().await;
-        assert_eq!(
-            sorted(all_customer_ids(&platform.crm.client()).await),
-            sorted(ids.clone()),
-            "CRM holds exactly the customers the test created"
-        );
-        wait_for_exactly_one_package_each(&platform.inventory.client(), &ids, CONVERGE_TIMEOUT)
-            .await;
-        let head = crm_head(&platform.crm.client()).await;
-        platform.integration.wait_for_checkpoint(head).await;
-        platform.stop().await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_with_deliveries_in_flight_redelivers_them_after_restart() {
-    bounded(async {
-        let mut platform = Platform::start(Mode::Stream).await;
-        let crm = platform.crm.client();
-        // With Inventory down every delivery keeps retrying, so the crash below is sure to
-        // interrupt deliveries in flight: the checkpoint must not have passed any of them.
-        platform.inventory.stop().await;
-        let ids = create_customers(&crm, CUSTOMERS).await;
-        eventually("deliveries to be retrying", CONVERGE_TIMEOUT, || async {
-            let status = platform.integration.status().await;
-            (status.retried >= CUSTOMERS as i64).then_some(())
-        })
-        .await;
-        platform.integration.crash().await;
-        platform.inventory.restart().await;
-        platform.integration.restart().await;
-        wait_for_exactly_one_package_each(&platform.inventory.client(), &ids, CONVERGE_TIMEOUT)
-            .await;
-        let status = platform.integration.status().await;
-        assert_eq!(status.dead_lettered, 0, "{status:?}");
-        platform.stop().await;
     })
     .await;
 }
@@ -295,18 +249,27 @@ async fn crm_restart_mid_stream_resumes_without_gap() {
     .await;
 }
 
-/// An Inventory in front of the real one that rejects one customer's package request as
-/// invalid while `reject` is set, and forwards everything else. Without `batches` it is an
+/// An Inventory in front of the real one that rejects one customer's package request (or
+/// everyone's) as invalid while `reject` is set, and forwards everything else. Without `batches` it is an
 /// Inventory from before `BatchCreatePackageRequests` (UNIMPLEMENTED).
 struct RejectingInventory {
     /// The real Inventory.
     real: InventoryClient,
-    /// Whether to reject `customer_id` now.
+    /// Whether to reject now.
     reject: Arc<AtomicBool>,
     /// The customer to reject.
-    customer_id: String,
+    /// The customer to reject; `None` rejects every customer.
+    customer_id: Option<String>,
     /// Whether it serves `BatchCreatePackageRequests`.
     batches: bool,
+}
+
+impl RejectingInventory {
+    /// Whether `customer_id`'s package request is rejected now.
+    fn rejects(&self, customer_id: &str) -> bool {
+        self.reject.load(Ordering::SeqCst)
+            && self.customer_id.as_deref().is_none_or(|c| c == customer_id)
+    }
 }
 
 #[tonic::async_trait]
@@ -316,7 +279,7 @@ impl InventoryService for RejectingInventory {
         request: Request<inventory::CreatePackageRequestRequest>,
     ) -> Result<Response<inventory::PackageRequest>, Status> {
         let request = request.into_inner();
-        if self.reject.load(Ordering::SeqCst) && request.customer_id == self.customer_id {
+        if self.rejects(&request.customer_id) {
             return Err(Status::invalid_argument(
                 "customer_id: rejected by the test",
             ));
@@ -333,15 +296,12 @@ impl InventoryService for RejectingInventory {
             return Err(Status::unimplemented("an Inventory from before batches"));
         }
         let mut request = request.into_inner();
-        let rejecting = self.reject.load(Ordering::SeqCst);
         let rejected: Vec<bool> = request
             .requests
             .iter()
-            .map(|r| rejecting && r.customer_id == self.customer_id)
+            .map(|r| self.rejects(&r.customer_id))
             .collect();
-        request
-            .requests
-            .retain(|r| !(rejecting && r.customer_id == self.customer_id));
+        request.requests.retain(|r| !self.rejects(&r.customer_id));
         let mut forwarded = if request.requests.is_empty() {
             Vec::new()
         } else {
@@ -425,103 +385,228 @@ async fn dead_letters(integration: &Integration) -> ListDeadLettersResponse {
         .into_inner()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejected_package_is_dead_lettered_and_redriven_after_fix() {
-    bounded(rejected_package_is_dead_lettered_and_redriven(true)).await;
-}
-
 /// The same guarantees against an Inventory from before `BatchCreatePackageRequests`: the
 /// service falls back to one `CreatePackageRequest` per package.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_inventory_without_batches_gets_the_same_guarantees_one_call_at_a_time() {
-    bounded(rejected_package_is_dead_lettered_and_redriven(false)).await;
+    let dirs = Dirs::new();
+    bounded(rejected_package_is_dead_lettered_and_redriven(
+        false,
+        &dirs.integration_db(),
+    ))
+    .await;
 }
 
-async fn rejected_package_is_dead_lettered_and_redriven(batches: bool) {
-    {
-        let dirs = Dirs::new();
-        let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
-        let mut real_inventory = common::Inventory::start(&dirs.inventory()).await;
-        let inventory = real_inventory.client();
-        // The customer to reject exists before the integration service starts, so the proxy
-        // knows its id before any delivery is attempted.
-        let rejected = create_customers(&crm.client(), 1).await.remove(0);
+/// A [`RejectingInventory`] serving on a loopback port.
+struct Proxy {
+    /// Where it listens.
+    addr: std::net::SocketAddr,
+    /// Clear it to stop rejecting.
+    reject: Arc<AtomicBool>,
+    /// Stops it.
+    shutdown: CancellationToken,
+    /// The server.
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
 
+impl Proxy {
+    /// A proxy in front of `real` that rejects `customer_id`'s package (every customer's if
+    /// `None`) until told not to.
+    async fn start(real: InventoryClient, customer_id: Option<String>, batches: bool) -> Self {
         let reject = Arc::new(AtomicBool::new(true));
         let proxy = RejectingInventory {
-            real: inventory.clone(),
+            real,
             reject: Arc::clone(&reject),
-            customer_id: rejected.clone(),
+            customer_id,
             batches,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy_addr = listener.local_addr().unwrap();
-        let proxy_shutdown = CancellationToken::new();
-        let proxy_task = tokio::spawn(
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(
             Server::builder()
                 .add_service(InventoryServiceServer::new(proxy))
                 .serve_with_incoming_shutdown(
                     TcpIncoming::from(listener),
-                    proxy_shutdown.clone().cancelled_owned(),
+                    shutdown.clone().cancelled_owned(),
                 ),
         );
-        let mut integration = Integration::start(
-            &dirs.integration(),
-            integration_options(crm.addr, proxy_addr, Mode::Stream),
+        Self {
+            addr,
+            reject,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn rejected_package_is_dead_lettered_and_redriven(batches: bool, database: &Database) {
+    let dirs = Dirs::new();
+    let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
+    let mut real_inventory = common::Inventory::start(&dirs.inventory()).await;
+    let inventory = real_inventory.client();
+    // The customer to reject exists before the integration service starts, so the proxy
+    // knows its id before any delivery is attempted.
+    let rejected = create_customers(&crm.client(), 1).await.remove(0);
+    let proxy = Proxy::start(inventory.clone(), Some(rejected.clone()), batches).await;
+    let mut integration = Integration::start(
+        database,
+        integration_options(crm.addr, proxy.addr, Mode::Stream),
+    )
+    .await;
+
+    // It is dead-lettered at once, as a permanent failure.
+    let letters = eventually("the dead letter", CONVERGE_TIMEOUT, || async {
+        let letters = dead_letters(&integration).await;
+        (!letters.dead_letters.is_empty()).then_some(letters)
+    })
+    .await;
+    assert_eq!(letters.dead_letters.len(), 1, "{letters:?}");
+    let letter = &letters.dead_letters[0];
+    assert_eq!(letter.customer_id, rejected);
+    assert!(
+        letter.reason.contains("InvalidArgument"),
+        "reason: {}",
+        letter.reason
+    );
+    assert_eq!(letter.attempts, 1, "permanent failures are not retried");
+    let status = integration.status().await;
+    assert_eq!(status.dead_lettered, 1, "{status:?}");
+    assert_eq!(status.dead_letters_pending, 1, "{status:?}");
+
+    // It does not hold back anyone else: later customers get their packages and the
+    // checkpoint moves past it to the head.
+    let later = create_customers(&crm.client(), 100).await;
+    wait_for_exactly_one_package_each(&inventory, &later, CONVERGE_TIMEOUT).await;
+    let head = crm_head(&crm.client()).await;
+    integration.wait_for_checkpoint(head).await;
+    let counts = welcome_packages_per_customer(&inventory).await.unwrap();
+    assert!(!counts.contains_key(&rejected));
+
+    // Once the cause is fixed, a re-drive delivers it.
+    proxy.reject.store(false, Ordering::SeqCst);
+    let retried = integration
+        .client()
+        .retry_dead_letters(RetryDeadLettersRequest { event_ids: vec![] })
+        .await
+        .expect("RetryDeadLetters")
+        .into_inner();
+    assert_eq!(retried.delivered, 1, "{retried:?}");
+    assert_eq!(retried.still_failing, 0, "{retried:?}");
+    let letters = dead_letters(&integration).await;
+    assert!(letters.dead_letters.is_empty(), "{letters:?}");
+    assert_eq!(integration.status().await.dead_letters_pending, 0);
+    let mut everyone = later;
+    everyone.push(rejected);
+    wait_for_exactly_one_package_each(&inventory, &everyone, CONVERGE_TIMEOUT).await;
+
+    integration.stop().await;
+    proxy.stop().await;
+    real_inventory.stop().await;
+    crm.stop().await;
+}
+
+/// Two integration services on one PostgreSQL database see one dead-letter list: both
+/// dead-letter the same event into one row (their attempts add up), and a re-drive through
+/// either clears it for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_services_on_one_postgres_database_share_the_dead_letters() {
+    let Some(database) = mip_testkit::postgres_database() else {
+        return;
+    };
+    bounded(async {
+        let dirs = Dirs::new();
+        let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
+        let mut real_inventory = common::Inventory::start(&dirs.inventory()).await;
+        let inventory = real_inventory.client();
+        let proxy = Proxy::start(inventory.clone(), None, true).await;
+        let options = integration_options(crm.addr, proxy.addr, Mode::Stream);
+        let mut first = Integration::start(&database, options.clone()).await;
+        let mut second = Integration::start(&database, options).await;
+        // Created once both follow the feed, so each of them tries it (on a restart, one would
+        // resume from the checkpoint the other saved, past the event).
+        let rejected = create_customers(&crm.client(), 1).await.remove(0);
+
+        let letters = eventually(
+            "both services' attempts on one dead letter",
+            CONVERGE_TIMEOUT,
+            || async {
+                let letters = dead_letters(&second).await;
+                letters
+                    .dead_letters
+                    .first()
+                    .is_some_and(|letter| letter.attempts == 2)
+                    .then_some(letters)
+            },
         )
         .await;
-
-        // It is dead-lettered at once, as a permanent failure.
-        let letters = eventually("the dead letter", CONVERGE_TIMEOUT, || async {
-            let letters = dead_letters(&integration).await;
-            (!letters.dead_letters.is_empty()).then_some(letters)
-        })
-        .await;
         assert_eq!(letters.dead_letters.len(), 1, "{letters:?}");
-        let letter = &letters.dead_letters[0];
-        assert_eq!(letter.customer_id, rejected);
-        assert!(
-            letter.reason.contains("InvalidArgument"),
-            "reason: {}",
-            letter.reason
+        assert_eq!(letters.dead_letters[0].customer_id, rejected);
+        assert_eq!(
+            dead_letters(&first).await.dead_letters,
+            letters.dead_letters
         );
-        assert_eq!(letter.attempts, 1, "permanent failures are not retried");
-        let status = integration.status().await;
-        assert_eq!(status.dead_lettered, 1, "{status:?}");
-        assert_eq!(status.dead_letters_pending, 1, "{status:?}");
+        assert_eq!(first.status().await.dead_lettered, 1);
+        assert_eq!(second.status().await.dead_lettered, 1);
 
-        // It does not hold back anyone else: later customers get their packages and the
-        // checkpoint moves past it to the head.
-        let later = create_customers(&crm.client(), 100).await;
-        wait_for_exactly_one_package_each(&inventory, &later, CONVERGE_TIMEOUT).await;
-        let head = crm_head(&crm.client()).await;
-        integration.wait_for_checkpoint(head).await;
-        let counts = welcome_packages_per_customer(&inventory).await.unwrap();
-        assert!(!counts.contains_key(&rejected));
-
-        // Once the cause is fixed, a re-drive delivers it.
-        reject.store(false, Ordering::SeqCst);
-        let retried = integration
+        proxy.reject.store(false, Ordering::SeqCst);
+        let retried = first
             .client()
             .retry_dead_letters(RetryDeadLettersRequest { event_ids: vec![] })
             .await
             .expect("RetryDeadLetters")
             .into_inner();
         assert_eq!(retried.delivered, 1, "{retried:?}");
-        assert_eq!(retried.still_failing, 0, "{retried:?}");
-        let letters = dead_letters(&integration).await;
-        assert!(letters.dead_letters.is_empty(), "{letters:?}");
-        assert_eq!(integration.status().await.dead_letters_pending, 0);
-        let mut everyone = later;
-        everyone.push(rejected);
-        wait_for_exactly_one_package_each(&inventory, &everyone, CONVERGE_TIMEOUT).await;
+        assert!(dead_letters(&second).await.dead_letters.is_empty());
+        assert_eq!(second.status().await.dead_letters_pending, 0);
+        wait_for_exactly_one_package_each(&inventory, &[rejected], CONVERGE_TIMEOUT).await;
 
-        integration.stop().await;
-        proxy_shutdown.cancel();
-        proxy_task.await.unwrap().unwrap();
+        second.stop().await;
+        first.stop().await;
+        proxy.stop().await;
         real_inventory.stop().await;
         crm.stop().await;
-    }
+    })
+    .await;
+}
+
+/// The idempotency key depends on the customer id alone: two services that share nothing but
+/// CRM and Inventory (separate stores: a SQLite data directory, and a PostgreSQL database
+/// where PostgreSQL is installed, else a second data directory) both deliver every customer,
+/// and Inventory still holds one package each, because both sent the same keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_on_separate_stores_derive_the_same_key_for_each_customer() {
+    bounded(async {
+        let dirs = Dirs::new();
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = mip_testkit::postgres_database().unwrap_or_else(|| Database::Sqlite {
+            dir: other_dir.path().to_path_buf(),
+            durability: mip_runtime::sqlite::Durability::Normal,
+        });
+        let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
+        let mut inventory = common::Inventory::start(&dirs.inventory()).await;
+        let ids = create_customers(&crm.client(), CUSTOMERS).await;
+        let options = integration_options(crm.addr, inventory.addr, Mode::Auto);
+        let mut first = Integration::start(&dirs.integration_db(), options.clone()).await;
+        let mut second = Integration::start(&other, options).await;
+        let head = crm_head(&crm.client()).await;
+        for service in [&first, &second] {
+            let status = service.wait_for_checkpoint(head).await;
+            assert!(status.delivered >= CUSTOMERS as i64, "{status:?}");
+            assert_eq!(status.dead_lettered, 0, "{status:?}");
+        }
+        wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
+        second.stop().await;
+        first.stop().await;
+        inventory.stop().await;
+        crm.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,7 +622,7 @@ async fn expired_checkpoint_triggers_relist() {
         let mut crm = Crm::start(&dirs.crm(), options, Arc::new(clock.clone())).await;
         let mut inventory = common::Inventory::start(&dirs.inventory()).await;
         let mut integration = Integration::start(
-            &dirs.integration(),
+            &dirs.integration_db(),
             integration_options(crm.addr, inventory.addr, Mode::Stream),
         )
         .await;
@@ -590,39 +675,35 @@ fn sorted(mut ids: Vec<String>) -> Vec<String> {
     ids
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn start_position_latest_skips_existing_customers_and_pins_the_head_at_once() {
-    bounded(async {
-        let dirs = Dirs::new();
-        let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
-        let mut inventory = common::Inventory::start(&dirs.inventory()).await;
-        let existing = create_customers(&crm.client(), 20).await;
-        let head = common::crm_head(&crm.client()).await;
-        let mut options = integration_options(crm.addr, inventory.addr, Mode::Auto);
-        options.start_position = mip_integration::StartPosition::Latest;
-        let mut integration = Integration::start(&dirs.integration(), options).await;
-        // The head is saved as the first checkpoint before anything is read, so a crash before
-        // the first event cannot move "latest" on past customers created meanwhile.
-        integration.wait_for_checkpoint(head).await;
-        integration.crash().await;
-        let created_while_down = create_customers(&crm.client(), 10).await;
-        integration.restart().await;
-        let new = create_customers(&crm.client(), 10).await;
-        let mut expected = created_while_down;
-        expected.extend(new);
-        wait_for_exactly_one_package_each(&inventory.client(), &expected, CONVERGE_TIMEOUT).await;
-        let counts = common::welcome_packages_per_customer(&inventory.client())
-            .await
-            .unwrap();
-        for id in &existing {
-            assert!(
-                !counts.contains_key(id),
-                "customer {id} predates the first start"
-            );
-        }
-        integration.stop().await;
-        inventory.stop().await;
-        crm.stop().await;
-    })
-    .await;
+async fn start_position_latest_skips_existing_customers(database: &Database) {
+    let dirs = Dirs::new();
+    let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
+    let mut inventory = common::Inventory::start(&dirs.inventory()).await;
+    let existing = create_customers(&crm.client(), 20).await;
+    let head = common::crm_head(&crm.client()).await;
+    let mut options = integration_options(crm.addr, inventory.addr, Mode::Auto);
+    options.start_position = mip_integration::StartPosition::Latest;
+    let mut integration = Integration::start(database, options).await;
+    // The head is saved as the first checkpoint before anything is read, so a crash before
+    // the first event cannot move "latest" on past customers created meanwhile.
+    integration.wait_for_checkpoint(head).await;
+    integration.crash().await;
+    let created_while_down = create_customers(&crm.client(), 10).await;
+    integration.restart().await;
+    let new = create_customers(&crm.client(), 10).await;
+    let mut expected = created_while_down;
+    expected.extend(new);
+    wait_for_exactly_one_package_each(&inventory.client(), &expected, CONVERGE_TIMEOUT).await;
+    let counts = common::welcome_packages_per_customer(&inventory.client())
+        .await
+        .unwrap();
+    for id in &existing {
+        assert!(
+            !counts.contains_key(id),
+            "customer {id} predates the first start"
+        );
+    }
+    integration.stop().await;
+    inventory.stop().await;
+    crm.stop().await;
 }

@@ -1,7 +1,10 @@
 //! The test harness: CRM, Inventory and the integration service, each run with its own `serve`
-//! on a loopback port and its own data directory, so a test can stop, crash or restart any one
-//! of them, plus the client-side helpers the tests share: creating customers, and checking the
+//! on a loopback port and its own store, so a test can stop, crash or restart any one of them,
+//! plus the client-side helpers the tests share: creating customers, and checking the
 //! one guarantee that matters (every customer has exactly one welcome package request).
+//!
+//! CRM and Inventory keep SQLite data directories; the integration service runs on whatever
+//! [`Database`] the test hands it, so the same test runs on SQLite and on PostgreSQL.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
@@ -25,6 +28,7 @@ use mip_runtime::CancellationToken;
 use mip_runtime::clock::{SharedClock, SystemClock};
 use mip_runtime::server::ServerOptions;
 use mip_runtime::sqlite::Durability;
+use mip_runtime::store::Database;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
@@ -159,6 +163,14 @@ impl Dirs {
     /// The integration service's data directory.
     pub fn integration(&self) -> PathBuf {
         self.root.path().join("integration")
+    }
+
+    /// The integration service's store in its data directory.
+    pub fn integration_db(&self) -> Database {
+        Database::Sqlite {
+            dir: self.integration(),
+            durability: Durability::Normal,
+        }
     }
 }
 
@@ -337,13 +349,14 @@ pub fn integration_options(
     }
 }
 
-/// The integration service, restartable on the same data directory. Its admin API gets a new
-/// ephemeral port on every start; nothing depends on it staying the same.
+/// The integration service, restartable on the same store. Its admin API gets a new ephemeral
+/// port on every start; nothing depends on it staying the same.
 pub struct Integration {
     /// Where the admin API listens now.
     pub addr: SocketAddr,
-    /// Its data directory (checkpoint and dead letters).
-    dir: PathBuf,
+    /// Its store (checkpoint and dead letters): a SQLite data directory or a PostgreSQL
+    /// database.
+    database: Database,
     /// Its options.
     options: IntegrationOptions,
     /// Set while it runs.
@@ -351,11 +364,12 @@ pub struct Integration {
 }
 
 impl Integration {
-    /// Starts the integration service on an ephemeral loopback port.
-    pub async fn start(dir: &Path, options: IntegrationOptions) -> Self {
+    /// Starts the integration service on an ephemeral loopback port, keeping its state in
+    /// `database`.
+    pub async fn start(database: &Database, options: IntegrationOptions) -> Self {
         let mut integration = Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            dir: dir.to_owned(),
+            database: database.clone(),
             options,
             running: None,
         };
@@ -363,7 +377,7 @@ impl Integration {
         integration
     }
 
-    /// Starts it (again) on the same data directory.
+    /// Starts it (again) on the same store.
     pub async fn restart(&mut self) {
         assert!(self.running.is_none(), "the integration service is running");
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -371,15 +385,12 @@ impl Integration {
             .expect("bind integration service");
         self.addr = listener.local_addr().expect("integration address");
         let shutdown = CancellationToken::new();
-        let (dir, options) = (self.dir.clone(), self.options.clone());
+        let (database, options) = (self.database.clone(), self.options.clone());
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
             mip_integration::serve(
                 listener,
-                &mip_runtime::store::Database::Sqlite {
-                    dir: dir.to_path_buf(),
-                    durability: Durability::Normal,
-                },
+                &database,
                 options,
                 &server_options(),
                 system_clock(),
@@ -389,6 +400,28 @@ impl Integration {
             .await
         });
         self.running = Some(Running { shutdown, task });
+        // It serves at once but reports SERVING only once its store is ready (a PostgreSQL
+        // store connects in the background): until then admin calls are UNAVAILABLE.
+        let addr = self.addr.to_string();
+        eventually(
+            "the integration service to report SERVING",
+            CONVERGE_TIMEOUT,
+            || {
+                let addr = addr.clone();
+                async move {
+                    let status = mip_runtime::probe::check(
+                        &addr,
+                        mip_integration::SERVICE_NAME,
+                        Duration::from_secs(1),
+                        &Default::default(),
+                    )
+                    .await
+                    .ok()?;
+                    (status.as_str_name() == "SERVING").then_some(())
+                }
+            },
+        )
+        .await;
     }
 
     /// Stops it gracefully.
@@ -451,8 +484,8 @@ impl Integration {
     }
 }
 
-/// All three services on fresh data directories, the integration service following CRM in
-/// `mode`.
+/// All three services, CRM and Inventory on fresh data directories, the integration service
+/// following CRM in `mode`.
 pub struct Platform {
     /// CRM.
     pub crm: Crm,
@@ -465,13 +498,24 @@ pub struct Platform {
 }
 
 impl Platform {
-    /// Starts CRM, Inventory, then the integration service.
+    /// Starts CRM, Inventory, then the integration service with a SQLite store in its own
+    /// data directory.
     pub async fn start(mode: Mode) -> Self {
         let dirs = Dirs::new();
+        let database = dirs.integration_db();
+        Self::start_with(dirs, mode, &database).await
+    }
+
+    /// Starts CRM, Inventory, then the integration service with its store in `database`.
+    pub async fn start_on(mode: Mode, database: &Database) -> Self {
+        Self::start_with(Dirs::new(), mode, database).await
+    }
+
+    async fn start_with(dirs: Dirs, mode: Mode, database: &Database) -> Self {
         let crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
         let inventory = Inventory::start(&dirs.inventory()).await;
         let integration = Integration::start(
-            &dirs.integration(),
+            database,
             integration_options(crm.addr, inventory.addr, mode),
         )
         .await;
