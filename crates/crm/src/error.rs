@@ -108,3 +108,16 @@ impl From<Error> for Status {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_unique_index_refusal_is_already_exists_not_internal() {
+        let status = Status::from(Error::Storage(DbError::UniqueViolation {
+            constraint: "customers_email_key_key".into(),
+        }));
+        assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    }
+}

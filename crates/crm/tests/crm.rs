@@ -1651,3 +1651,56 @@ async fn a_missing_postgres_database_stops_serve_with_the_error() {
     })
     .await;
 }
+
+/// While its PostgreSQL server cannot be reached, CRM listens, reports NOT_SERVING and answers
+/// calls with UNAVAILABLE (worth a retry); shutdown still stops it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_postgres_server_is_not_serving_and_unavailable() {
+    bounded(async {
+        // A loopback port with nothing listening: every connection attempt is refused.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("postgres://mip@{}/mip", closed.local_addr().unwrap());
+        drop(closed);
+        let database = Database::from_url(&url, 4).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                mip_crm::serve(
+                    listener,
+                    &database,
+                    CrmOptions::default(),
+                    &ServerOptions::default(),
+                    Arc::new(ManualClock::new(start_time())),
+                    shutdown,
+                )
+                .await
+            }
+        });
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let status = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest {
+                service: SERVICE_NAME.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        assert_eq!(status, ServingStatus::NotServing);
+        let refused = CrmServiceClient::new(channel.clone())
+            .create_customer(new_customer("Ada", "ada@example.com"))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        drop(channel);
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    })
+    .await;
+}
