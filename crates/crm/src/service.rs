@@ -1,5 +1,7 @@
-//! The gRPC edge of CRM: requests become validated domain values here, results become
-//! protobuf here, and nothing past this module sees either protobuf or SQL.
+//! The gRPC edge of CRM: requests become validated domain values (through [`crate::validate`])
+//! and results become protobuf here, and nothing past this module sees either protobuf or SQL.
+//! Generic over the store, trait objects included (`CrmApi<dyn CrmStore>`), so one service
+//! serves every backend.
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -406,7 +406,7 @@ async fn migrate(
                 ),
             });
         }
-        for (version, step) in (1..)
+        for (version, step) in (1i64..)
             .zip(migrations)
             .skip(usize::try_from(applied).unwrap_or(0))
         {
