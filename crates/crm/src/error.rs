@@ -1,7 +1,7 @@
 //! Every way a CRM call can fail, and the one place each becomes a gRPC status.
 
-use mip_runtime::sqlite::DbError;
 use mip_runtime::status::{invalid_field, storage, with_reason};
+use mip_runtime::store::DbError;
 use tonic::{Code, Status};
 use uuid::Uuid;
 
@@ -99,7 +99,25 @@ impl From<Error> for Status {
             }
             Error::WatchDisabled => Status::unimplemented(message),
             Error::TooManyWatchers(_) => Status::resource_exhausted(message),
+            // A unique index refused a write that no domain check caught first (another process
+            // won the race): the thing exists, which is what ALREADY_EXISTS says.
+            Error::Storage(DbError::UniqueViolation { constraint }) => Status::already_exists(
+                format!("a conflicting write committed first (unique constraint {constraint})"),
+            ),
             Error::Storage(e) => storage(&e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_unique_index_refusal_is_already_exists_not_internal() {
+        let status = Status::from(Error::Storage(DbError::UniqueViolation {
+            constraint: "customers_email_key_key".into(),
+        }));
+        assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
     }
 }

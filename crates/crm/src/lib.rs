@@ -1,10 +1,12 @@
 //! The CRM service: customers, and the ordered, resumable feed of every change to them.
 //!
 //! - [`domain`]: customers, validation, events and log positions.
-//! - [`store`]: the storage trait and its SQLite implementation (group commit, change log in
-//!   the same transaction as each change).
+//! - [`store`]: the storage trait, [`store::open`] (the one place a database URL becomes a
+//!   store), and its SQLite and PostgreSQL implementations (group commit, change log in the
+//!   same transaction as each change).
 //! - [`feed`]: the in-memory live end of the change log that watchers read from.
 //! - [`service`]: the gRPC edge (`crm.v1.CrmService`), including the watch streams.
+//! - [`validate`]: requests into validated domain values, every bad field reported at once.
 //! - [`wire`]: the watch streams on the network, each event encoded once for all watchers.
 //! - [`error`]: every failure, and its gRPC status.
 //!
@@ -17,6 +19,7 @@ pub mod error;
 pub mod feed;
 pub mod service;
 pub mod store;
+pub mod validate;
 pub mod wire;
 
 use std::sync::Arc;
@@ -32,7 +35,7 @@ use tracing::warn;
 
 pub use error::Error;
 pub use service::CrmApi;
-pub use store::{CrmStore, SqliteStore};
+pub use store::{CrmStore, PgStore, SqliteStore};
 
 /// Fully-qualified gRPC name of the service, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "crm.v1.CrmService";
@@ -73,6 +76,10 @@ impl Default for CrmOptions {
 
 /// Opens the store `database` names and serves CRM on `listener` until `shutdown` is
 /// cancelled.
+///
+/// The server answers at once, with health NOT_SERVING until the store is ready (a PostgreSQL
+/// server may still be unreachable; calls meanwhile get UNAVAILABLE), then SERVING. A store
+/// that can never be ready (wrong password, missing database) stops `serve` with its error.
 pub async fn serve(
     listener: TcpListener,
     database: &Database,
@@ -82,37 +89,46 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let health = Health::new(&[SERVICE_NAME]).await;
-    let store = match database {
-        Database::Sqlite { dir, durability } => {
-            Arc::new(SqliteStore::open(dir, *durability).await?)
-        }
-        Database::Postgres(pg) => {
-            return Err(StartError::Store(Error::Storage(DbError::Open {
-                database: pg.name().to_owned(),
-                reason: "this build keeps CRM in SQLite only".into(),
-            })));
-        }
-    };
+    // Stops this server alone when its store fails; the caller's token may stop others too.
+    let stop = shutdown.child_token();
+    let store = store::open(database, &stop).await?;
     if let Some(retention) = options.event_retention {
         tokio::spawn(prune_loop(
             Arc::clone(&store),
             retention,
             Arc::clone(&clock),
-            shutdown.clone(),
+            stop.clone(),
         ));
     }
-    let api = CrmApi::new(store, options, clock, shutdown.clone());
+    let api = CrmApi::new(Arc::clone(&store), options, clock, stop.clone());
     let routes = Routes::new(wire::CrmRoutes::new(api, server));
-    health.set_serving().await;
-    mip_runtime::server::serve(
+    let serving = mip_runtime::server::serve(
         listener,
         mip_proto::CRM_DESCRIPTOR_SET,
         routes,
-        health,
+        health.clone(),
         server,
-        shutdown,
-    )
-    .await?;
+        stop.clone(),
+    );
+    tokio::pin!(serving);
+    tokio::select! {
+        ready = store.ready() => match ready {
+            Ok(()) => health.set_serving().await,
+            // Shutting down before the store connected is not a failure.
+            Err(Error::Storage(DbError::Closed)) if stop.is_cancelled() => {}
+            Err(e) => {
+                stop.cancel();
+                // Let the server close its listener and connections before reporting.
+                let _ = serving.await;
+                return Err(StartError::Store(e));
+            }
+        },
+        served = &mut serving => {
+            served?;
+            return Ok(());
+        }
+    }
+    serving.await?;
     Ok(())
 }
 
@@ -128,7 +144,7 @@ pub enum StartError {
 }
 
 /// Deletes expired events every tenth of the retention period (at least every minute).
-async fn prune_loop<S: CrmStore>(
+async fn prune_loop<S: CrmStore + ?Sized>(
     store: Arc<S>,
     retention: Duration,
     clock: SharedClock,

@@ -1,5 +1,7 @@
-//! The gRPC edge of CRM: requests become validated domain values here, results become
-//! protobuf here, and nothing past this module sees either protobuf or SQL.
+//! The gRPC edge of CRM: requests become validated domain values (through [`crate::validate`])
+//! and results become protobuf here, and nothing past this module sees either protobuf or SQL.
+//! Generic over the store, trait objects included (`CrmApi<dyn CrmStore>`), so one service
+//! serves every backend.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,18 +15,16 @@ use mip_runtime::clock::{SharedClock, from_micros, to_micros};
 use mip_runtime::status::{Violations, field_violations, token_reason};
 use mip_runtime::token::{self, TokenError};
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
 use crate::CrmOptions;
-use crate::domain::{
-    Customer, CustomerEvent, CustomerPatch, Email, EventType, LogBounds, Name, NewCustomer,
-    Position, Start,
-};
+use crate::domain::{Customer, CustomerEvent, EventType, LogBounds, Position, Start};
 use crate::error::Error;
 use crate::store::CrmStore;
+use crate::validate;
 
 /// Token kind of resume tokens: `[log_id, position]`.
 const RESUME_TOKEN: u8 = 1;
@@ -33,27 +33,6 @@ const CUSTOMER_PAGE_TOKEN: u8 = 2;
 
 /// Most requests in one `BatchCreateCustomers` call.
 pub const MAX_BATCH: usize = 1000;
-
-/// A `CreateCustomerRequest`, validated: every bad field named at once.
-fn check_create(request: &pb::CreateCustomerRequest) -> Result<NewCustomer, Status> {
-    let mut violations = Violations::new();
-    let name = violations.check("name", Name::parse(&request.name));
-    let email = violations.check("email", Email::parse(&request.email));
-    let request_id = if request.request_id.is_empty() {
-        None
-    } else {
-        violations.id("request_id", &request.request_id)
-    };
-    violations.finish()?;
-    let (Some(name), Some(email)) = (name, email) else {
-        unreachable!("violations.finish() returned early")
-    };
-    Ok(NewCustomer {
-        name,
-        email,
-        request_id,
-    })
-}
 
 /// A failed create, as one result of a batch.
 fn batch_item_error(status: &Status) -> pb::BatchItemError {
@@ -80,7 +59,7 @@ const SEND_BATCH: usize = 32;
 const WATCH_BUFFER: usize = 4;
 
 /// The `crm.v1.CrmService` implementation.
-pub struct CrmApi<S> {
+pub struct CrmApi<S: ?Sized> {
     /// Customers and the change log.
     store: Arc<S>,
     /// Flags.
@@ -93,7 +72,7 @@ pub struct CrmApi<S> {
     shutdown: CancellationToken,
 }
 
-impl<S: CrmStore> CrmApi<S> {
+impl<S: CrmStore + ?Sized> CrmApi<S> {
     /// A service over `store`.
     pub fn new(
         store: Arc<S>,
@@ -118,7 +97,7 @@ impl<S: CrmStore> CrmApi<S> {
 
     /// Turns a request's token or start position into a checked position in this log.
     fn resolve_start(&self, start: Start) -> Result<Position, Error> {
-        let bounds = self.store.bounds();
+        let bounds = self.store.bounds()?;
         match start {
             Start::Earliest => Ok(Position(bounds.pruned_through)),
             Start::Latest => Ok(Position(bounds.head)),
@@ -144,7 +123,7 @@ impl<S: CrmStore> CrmApi<S> {
         } else {
             let [log_id, position] = token::decode::<2>(RESUME_TOKEN, resume_token)
                 .map_err(|e| token_error("resume_token", e))?;
-            if log_id != self.store.bounds().log_id {
+            if log_id != self.store.bounds()?.log_id {
                 return Err(Error::TokenUnknownLog);
             }
             Start::After(Position(position))
@@ -152,17 +131,13 @@ impl<S: CrmStore> CrmApi<S> {
         self.resolve_start(start)
     }
 
-    fn resume_token(&self, position: Position) -> String {
-        resume_token(self.store.bounds().log_id, position)
-    }
-
-    fn event_to_proto(&self, event: &CustomerEvent) -> pb::CustomerEvent {
-        event_to_proto(self.store.bounds().log_id, event)
+    fn resume_token(&self, position: Position) -> Result<String, Error> {
+        Ok(resume_token(self.store.bounds()?.log_id, position))
     }
 
     /// Validates and creates one customer: `CreateCustomer`.
     async fn create(&self, request: pb::CreateCustomerRequest) -> Result<pb::Customer, Status> {
-        let new = check_create(&request)?;
+        let new = validate::create(&request)?;
         let customer = self.store.create_customer(new, self.now()).await?;
         debug!(customer_id = %customer.id, "customer created");
         Ok(customer_to_proto(&customer))
@@ -181,6 +156,8 @@ impl<S: CrmStore> CrmApi<S> {
         let permit = Arc::clone(&self.watchers)
             .try_acquire_owned()
             .map_err(|_| Error::TooManyWatchers(self.options.max_watchers))?;
+        let bounds = self.store.subscribe()?;
+        let log_id = self.store.bounds()?.log_id;
         let (sender, receiver) = mpsc::channel(WATCH_BUFFER);
         let watcher = Watcher {
             store: Arc::clone(&self.store),
@@ -195,7 +172,7 @@ impl<S: CrmStore> CrmApi<S> {
             let _permit = permit;
             let watchers = metrics::gauge!("mip_crm_watchers");
             watchers.increment(1.0);
-            watcher.run(start).await;
+            watcher.run(start, log_id, bounds).await;
             watchers.decrement(1.0);
         });
         Ok(Unbatch {
@@ -321,7 +298,7 @@ pub type WatchStream =
     Pin<Box<dyn Stream<Item = Result<pb::WatchCustomersResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
-impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
+impl<S: CrmStore + ?Sized> pb::crm_service_server::CrmService for CrmApi<S> {
     async fn create_customer(
         &self,
         request: Request<pb::CreateCustomerRequest>,
@@ -338,7 +315,7 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
         // Every valid request goes to the store in one write, in request order: one commit,
         // and their events in the log in that order. Each checks before it writes, so one
         // refused leaves the others.
-        let checked = requests.iter().map(check_create).collect();
+        let checked = requests.iter().map(validate::create).collect();
         let now = self.now();
         let results = batch::create_valid(checked, |valid| self.store.create_customers(valid, now))
             .await?
@@ -361,10 +338,8 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
         &self,
         request: Request<pb::GetCustomerRequest>,
     ) -> Result<Response<pb::Customer>, Status> {
-        let mut violations = Violations::new();
-        let id = violations.id("id", &request.get_ref().id);
-        violations.finish()?;
-        let customer = self.store.get_customer(id.expect("validated")).await?;
+        let id = validate::customer_id(&request.get_ref().id)?;
+        let customer = self.store.get_customer(id).await?;
         Ok(Response::new(customer_to_proto(&customer)))
     }
 
@@ -372,38 +347,8 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
         &self,
         request: Request<pb::UpdateCustomerRequest>,
     ) -> Result<Response<pb::Customer>, Status> {
-        let request = request.into_inner();
-        let mut violations = Violations::new();
-        let Some(customer) = request.customer else {
-            violations.add("customer", "is required");
-            return Err(violations.into_status());
-        };
-        let id = violations.id("customer.id", &customer.id);
-        let paths: Vec<String> = request
-            .update_mask
-            .map(|m| m.paths)
-            .filter(|p| !p.is_empty())
-            .unwrap_or_else(|| vec!["name".into(), "email".into()]);
-        let mut patch = CustomerPatch::default();
-        for path in &paths {
-            match path.as_str() {
-                "name" => {
-                    patch.name = violations.check("customer.name", Name::parse(&customer.name))
-                }
-                "email" => {
-                    patch.email = violations.check("customer.email", Email::parse(&customer.email));
-                }
-                other => violations.add(
-                    "update_mask",
-                    format!("{other:?} cannot be updated; updatable fields are name and email"),
-                ),
-            }
-        }
-        violations.finish()?;
-        let customer = self
-            .store
-            .update_customer(id.expect("validated"), patch, self.now())
-            .await?;
+        let (id, patch) = validate::update(request.into_inner())?;
+        let customer = self.store.update_customer(id, patch, self.now()).await?;
         Ok(Response::new(customer_to_proto(&customer)))
     }
 
@@ -411,15 +356,10 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
         &self,
         request: Request<pb::DeleteCustomerRequest>,
     ) -> Result<Response<pb::DeleteCustomerResponse>, Status> {
-        let mut violations = Violations::new();
-        let id = violations.id("id", &request.get_ref().id);
-        violations.finish()?;
-        let position = self
-            .store
-            .delete_customer(id.expect("validated"), self.now())
-            .await?;
+        let id = validate::customer_id(&request.get_ref().id)?;
+        let position = self.store.delete_customer(id, self.now()).await?;
         Ok(Response::new(pb::DeleteCustomerResponse {
-            resume_token: self.resume_token(position),
+            resume_token: self.resume_token(position)?,
         }))
     }
 
@@ -430,14 +370,14 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
         let request = request.into_inner();
         let mut violations = Violations::new();
         let limit = violations.page_size(request.page_size);
-        let log_id = self.store.bounds().log_id;
+        let log_id = self.store.bounds()?.log_id;
         let mut cursor = (0, None);
         if !request.page_token.is_empty() {
             match token::decode::<3>(CUSTOMER_PAGE_TOKEN, &request.page_token) {
                 Ok([token_log, snapshot, after]) if token_log == log_id => {
                     // Tokens are checksummed, not signed: a made-up snapshot past the head
                     // would otherwise wait for events that never come.
-                    let head = self.store.bounds().head;
+                    let head = self.store.bounds()?.head;
                     if snapshot > head {
                         return Err(Error::TokenAhead {
                             position: snapshot,
@@ -459,7 +399,7 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
                 .next_after
                 .map(|after| token::encode(CUSTOMER_PAGE_TOKEN, &[log_id, page.snapshot.0, after]))
                 .unwrap_or_default(),
-            resume_token: self.resume_token(page.snapshot),
+            resume_token: self.resume_token(page.snapshot)?,
             resume_sequence: seq_i64(page.snapshot),
         }))
     }
@@ -485,10 +425,14 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
         let start = self.parse_start(&request.resume_token, request.start_position)?;
         let events = self.store.events_after(start, limit).await?;
         let next = events.last().map_or(start, |e| Position(e.seq));
-        let remaining = self.store.bounds().head.saturating_sub(next.0);
+        let bounds = self.store.bounds()?;
+        let remaining = bounds.head.saturating_sub(next.0);
         Ok(Response::new(pb::ListCustomerEventsResponse {
-            events: events.iter().map(|e| self.event_to_proto(e)).collect(),
-            next_resume_token: self.resume_token(next),
+            events: events
+                .iter()
+                .map(|e| event_to_proto(bounds.log_id, e))
+                .collect(),
+            next_resume_token: resume_token(bounds.log_id, next),
             remaining_events: i64::try_from(remaining).unwrap_or(i64::MAX),
             next_sequence: seq_i64(next),
         }))
@@ -496,7 +440,7 @@ impl<S: CrmStore> pb::crm_service_server::CrmService for CrmApi<S> {
 }
 
 /// One open `WatchCustomers` stream: a cursor, and a task that moves it.
-struct Watcher<S, O> {
+struct Watcher<S: ?Sized, O> {
     /// Where events come from.
     store: Arc<S>,
     /// Heartbeat timestamps.
@@ -525,7 +469,7 @@ const COALESCE_ABOVE: usize = 64;
 /// How long a watcher lets commits collect when many streams are open.
 const COALESCE: Duration = Duration::from_millis(5);
 
-impl<S: CrmStore, O: WatchOutput> Watcher<S, O> {
+impl<S: CrmStore + ?Sized, O: WatchOutput> Watcher<S, O> {
     /// Whether enough streams are open that waking less often is worth a little latency.
     fn crowded(&self) -> bool {
         self.max_watchers
@@ -533,10 +477,9 @@ impl<S: CrmStore, O: WatchOutput> Watcher<S, O> {
             > COALESCE_ABOVE
     }
 
-    async fn run(self, start: Position) {
+    /// Streams from `start` in log `log_id`, woken by `bounds`.
+    async fn run(self, start: Position, log_id: u64, mut bounds: watch::Receiver<LogBounds>) {
         let mut cursor = start;
-        let mut bounds = self.store.subscribe();
-        let log_id = self.store.bounds().log_id;
         let mut heartbeat =
             tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat, self.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

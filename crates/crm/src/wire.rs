@@ -94,9 +94,9 @@ impl Decoder for WatchCodec {
 }
 
 /// `WatchCustomers` as a server-streaming method of [`Encoded`] messages.
-struct WatchMethod<S>(Arc<CrmApi<S>>);
+struct WatchMethod<S: ?Sized>(Arc<CrmApi<S>>);
 
-impl<S: CrmStore> ServerStreamingService<pb::WatchCustomersRequest> for WatchMethod<S> {
+impl<S: CrmStore + ?Sized> ServerStreamingService<pb::WatchCustomersRequest> for WatchMethod<S> {
     type Response = Encoded;
     type ResponseStream = Unbatch<Encoded>;
     type Future =
@@ -112,7 +112,7 @@ impl<S: CrmStore> ServerStreamingService<pb::WatchCustomersRequest> for WatchMet
 }
 
 /// The CRM service's routes: `WatchCustomers` with shared encodings, the rest generated.
-pub struct CrmRoutes<S> {
+pub struct CrmRoutes<S: ?Sized> {
     /// The service.
     api: Arc<CrmApi<S>>,
     /// The generated server, for every other method.
@@ -121,7 +121,7 @@ pub struct CrmRoutes<S> {
     max_message_bytes: usize,
 }
 
-impl<S> Clone for CrmRoutes<S> {
+impl<S: ?Sized> Clone for CrmRoutes<S> {
     fn clone(&self) -> Self {
         Self {
             api: Arc::clone(&self.api),
@@ -131,7 +131,7 @@ impl<S> Clone for CrmRoutes<S> {
     }
 }
 
-impl<S: CrmStore> CrmRoutes<S> {
+impl<S: CrmStore + ?Sized> CrmRoutes<S> {
     /// Routes for `api`, with the server's shared message limits and compression.
     pub fn new(api: CrmApi<S>, server: &ServerOptions) -> Self {
         let api = Arc::new(api);
@@ -143,13 +143,13 @@ impl<S: CrmStore> CrmRoutes<S> {
     }
 }
 
-impl<S> NamedService for CrmRoutes<S> {
+impl<S: ?Sized> NamedService for CrmRoutes<S> {
     const NAME: &'static str = crate::SERVICE_NAME;
 }
 
 impl<S, B> tower::Service<http::Request<B>> for CrmRoutes<S>
 where
-    S: CrmStore,
+    S: CrmStore + ?Sized,
     B: http_body::Body + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {

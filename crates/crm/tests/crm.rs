@@ -5,7 +5,6 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -26,6 +25,7 @@ use mip_runtime::clock::{Clock, ManualClock};
 use mip_runtime::server::ServerOptions;
 use mip_runtime::sqlite::Durability;
 use mip_runtime::status::reason;
+use mip_runtime::store::Database;
 use mip_runtime::token;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
@@ -88,11 +88,11 @@ fn start_time() -> SystemTime {
 }
 
 impl Server {
-    async fn start(data_dir: &Path, options: CrmOptions, clock: &ManualClock) -> Self {
+    async fn start(database: &Database, options: CrmOptions, clock: &ManualClock) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let shutdown = CancellationToken::new();
-        let data_dir: PathBuf = data_dir.to_owned();
+        let database = database.clone();
         let clock = Arc::new(clock.clone());
         let task = tokio::spawn({
             let shutdown = shutdown.clone();
@@ -101,18 +101,7 @@ impl Server {
                     shutdown_grace: Duration::from_secs(2),
                     ..ServerOptions::default()
                 };
-                mip_crm::serve(
-                    listener,
-                    &mip_runtime::store::Database::Sqlite {
-                        dir: data_dir.to_path_buf(),
-                        durability: Durability::Normal,
-                    },
-                    options,
-                    &server,
-                    clock,
-                    shutdown,
-                )
-                .await
+                mip_crm::serve(listener, &database, options, &server, clock, shutdown).await
             }
         });
         // The listener is already bound, so connecting right away works.
@@ -121,6 +110,7 @@ impl Server {
             .connect()
             .await
             .unwrap();
+        wait_until_serving(&channel).await;
         Self {
             client: CrmServiceClient::new(channel.clone()),
             channel,
@@ -138,12 +128,42 @@ impl Server {
     }
 }
 
+/// Waits, as a client would, until health reports CRM SERVING: a PostgreSQL store connects
+/// and migrates after the server has started listening.
+async fn wait_until_serving(channel: &Channel) {
+    let mut health = HealthClient::new(channel.clone());
+    let mut statuses = health
+        .watch(HealthCheckRequest {
+            service: SERVICE_NAME.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(status) = statuses.message().await.unwrap() {
+        if status.status() == ServingStatus::Serving {
+            return;
+        }
+    }
+    panic!("health watch ended before CRM was serving");
+}
+
 /// A fresh data directory and a server on it with `options`.
 async fn fresh_with(options: CrmOptions) -> (tempfile::TempDir, ManualClock, Server) {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(start_time());
-    let server = Server::start(dir.path(), options, &clock).await;
+    let database = Database::Sqlite {
+        dir: dir.path().to_owned(),
+        durability: Durability::Normal,
+    };
+    let server = Server::start(&database, options, &clock).await;
     (dir, clock, server)
+}
+
+/// A server with `options` on `database` (fresh, from [`mip_testkit::backend_tests!`]).
+async fn fresh_on(database: &Database, options: CrmOptions) -> (ManualClock, Server) {
+    let clock = ManualClock::new(start_time());
+    let server = Server::start(database, options, &clock).await;
+    (clock, server)
 }
 
 /// A fresh data directory and a server on it with default options.
@@ -441,71 +461,6 @@ fn clock_now(clock: &ManualClock) -> SystemTime {
 }
 
 #[tokio::test]
-async fn health_reports_serving_for_the_server_and_the_service() {
-    bounded(async {
-        let (_dir, _clock, server) = fresh().await;
-        let mut health = HealthClient::new(server.channel.clone());
-        for service in ["", SERVICE_NAME] {
-            let status = health
-                .check(HealthCheckRequest {
-                    service: service.to_owned(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .status();
-            assert_eq!(status, ServingStatus::Serving, "{service:?}");
-        }
-        server.stop().await;
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn customer_can_be_created_read_updated_and_deleted() {
-    bounded(async {
-        let (_dir, clock, mut server) = fresh().await;
-        let client = &mut server.client;
-        let created = create(client, "  Ada Lovelace ", " Ada@Example.com ").await;
-        assert!(Uuid::try_parse(&created.id).is_ok(), "{}", created.id);
-        assert_eq!(
-            created.name, "Ada Lovelace",
-            "surrounding white space is trimmed"
-        );
-        assert_eq!(
-            created.email, "Ada@Example.com",
-            "the address keeps its case"
-        );
-        assert_eq!(created.version, 1);
-        assert_eq!(created.create_time, Some(start_time().into()));
-        assert_eq!(created.update_time, created.create_time);
-        assert_eq!(get(client, &created.id).await.unwrap(), created);
-
-        clock.advance(Duration::from_secs(60));
-        let changed = Customer {
-            name: "Ada King".into(),
-            email: "ada.king@example.com".into(),
-            ..created.clone()
-        };
-        let updated = update(client, changed, &[]).await.unwrap();
-        assert_eq!(updated.name, "Ada King");
-        assert_eq!(updated.email, "ada.king@example.com");
-        assert_eq!(updated.version, 2);
-        assert_eq!(updated.create_time, created.create_time);
-        assert_eq!(updated.update_time, Some(clock_now(&clock).into()));
-        assert_eq!(get(client, &created.id).await.unwrap(), updated);
-
-        let deleted = delete(client, &created.id).await.unwrap();
-        let [_, position] = token::decode::<2>(RESUME_TOKEN_KIND, &deleted.resume_token).unwrap();
-        assert_eq!(position, 3, "the token is the DELETED event's position");
-        let (listed, _) = list_all(client, 0).await;
-        assert!(listed.is_empty(), "{listed:?}");
-        server.stop().await;
-    })
-    .await;
-}
-
-#[tokio::test]
 async fn update_changes_only_masked_fields_and_bumps_version() {
     bounded(async {
         let (_dir, clock, mut server) = fresh().await;
@@ -735,153 +690,6 @@ async fn page_size_above_the_maximum_is_lowered_not_refused() {
 }
 
 #[tokio::test]
-async fn email_differing_only_in_case_is_already_exists() {
-    bounded(async {
-        let (_dir, _clock, mut server) = fresh().await;
-        let client = &mut server.client;
-        let ada = create(client, "Ada", "ada@example.com").await;
-        let status = client
-            .create_customer(new_customer("Other Ada", "ADA@Example.COM"))
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
-
-        let grace = create(client, "Grace", "grace@example.com").await;
-        let taking = Customer {
-            email: "Ada@EXAMPLE.com".into(),
-            ..grace.clone()
-        };
-        let status = update(client, taking, &["email"]).await.unwrap_err();
-        assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
-        assert_eq!(get(client, &grace.id).await.unwrap(), grace);
-
-        // A customer may change the case of its own address.
-        let recased = Customer {
-            email: "ADA@example.com".into(),
-            ..ada.clone()
-        };
-        let recased = update(client, recased, &["email"]).await.unwrap();
-        assert_eq!(recased.email, "ADA@example.com");
-        assert_eq!(head(client).await, 3, "two creates and one update");
-        server.stop().await;
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn retried_create_returns_the_original_and_logs_one_event() {
-    bounded(async {
-        let (_dir, clock, mut server) = fresh().await;
-        let client = &mut server.client;
-        let request = CreateCustomerRequest {
-            request_id: Uuid::new_v4().to_string(),
-            ..new_customer("Ada", "ada@example.com")
-        };
-        let first = client
-            .create_customer(request.clone())
-            .await
-            .unwrap()
-            .into_inner();
-        clock.advance(Duration::from_secs(30));
-        let retry = client
-            .create_customer(request.clone())
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(retry, first, "the retry answers with the original");
-
-        let events = all_events(client).await;
-        assert_eq!(sequences(&events), [1]);
-        assert_eq!(event_customer_ids(&events), [first.id.as_str()]);
-        let (listed, _) = list_all(client, 0).await;
-        assert_eq!(listed, [first]);
-        server.stop().await;
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn batch_create_answers_each_request_in_order_and_logs_them_in_order() {
-    bounded(async {
-        let (_dir, _clock, mut server) = fresh().await;
-        let client = &mut server.client;
-        let earlier = create(client, "Grace", "grace@example.com").await;
-        let replayed = CreateCustomerRequest {
-            request_id: Uuid::now_v7().to_string(),
-            ..new_customer("Alan", "alan@example.com")
-        };
-        let first = client
-            .create_customer(replayed.clone())
-            .await
-            .unwrap()
-            .into_inner();
-        let requests = vec![
-            new_customer("Ada", "ada@example.com"),
-            new_customer("", "not-an-email"),
-            new_customer("Ada again", "ADA@example.com"),
-            replayed,
-            new_customer("Grace twin", "Grace@Example.com"),
-            new_customer("Edsger", "edsger@example.com"),
-        ];
-        let results = client
-            .batch_create_customers(BatchCreateCustomersRequest { requests })
-            .await
-            .unwrap()
-            .into_inner()
-            .results;
-        let results: Vec<Created> = results.into_iter().map(|r| r.result.unwrap()).collect();
-        assert_eq!(results.len(), 6, "one result per request");
-        let Created::Customer(ada) = &results[0] else {
-            panic!("{:?}", results[0])
-        };
-        assert_eq!(ada.email, "ada@example.com");
-        let Created::Error(invalid) = &results[1] else {
-            panic!("{:?}", results[1])
-        };
-        assert_eq!(invalid.code, Code::InvalidArgument as i32);
-        let fields: Vec<&str> = invalid
-            .field_violations
-            .iter()
-            .map(|v| v.field.as_str())
-            .collect();
-        assert_eq!(fields, ["name", "email"]);
-        let Created::Error(twin) = &results[2] else {
-            panic!("{:?}", results[2])
-        };
-        assert_eq!(
-            twin.code,
-            Code::AlreadyExists as i32,
-            "the first of a batch wins"
-        );
-        assert_eq!(
-            results[3],
-            Created::Customer(first.clone()),
-            "a repeated request id answers with the original"
-        );
-        let Created::Error(taken) = &results[4] else {
-            panic!("{:?}", results[4])
-        };
-        assert_eq!(taken.code, Code::AlreadyExists as i32);
-        let Created::Customer(edsger) = &results[5] else {
-            panic!("{:?}", results[5])
-        };
-        // The log holds the batch's new customers after the earlier ones, in request order.
-        let events = all_events(client).await;
-        assert_eq!(
-            event_customer_ids(&events),
-            [
-                earlier.id.as_str(),
-                first.id.as_str(),
-                ada.id.as_str(),
-                edsger.id.as_str()
-            ]
-        );
-        server.stop().await;
-    })
-    .await;
-}
-
-#[tokio::test]
 async fn batch_create_refuses_an_empty_or_oversized_batch_and_keeps_a_full_one_in_order() {
     bounded(async {
         let (_dir, _clock, mut server) = fresh().await;
@@ -922,211 +730,6 @@ async fn batch_create_refuses_an_empty_or_oversized_batch_and_keeps_a_full_one_i
             .map(|e| e.customer.expect("event carries a customer").email)
             .collect();
         assert_eq!(logged, expected, "events in request order");
-        server.stop().await;
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn request_id_reused_with_different_parameters_is_already_exists() {
-    bounded(async {
-        let (_dir, _clock, mut server) = fresh().await;
-        let client = &mut server.client;
-        let request_id = Uuid::new_v4().to_string();
-        let original = CreateCustomerRequest {
-            request_id: request_id.clone(),
-            ..new_customer("Ada", "ada@example.com")
-        };
-        client.create_customer(original.clone()).await.unwrap();
-
-        for changed in [
-            CreateCustomerRequest {
-                name: "Grace".into(),
-                ..original.clone()
-            },
-            CreateCustomerRequest {
-                email: "grace@example.com".into(),
-                ..original.clone()
-            },
-        ] {
-            let status = client.create_customer(changed).await.unwrap_err();
-            assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
-            assert!(
-                status.message().contains(&request_id),
-                "{}",
-                status.message()
-            );
-        }
-        assert_eq!(head(client).await, 1);
-        server.stop().await;
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn changes_are_logged_in_commit_order_without_gaps() {
-    bounded(async {
-        let (_dir, _clock, mut server) = fresh().await;
-        let client = &mut server.client;
-        let created = create(client, "Ada", "ada@example.com").await;
-        let updated = update(
-            client,
-            Customer {
-                name: "Ada King".into(),
-                ..created.clone()
-            },
-            &["name"],
-        )
-        .await
-        .unwrap();
-        delete(client, &created.id).await.unwrap();
-
-        let events = all_events(client).await;
-        assert_eq!(sequences(&events), [1, 2, 3]);
-        assert_eq!(
-            event_types(&events),
-            [
-                CustomerEventType::Created,
-                CustomerEventType::Updated,
-                CustomerEventType::Deleted
-            ]
-        );
-        assert_eq!(events[0].customer.as_ref(), Some(&created));
-        assert_eq!(events[1].customer.as_ref(), Some(&updated));
-        assert_eq!(
-            events[2].customer.as_ref(),
-            Some(&updated),
-            "DELETED carries the last state"
-        );
-        let event_ids: HashSet<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-        assert_eq!(event_ids.len(), 3);
-        for event in &events {
-            assert!(Uuid::try_parse(&event.event_id).is_ok(), "{event:?}");
-            assert_eq!(event.commit_time, Some(start_time().into()));
-        }
-        server.stop().await;
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn paging_events_one_at_a_time_walks_every_event_once() {
-    bounded(async {
-        let (_dir, _clock, mut server) = fresh().await;
-        let client = &mut server.client;
-        let created = create_many(client, "customer", 3).await;
-        update(
-            client,
-            Customer {
-                name: "Renamed".into(),
-                ..created[0].clone()
-            },
-            &["name"],
-        )
-        .await
-        .unwrap();
-        delete(client, &created[1].id).await.unwrap();
-        let expected = all_events(client).await;
-        assert_eq!(sequences(&expected), [1, 2, 3, 4, 5]);
-
-        let mut walked = Vec::new();
-        let mut remaining = Vec::new();
-        let mut page = list_events(client, events_from(StartPosition::Earliest, 1))
-            .await
-            .unwrap();
-        while !page.events.is_empty() {
-            assert_eq!(page.events.len(), 1);
-            assert_eq!(page.next_resume_token, page.events[0].resume_token);
-            assert_eq!(page.next_sequence, page.events[0].sequence);
-            remaining.push(page.remaining_events);
-            walked.append(&mut page.events);
-            page = list_events(client, events_after(&page.next_resume_token, 1))
-                .await
-                .unwrap();
-        }
-        assert_eq!(walked, expected);
-        assert_eq!(remaining, [4, 3, 2, 1, 0]);
-        // Caught up: the token stays put and says nothing remains.
-        assert_eq!(page.remaining_events, 0);
-        assert_eq!(page.next_sequence, 5);
-        let again = list_events(client, events_after(&page.next_resume_token, 1))
-            .await
-            .unwrap();
-        assert!(again.events.is_empty());
-        assert_eq!(again.next_resume_token, page.next_resume_token);
-        server.stop().await;
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn customer_pages_list_every_customer_once_under_one_resume_token() {
-    bounded(async {
-        let (_dir, _clock, mut server) = fresh().await;
-        let client = &mut server.client;
-        let created = create_many(client, "customer", 7).await;
-
-        let (listed, pages) = list_all(client, 3).await;
-        assert_eq!(ids(&listed), ids(&created));
-        let sizes: Vec<usize> = pages.iter().map(|p| p.customers.len()).collect();
-        assert_eq!(sizes, [3, 3, 1]);
-        for page in &pages {
-            assert_eq!(page.resume_token, pages[0].resume_token);
-            assert_eq!(page.resume_sequence, 7);
-        }
-        server.stop().await;
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn watch_from_a_listing_token_sees_later_changes_without_gap() {
-    bounded(async {
-        let (_dir, _clock, mut server) = fresh_with(fast_heartbeats()).await;
-        let client = &mut server.client;
-        create_many(client, "customer", 3).await;
-        let (_, pages) = list_all(client, 2).await;
-        let listing = &pages[0];
-
-        let newcomer = create(client, "Newcomer", "newcomer@example.com").await;
-        let mut stream = watch(client, watch_after(&listing.resume_token))
-            .await
-            .unwrap();
-        let seen = read_to_head(&mut stream, listing.resume_sequence + 1).await;
-        assert_eq!(seen.len(), 1, "{seen:?}");
-        assert_eq!(seen[0].r#type(), CustomerEventType::Created);
-        assert_eq!(seen[0].customer.as_ref(), Some(&newcomer));
-        assert_eq!(seen[0].sequence, listing.resume_sequence + 1);
-        server.stop().await;
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn watch_resumes_after_disconnect_without_gaps_or_repeats() {
-    bounded(async {
-        let (_dir, _clock, mut server) = fresh_with(fast_heartbeats()).await;
-        let client = &mut server.client;
-        create_many(client, "early", 5).await;
-
-        let mut stream = watch(client, watch_from(StartPosition::Earliest))
-            .await
-            .unwrap();
-        let mut seen = Vec::new();
-        for _ in 0..3 {
-            seen.push(next_event(&mut stream).await);
-        }
-        assert_eq!(sequences(&seen), [1, 2, 3]);
-        drop(stream);
-
-        create_many(client, "late", 4).await;
-        let last_token = &seen.last().unwrap().resume_token;
-        let mut stream = watch(client, watch_after(last_token)).await.unwrap();
-        let resumed = read_to_head(&mut stream, 9).await;
-        assert_eq!(sequences(&resumed), [4, 5, 6, 7, 8, 9]);
-        // The same events, ids and tokens included, as polling returns.
-        let all = all_events(client).await;
-        assert_eq!(resumed, all[3..]);
         server.stop().await;
     })
     .await;
@@ -1320,56 +923,6 @@ async fn token_from_another_database_is_failed_precondition() {
 }
 
 #[tokio::test]
-async fn retention_expires_old_tokens_but_listing_still_works() {
-    bounded(async {
-        let (_dir, clock, mut server) = fresh_with(CrmOptions {
-            event_retention: Some(Duration::from_millis(200)),
-            ..CrmOptions::default()
-        })
-        .await;
-        let client = &mut server.client;
-        let created = create_many(client, "customer", 3).await;
-        let early = all_events(client).await[0].resume_token.clone();
-
-        clock.advance(Duration::from_secs(3600));
-        // Retention runs on its own schedule in real time; wait for it to pass.
-        let deadline = tokio::time::Instant::now() + EVENTUALLY;
-        let expired = loop {
-            match list_events(client, events_after(&early, 0)).await {
-                Err(status) => break status,
-                Ok(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(POLL).await,
-                Ok(page) => panic!("events were not deleted in time: {page:?}"),
-            }
-        };
-        assert_precondition(&expired, RESUME_TOKEN_EXPIRED);
-        let status = watch(client, watch_after(&early)).await.unwrap_err();
-        assert_precondition(&status, RESUME_TOKEN_EXPIRED);
-
-        // Relisting recovers: every customer is still there, and its token works.
-        let (listed, pages) = list_all(client, 0).await;
-        assert_eq!(ids(&listed), ids(&created));
-        let fresh_token = &pages[0].resume_token;
-        let after = list_events(client, events_after(fresh_token, 0))
-            .await
-            .unwrap();
-        assert!(after.events.is_empty(), "{after:?}");
-        assert_eq!(after.remaining_events, 0);
-        let earliest = list_events(client, events_from(StartPosition::Earliest, 0))
-            .await
-            .unwrap();
-        assert!(earliest.events.is_empty(), "{earliest:?}");
-
-        let mut stream = watch(client, watch_after(fresh_token)).await.unwrap();
-        let newcomer = create(client, "Newcomer", "newcomer@example.com").await;
-        let event = next_event(&mut stream).await;
-        assert_eq!(event.customer.as_ref(), Some(&newcomer));
-        assert_eq!(event.sequence, 4);
-        server.stop().await;
-    })
-    .await;
-}
-
-#[tokio::test]
 async fn disabled_watch_is_unimplemented_and_polling_still_works() {
     bounded(async {
         let (_dir, _clock, mut server) = fresh_with(CrmOptions {
@@ -1475,112 +1028,6 @@ async fn shutdown_ends_open_watch_streams_and_stops_the_server() {
     .await;
 }
 
-#[tokio::test]
-async fn customers_events_and_tokens_survive_a_restart() {
-    bounded(async {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = ManualClock::new(start_time());
-        let mut server = Server::start(dir.path(), fast_heartbeats(), &clock).await;
-        let client = &mut server.client;
-        let retried = CreateCustomerRequest {
-            request_id: Uuid::new_v4().to_string(),
-            ..new_customer("Ada", "ada@example.com")
-        };
-        let ada = client
-            .create_customer(retried.clone())
-            .await
-            .unwrap()
-            .into_inner();
-        let grace = create(client, "Grace", "grace@example.com").await;
-        let token_before = all_events(client).await[0].resume_token.clone();
-        update(
-            client,
-            Customer {
-                name: "Ada King".into(),
-                ..ada.clone()
-            },
-            &["name"],
-        )
-        .await
-        .unwrap();
-        delete(client, &grace.id).await.unwrap();
-        let (customers_before, _) = list_all(client, 0).await;
-        let events_before = all_events(client).await;
-        assert_eq!(sequences(&events_before), [1, 2, 3, 4]);
-        server.stop().await;
-
-        let mut server = Server::start(dir.path(), fast_heartbeats(), &clock).await;
-        let client = &mut server.client;
-        let (customers_after, _) = list_all(client, 0).await;
-        assert_eq!(customers_after, customers_before);
-        assert_eq!(all_events(client).await, events_before);
-
-        // A token from before the restart resumes where it left off, by polling and watching.
-        let polled = list_events(client, events_after(&token_before, 0))
-            .await
-            .unwrap();
-        assert_eq!(polled.events, events_before[1..]);
-        let mut stream = watch(client, watch_after(&token_before)).await.unwrap();
-        assert_eq!(read_to_head(&mut stream, 4).await, events_before[1..]);
-
-        // The idempotency key is remembered, and the log carries on from where it was.
-        let retry = client.create_customer(retried).await.unwrap().into_inner();
-        assert_eq!(retry, customers_before[0]);
-        let newcomer = create(client, "Newcomer", "newcomer@example.com").await;
-        let event = next_event(&mut stream).await;
-        assert_eq!(event.sequence, 5);
-        assert_eq!(event.customer.as_ref(), Some(&newcomer));
-        server.stop().await;
-    })
-    .await;
-}
-
-/// ListCustomers reads its snapshot from the database, which can see a group commit before
-/// the writer thread has published all of its events to the feed that tokens are checked
-/// against. The token it hands out must still be usable at once, not OUT_OF_RANGE. Big
-/// concurrent batches make that window wide; the check repeats while they commit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn listing_resume_token_is_usable_at_once_while_writes_commit() {
-    const CUSTOMERS: usize = 3000;
-    bounded(async {
-        let (_dir, _clock, server) = fresh().await;
-        let writing = CancellationToken::new();
-        let checker = tokio::spawn({
-            let mut client = server.client.clone();
-            let writing = writing.clone();
-            async move {
-                let mut checks = 0;
-                while !writing.is_cancelled() || checks == 0 {
-                    let listing = list_page(&mut client, 1, "").await.unwrap();
-                    if let Err(status) =
-                        list_events(&mut client, events_after(&listing.resume_token, 1)).await
-                    {
-                        panic!("token at {} refused: {status:?}", listing.resume_sequence);
-                    }
-                    checks += 1;
-                }
-            }
-        });
-        let mut creates = JoinSet::new();
-        for i in 0..CUSTOMERS {
-            let mut client = server.client.clone();
-            creates.spawn(async move {
-                create(
-                    &mut client,
-                    &format!("customer {i}"),
-                    &format!("c{i}@example.com"),
-                )
-                .await
-            });
-        }
-        creates.join_all().await;
-        writing.cancel();
-        checker.await.unwrap();
-        server.stop().await;
-    })
-    .await;
-}
-
 /// With many streams open, watchers let commits collect for a moment before reading (to spare
 /// the CPU); every one of them still gets every event, in order, and the same bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1612,6 +1059,648 @@ async fn a_crowd_of_watchers_each_receive_every_event_in_order() {
             }
         }
         server.stop().await;
+    })
+    .await;
+}
+
+// The contract where the backend matters (writes, the log, tokens, retention, restarts), on
+// SQLite and on PostgreSQL.
+mip_testkit::backend_tests! {
+    async fn health_reports_serving_for_the_server_and_the_service(db: Database) {
+        bounded(async {
+            let (_clock, server) = fresh_on(&db, CrmOptions::default()).await;
+            let mut health = HealthClient::new(server.channel.clone());
+            for service in ["", SERVICE_NAME] {
+                let status = health
+                    .check(HealthCheckRequest {
+                        service: service.to_owned(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status();
+                assert_eq!(status, ServingStatus::Serving, "{service:?}");
+            }
+            server.stop().await;
+        })
+        .await;
+    }
+
+    async fn customer_can_be_created_read_updated_and_deleted(db: Database) {
+        bounded(async {
+            let (clock, mut server) = fresh_on(&db, CrmOptions::default()).await;
+            let client = &mut server.client;
+            let created = create(client, "  Ada Lovelace ", " Ada@Example.com ").await;
+            assert!(Uuid::try_parse(&created.id).is_ok(), "{}", created.id);
+            assert_eq!(
+                created.name, "Ada Lovelace",
+                "surrounding white space is trimmed"
+            );
+            assert_eq!(
+                created.email, "Ada@Example.com",
+                "the address keeps its case"
+            );
+            assert_eq!(created.version, 1);
+            assert_eq!(created.create_time, Some(start_time().into()));
+            assert_eq!(created.update_time, created.create_time);
+            assert_eq!(get(client, &created.id).await.unwrap(), created);
+
+            clock.advance(Duration::from_secs(60));
+            let changed = Customer {
+                name: "Ada King".into(),
+                email: "ada.king@example.com".into(),
+                ..created.clone()
+            };
+            let updated = update(client, changed, &[]).await.unwrap();
+            assert_eq!(updated.name, "Ada King");
+            assert_eq!(updated.email, "ada.king@example.com");
+            assert_eq!(updated.version, 2);
+            assert_eq!(updated.create_time, created.create_time);
+            assert_eq!(updated.update_time, Some(clock_now(&clock).into()));
+            assert_eq!(get(client, &created.id).await.unwrap(), updated);
+
+            let deleted = delete(client, &created.id).await.unwrap();
+            let [_, position] = token::decode::<2>(RESUME_TOKEN_KIND, &deleted.resume_token).unwrap();
+            assert_eq!(position, 3, "the token is the DELETED event's position");
+            let (listed, _) = list_all(client, 0).await;
+            assert!(listed.is_empty(), "{listed:?}");
+            server.stop().await;
+        })
+        .await;
+    }
+
+    async fn email_differing_only_in_case_is_already_exists(db: Database) {
+        bounded(async {
+            let (_clock, mut server) = fresh_on(&db, CrmOptions::default()).await;
+            let client = &mut server.client;
+            let ada = create(client, "Ada", "ada@example.com").await;
+            let status = client
+                .create_customer(new_customer("Other Ada", "ADA@Example.COM"))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+
+            let grace = create(client, "Grace", "grace@example.com").await;
+            let taking = Customer {
+                email: "Ada@EXAMPLE.com".into(),
+                ..grace.clone()
+            };
+            let status = update(client, taking, &["email"]).await.unwrap_err();
+            assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+            assert_eq!(get(client, &grace.id).await.unwrap(), grace);
+
+            // A customer may change the case of its own address.
+            let recased = Customer {
+                email: "ADA@example.com".into(),
+                ..ada.clone()
+            };
+            let recased = update(client, recased, &["email"]).await.unwrap();
+            assert_eq!(recased.email, "ADA@example.com");
+            assert_eq!(head(client).await, 3, "two creates and one update");
+            server.stop().await;
+        })
+        .await;
+    }
+
+    async fn retried_create_returns_the_original_and_logs_one_event(db: Database) {
+        bounded(async {
+            let (clock, mut server) = fresh_on(&db, CrmOptions::default()).await;
+            let client = &mut server.client;
+            let request = CreateCustomerRequest {
+                request_id: Uuid::new_v4().to_string(),
+                ..new_customer("Ada", "ada@example.com")
+            };
+            let first = client
+                .create_customer(request.clone())
+                .await
+                .unwrap()
+                .into_inner();
+            clock.advance(Duration::from_secs(30));
+            let retry = client
+                .create_customer(request.clone())
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(retry, first, "the retry answers with the original");
+
+            let events = all_events(client).await;
+            assert_eq!(sequences(&events), [1]);
+            assert_eq!(event_customer_ids(&events), [first.id.as_str()]);
+            let (listed, _) = list_all(client, 0).await;
+            assert_eq!(listed, [first]);
+            server.stop().await;
+        })
+        .await;
+    }
+
+    async fn batch_create_answers_each_request_in_order_and_logs_them_in_order(db: Database) {
+        bounded(async {
+            let (_clock, mut server) = fresh_on(&db, CrmOptions::default()).await;
+            let client = &mut server.client;
+            let earlier = create(client, "Grace", "grace@example.com").await;
+            let replayed = CreateCustomerRequest {
+                request_id: Uuid::now_v7().to_string(),
+                ..new_customer("Alan", "alan@example.com")
+            };
+            let first = client
+                .create_customer(replayed.clone())
+                .await
+                .unwrap()
+                .into_inner();
+            let requests = vec![
+                new_customer("Ada", "ada@example.com"),
+                new_customer("", "not-an-email"),
+                new_customer("Ada again", "ADA@example.com"),
+                replayed,
+                new_customer("Grace twin", "Grace@Example.com"),
+                new_customer("Edsger", "edsger@example.com"),
+            ];
+            let results = client
+                .batch_create_customers(BatchCreateCustomersRequest { requests })
+                .await
+                .unwrap()
+                .into_inner()
+                .results;
+            let results: Vec<Created> = results.into_iter().map(|r| r.result.unwrap()).collect();
+            assert_eq!(results.len(), 6, "one result per request");
+            let Created::Customer(ada) = &results[0] else {
+                panic!("{:?}", results[0])
+            };
+            assert_eq!(ada.email, "ada@example.com");
+            let Created::Error(invalid) = &results[1] else {
+                panic!("{:?}", results[1])
+            };
+            assert_eq!(invalid.code, Code::InvalidArgument as i32);
+            let fields: Vec<&str> = invalid
+                .field_violations
+                .iter()
+                .map(|v| v.field.as_str())
+                .collect();
+            assert_eq!(fields, ["name", "email"]);
+            let Created::Error(twin) = &results[2] else {
+                panic!("{:?}", results[2])
+            };
+            assert_eq!(
+                twin.code,
+                Code::AlreadyExists as i32,
+                "the first of a batch wins"
+            );
+            assert_eq!(
+                results[3],
+                Created::Customer(first.clone()),
+                "a repeated request id answers with the original"
+            );
+            let Created::Error(taken) = &results[4] else {
+                panic!("{:?}", results[4])
+            };
+            assert_eq!(taken.code, Code::AlreadyExists as i32);
+            let Created::Customer(edsger) = &results[5] else {
+                panic!("{:?}", results[5])
+            };
+            // The log holds the batch's new customers after the earlier ones, in request order.
+            let events = all_events(client).await;
+            assert_eq!(
+                event_customer_ids(&events),
+                [
+                    earlier.id.as_str(),
+                    first.id.as_str(),
+                    ada.id.as_str(),
+                    edsger.id.as_str()
+                ]
+            );
+            server.stop().await;
+        })
+        .await;
+    }
+
+    async fn request_id_reused_with_different_parameters_is_already_exists(db: Database) {
+        bounded(async {
+            let (_clock, mut server) = fresh_on(&db, CrmOptions::default()).await;
+            let client = &mut server.client;
+            let request_id = Uuid::new_v4().to_string();
+            let original = CreateCustomerRequest {
+                request_id: request_id.clone(),
+                ..new_customer("Ada", "ada@example.com")
+            };
+            client.create_customer(original.clone()).await.unwrap();
+
+            for changed in [
+                CreateCustomerRequest {
+                    name: "Grace".into(),
+                    ..original.clone()
+                },
+                CreateCustomerRequest {
+                    email: "grace@example.com".into(),
+                    ..original.clone()
+                },
+            ] {
+                let status = client.create_customer(changed).await.unwrap_err();
+                assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+                assert!(
+                    status.message().contains(&request_id),
+                    "{}",
+                    status.message()
+                );
+            }
+            assert_eq!(head(client).await, 1);
+            server.stop().await;
+        })
+        .await;
+    }
+
+    async fn changes_are_logged_in_commit_order_without_gaps(db: Database) {
+        bounded(async {
+            let (_clock, mut server) = fresh_on(&db, CrmOptions::default()).await;
+            let client = &mut server.client;
+            let created = create(client, "Ada", "ada@example.com").await;
+            let updated = update(
+                client,
+                Customer {
+                    name: "Ada King".into(),
+                    ..created.clone()
+                },
+                &["name"],
+            )
+            .await
+            .unwrap();
+            delete(client, &created.id).await.unwrap();
+
+            let events = all_events(client).await;
+            assert_eq!(sequences(&events), [1, 2, 3]);
+            assert_eq!(
+                event_types(&events),
+                [
+                    CustomerEventType::Created,
+                    CustomerEventType::Updated,
+                    CustomerEventType::Deleted
+                ]
+            );
+            assert_eq!(events[0].customer.as_ref(), Some(&created));
+            assert_eq!(events[1].customer.as_ref(), Some(&updated));
+            assert_eq!(
+                events[2].customer.as_ref(),
+                Some(&updated),
+                "DELETED carries the last state"
+            );
+            let event_ids: HashSet<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+            assert_eq!(event_ids.len(), 3);
+            for event in &events {
+                assert!(Uuid::try_parse(&event.event_id).is_ok(), "{event:?}");
+                assert_eq!(event.commit_time, Some(start_time().into()));
+            }
+            server.stop().await;
+        })
+        .await;
+    }
+
+    async fn paging_events_one_at_a_time_walks_every_event_once(db: Database) {
+        bounded(async {
+            let (_clock, mut server) = fresh_on(&db, CrmOptions::default()).await;
+            let client = &mut server.client;
+            let created = create_many(client, "customer", 3).await;
+            update(
+                client,
+                Customer {
+                    name: "Renamed".into(),
+                    ..created[0].clone()
+                },
+                &["name"],
+            )
+            .await
+            .unwrap();
+            delete(client, &created[1].id).await.unwrap();
+            let expected = all_events(client).await;
+            assert_eq!(sequences(&expected), [1, 2, 3, 4, 5]);
+
+            let mut walked = Vec::new();
+            let mut remaining = Vec::new();
+            let mut page = list_events(client, events_from(StartPosition::Earliest, 1))
+                .await
+                .unwrap();
+            while !page.events.is_empty() {
+                assert_eq!(page.events.len(), 1);
+                assert_eq!(page.next_resume_token, page.events[0].resume_token);
+                assert_eq!(page.next_sequence, page.events[0].sequence);
+                remaining.push(page.remaining_events);
+                walked.append(&mut page.events);
+                page = list_events(client, events_after(&page.next_resume_token, 1))
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(walked, expected);
+            assert_eq!(remaining, [4, 3, 2, 1, 0]);
+            // Caught up: the token stays put and says nothing remains.
+            assert_eq!(page.remaining_events, 0);
+            assert_eq!(page.next_sequence, 5);
+            let again = list_events(client, events_after(&page.next_resume_token, 1))
+                .await
+                .unwrap();
+            assert!(again.events.is_empty());
+            assert_eq!(again.next_resume_token, page.next_resume_token);
+            server.stop().await;
+        })
+        .await;
+    }
+
+    async fn customer_pages_list_every_customer_once_under_one_resume_token(db: Database) {
+        bounded(async {
+            let (_clock, mut server) = fresh_on(&db, CrmOptions::default()).await;
+            let client = &mut server.client;
+            let created = create_many(client, "customer", 7).await;
+
+            let (listed, pages) = list_all(client, 3).await;
+            assert_eq!(ids(&listed), ids(&created));
+            let sizes: Vec<usize> = pages.iter().map(|p| p.customers.len()).collect();
+            assert_eq!(sizes, [3, 3, 1]);
+            for page in &pages {
+                assert_eq!(page.resume_token, pages[0].resume_token);
+                assert_eq!(page.resume_sequence, 7);
+            }
+            server.stop().await;
+        })
+        .await;
+    }
+
+    async fn watch_from_a_listing_token_sees_later_changes_without_gap(db: Database) {
+        bounded(async {
+            let (_clock, mut server) = fresh_on(&db, fast_heartbeats()).await;
+            let client = &mut server.client;
+            create_many(client, "customer", 3).await;
+            let (_, pages) = list_all(client, 2).await;
+            let listing = &pages[0];
+
+            let newcomer = create(client, "Newcomer", "newcomer@example.com").await;
+            let mut stream = watch(client, watch_after(&listing.resume_token))
+                .await
+                .unwrap();
+            let seen = read_to_head(&mut stream, listing.resume_sequence + 1).await;
+            assert_eq!(seen.len(), 1, "{seen:?}");
+            assert_eq!(seen[0].r#type(), CustomerEventType::Created);
+            assert_eq!(seen[0].customer.as_ref(), Some(&newcomer));
+            assert_eq!(seen[0].sequence, listing.resume_sequence + 1);
+            server.stop().await;
+        })
+        .await;
+    }
+
+    async fn watch_resumes_after_disconnect_without_gaps_or_repeats(db: Database) {
+        bounded(async {
+            let (_clock, mut server) = fresh_on(&db, fast_heartbeats()).await;
+            let client = &mut server.client;
+            create_many(client, "early", 5).await;
+
+            let mut stream = watch(client, watch_from(StartPosition::Earliest))
+                .await
+                .unwrap();
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                seen.push(next_event(&mut stream).await);
+            }
+            assert_eq!(sequences(&seen), [1, 2, 3]);
+            drop(stream);
+
+            create_many(client, "late", 4).await;
+            let last_token = &seen.last().unwrap().resume_token;
+            let mut stream = watch(client, watch_after(last_token)).await.unwrap();
+            let resumed = read_to_head(&mut stream, 9).await;
+            assert_eq!(sequences(&resumed), [4, 5, 6, 7, 8, 9]);
+            // The same events, ids and tokens included, as polling returns.
+            let all = all_events(client).await;
+            assert_eq!(resumed, all[3..]);
+            server.stop().await;
+        })
+        .await;
+    }
+
+    async fn retention_expires_old_tokens_but_listing_still_works(db: Database) {
+        bounded(async {
+            let (clock, mut server) = fresh_on(&db, CrmOptions {
+                event_retention: Some(Duration::from_millis(200)),
+                ..CrmOptions::default()
+            })
+            .await;
+            let client = &mut server.client;
+            let created = create_many(client, "customer", 3).await;
+            let early = all_events(client).await[0].resume_token.clone();
+
+            clock.advance(Duration::from_secs(3600));
+            // Retention runs on its own schedule in real time; wait for it to pass.
+            let deadline = tokio::time::Instant::now() + EVENTUALLY;
+            let expired = loop {
+                match list_events(client, events_after(&early, 0)).await {
+                    Err(status) => break status,
+                    Ok(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(POLL).await,
+                    Ok(page) => panic!("events were not deleted in time: {page:?}"),
+                }
+            };
+            assert_precondition(&expired, RESUME_TOKEN_EXPIRED);
+            let status = watch(client, watch_after(&early)).await.unwrap_err();
+            assert_precondition(&status, RESUME_TOKEN_EXPIRED);
+
+            // Relisting recovers: every customer is still there, and its token works.
+            let (listed, pages) = list_all(client, 0).await;
+            assert_eq!(ids(&listed), ids(&created));
+            let fresh_token = &pages[0].resume_token;
+            let after = list_events(client, events_after(fresh_token, 0))
+                .await
+                .unwrap();
+            assert!(after.events.is_empty(), "{after:?}");
+            assert_eq!(after.remaining_events, 0);
+            let earliest = list_events(client, events_from(StartPosition::Earliest, 0))
+                .await
+                .unwrap();
+            assert!(earliest.events.is_empty(), "{earliest:?}");
+
+            let mut stream = watch(client, watch_after(fresh_token)).await.unwrap();
+            let newcomer = create(client, "Newcomer", "newcomer@example.com").await;
+            let event = next_event(&mut stream).await;
+            assert_eq!(event.customer.as_ref(), Some(&newcomer));
+            assert_eq!(event.sequence, 4);
+            server.stop().await;
+        })
+        .await;
+    }
+
+    async fn customers_events_and_tokens_survive_a_restart(db: Database) {
+        bounded(async {
+            let clock = ManualClock::new(start_time());
+            let mut server = Server::start(&db, fast_heartbeats(), &clock).await;
+            let client = &mut server.client;
+            let retried = CreateCustomerRequest {
+                request_id: Uuid::new_v4().to_string(),
+                ..new_customer("Ada", "ada@example.com")
+            };
+            let ada = client
+                .create_customer(retried.clone())
+                .await
+                .unwrap()
+                .into_inner();
+            let grace = create(client, "Grace", "grace@example.com").await;
+            let token_before = all_events(client).await[0].resume_token.clone();
+            update(
+                client,
+                Customer {
+                    name: "Ada King".into(),
+                    ..ada.clone()
+                },
+                &["name"],
+            )
+            .await
+            .unwrap();
+            delete(client, &grace.id).await.unwrap();
+            let (customers_before, _) = list_all(client, 0).await;
+            let events_before = all_events(client).await;
+            assert_eq!(sequences(&events_before), [1, 2, 3, 4]);
+            server.stop().await;
+
+            let mut server = Server::start(&db, fast_heartbeats(), &clock).await;
+            let client = &mut server.client;
+            let (customers_after, _) = list_all(client, 0).await;
+            assert_eq!(customers_after, customers_before);
+            assert_eq!(all_events(client).await, events_before);
+
+            // A token from before the restart resumes where it left off, by polling and watching.
+            let polled = list_events(client, events_after(&token_before, 0))
+                .await
+                .unwrap();
+            assert_eq!(polled.events, events_before[1..]);
+            let mut stream = watch(client, watch_after(&token_before)).await.unwrap();
+            assert_eq!(read_to_head(&mut stream, 4).await, events_before[1..]);
+
+            // The idempotency key is remembered, and the log carries on from where it was.
+            let retry = client.create_customer(retried).await.unwrap().into_inner();
+            assert_eq!(retry, customers_before[0]);
+            let newcomer = create(client, "Newcomer", "newcomer@example.com").await;
+            let event = next_event(&mut stream).await;
+            assert_eq!(event.sequence, 5);
+            assert_eq!(event.customer.as_ref(), Some(&newcomer));
+            server.stop().await;
+        })
+        .await;
+    }
+
+    /// ListCustomers reads its snapshot from the database, which can see a group commit before
+    /// the writer thread has published all of its events to the feed that tokens are checked
+    /// against. The token it hands out must still be usable at once, not OUT_OF_RANGE. Big
+    /// concurrent batches make that window wide; the check repeats while they commit.
+    async fn listing_resume_token_is_usable_at_once_while_writes_commit(db: Database) {
+        const CUSTOMERS: usize = 3000;
+        bounded(async {
+            let (_clock, server) = fresh_on(&db, CrmOptions::default()).await;
+            let writing = CancellationToken::new();
+            let checker = tokio::spawn({
+                let mut client = server.client.clone();
+                let writing = writing.clone();
+                async move {
+                    let mut checks = 0;
+                    while !writing.is_cancelled() || checks == 0 {
+                        let listing = list_page(&mut client, 1, "").await.unwrap();
+                        if let Err(status) =
+                            list_events(&mut client, events_after(&listing.resume_token, 1)).await
+                        {
+                            panic!("token at {} refused: {status:?}", listing.resume_sequence);
+                        }
+                        checks += 1;
+                    }
+                }
+            });
+            let mut creates = JoinSet::new();
+            for i in 0..CUSTOMERS {
+                let mut client = server.client.clone();
+                creates.spawn(async move {
+                    create(
+                        &mut client,
+                        &format!("customer {i}"),
+                        &format!("c{i}@example.com"),
+                    )
+                    .await
+                });
+            }
+            creates.join_all().await;
+            writing.cancel();
+            checker.await.unwrap();
+            server.stop().await;
+        })
+        .await;
+    }
+}
+
+/// With its PostgreSQL database missing, CRM stops with the error rather than retrying for
+/// ever: waiting will not create the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_postgres_database_stops_serve_with_the_error() {
+    bounded(async {
+        let Some(pg) = mip_testkit::postgres::PgServer::shared() else {
+            return;
+        };
+        let database = Database::from_url(&pg.url("no_such_database"), 4).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let result = mip_crm::serve(
+            listener,
+            &database,
+            CrmOptions::default(),
+            &ServerOptions::default(),
+            Arc::new(ManualClock::new(start_time())),
+            CancellationToken::new(),
+        )
+        .await;
+        let Err(StartError::Store(error)) = result else {
+            panic!("serve did not stop with the store's error: {result:?}");
+        };
+        assert!(error.to_string().contains("no_such_database"), "{error}");
+    })
+    .await;
+}
+
+/// While its PostgreSQL server cannot be reached, CRM listens, reports NOT_SERVING and answers
+/// calls with UNAVAILABLE (worth a retry); shutdown still stops it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_postgres_server_is_not_serving_and_unavailable() {
+    bounded(async {
+        // A loopback port with nothing listening: every connection attempt is refused.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("postgres://mip@{}/mip", closed.local_addr().unwrap());
+        drop(closed);
+        let database = Database::from_url(&url, 4).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                mip_crm::serve(
+                    listener,
+                    &database,
+                    CrmOptions::default(),
+                    &ServerOptions::default(),
+                    Arc::new(ManualClock::new(start_time())),
+                    shutdown,
+                )
+                .await
+            }
+        });
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let status = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest {
+                service: SERVICE_NAME.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        assert_eq!(status, ServingStatus::NotServing);
+        let refused = CrmServiceClient::new(channel.clone())
+            .create_customer(new_customer("Ada", "ada@example.com"))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        drop(channel);
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
     })
     .await;
 }

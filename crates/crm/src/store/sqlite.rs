@@ -1,22 +1,23 @@
-//! Where customers and the change log live.
+//! The embedded store: CRM's tables in one SQLite file, written through the shared
+//! group-commit writer thread.
 //!
-//! [`CrmStore`] is what the service needs from storage; [`SqliteStore`] is the embedded
-//! implementation. Every change and its event commit in one transaction, and sequence numbers
-//! are handed out by the single writer, so the log's order is the commit order, with no gaps.
-//! The SQL sticks to what PostgreSQL also runs (`BIGINT`, `TEXT`, `RETURNING`, `ON CONFLICT`).
+//! Every change and its event commit in one transaction, and sequence numbers come from the
+//! `change_log` counter row in that transaction, so the log's order is the commit order, with
+//! no gaps.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use mip_runtime::clock::{from_micros, to_micros};
-use mip_runtime::sqlite::{Db, DbError, Durability};
+use mip_runtime::sqlite::{Db, Durability};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use rusqlite_migration::{M, Migrations};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::{CrmStore, FEED_CAPACITY, events_from_feed, published};
 use crate::domain::{
     Customer, CustomerEvent, CustomerPage, CustomerPatch, EventType, LogBounds, NewCustomer,
     Position, Rendered,
@@ -24,61 +25,8 @@ use crate::domain::{
 use crate::error::Error;
 use crate::feed::Feed;
 
-/// What the CRM service needs from storage.
-#[async_trait]
-pub trait CrmStore: Send + Sync + 'static {
-    /// Creates a customer and its CREATED event; a repeated `request_id` returns the original.
-    async fn create_customer(&self, new: NewCustomer, now: SystemTime) -> Result<Customer, Error>;
-    /// Creates each customer as [`CrmStore::create_customer`] would, in order, in one write:
-    /// one commit for all, and their events in the log in the order given. Each succeeds or
-    /// fails on its own; the outer error is for the write as a whole (storage).
-    async fn create_customers(
-        &self,
-        new: Vec<NewCustomer>,
-        now: SystemTime,
-    ) -> Result<Vec<Result<Customer, Error>>, Error>;
-    /// One customer.
-    async fn get_customer(&self, id: Uuid) -> Result<Customer, Error>;
-    /// Applies a patch and appends an UPDATED event (none if nothing changed).
-    async fn update_customer(
-        &self,
-        id: Uuid,
-        patch: CustomerPatch,
-        now: SystemTime,
-    ) -> Result<Customer, Error>;
-    /// Deletes a customer and appends a DELETED event; returns the event's position.
-    async fn delete_customer(&self, id: Uuid, now: SystemTime) -> Result<Position, Error>;
-    /// Customers created after creation position `after`, and the log position of the snapshot
-    /// (`snapshot` if given, for later pages of one listing).
-    async fn list_customers(
-        &self,
-        after: u64,
-        limit: usize,
-        snapshot: Option<Position>,
-    ) -> Result<CustomerPage, Error>;
-    /// Up to `limit` events after `after`, in order. Fails with `TokenExpired` if retention has
-    /// deleted any of them.
-    async fn events_after(
-        &self,
-        after: Position,
-        limit: usize,
-    ) -> Result<Vec<Arc<CustomerEvent>>, Error>;
-    /// Deletes events committed before `cutoff`; returns how many.
-    async fn prune_events(&self, cutoff: SystemTime) -> Result<u64, Error>;
-    /// The log's bounds as of the last commit.
-    fn bounds(&self) -> LogBounds;
-    /// Wakes whenever an event commits or retention runs.
-    fn subscribe(&self) -> watch::Receiver<LogBounds>;
-}
-
 /// Database file name under the data directory.
 pub const DB_FILE: &str = "crm.db";
-
-/// Events kept in memory for watchers that are nearly caught up.
-const FEED_CAPACITY: usize = 8192;
-
-/// Longest a read waits for the writer thread to publish a commit it has already seen.
-const PUBLISH_WAIT: Duration = Duration::from_secs(5);
 
 fn migrations() -> Migrations<'static> {
     Migrations::new(vec![M::up(
@@ -185,22 +133,6 @@ impl SqliteStore {
             to_micros(now),
         ])?;
         Ok(event)
-    }
-
-    /// Waits until the feed has published every event up to `position`.
-    ///
-    /// A read transaction can see a commit before the writer thread has published its events
-    /// (it publishes them one write at a time after each group commit). Tokens are checked
-    /// against the feed's head, so a position read from the database is handed out only once
-    /// the feed has caught up with it; otherwise a client using it at once gets OUT_OF_RANGE.
-    async fn published(&self, position: Position) -> Result<(), Error> {
-        let mut bounds = self.feed.subscribe();
-        // The commit is already visible, so publishing follows within moments; the bound only
-        // matters if the writer thread died between committing and publishing.
-        match tokio::time::timeout(PUBLISH_WAIT, bounds.wait_for(|b| b.head >= position.0)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) | Err(_) => Err(Error::Storage(DbError::Closed)),
-        }
     }
 
     /// Runs a write whose result carries events, and publishes them to watchers on commit.
@@ -342,6 +274,10 @@ fn insert_customer(
 
 #[async_trait]
 impl CrmStore for SqliteStore {
+    async fn ready(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
     async fn create_customer(&self, new: NewCustomer, now: SystemTime) -> Result<Customer, Error> {
         self.write_events(move |c| {
             let (customer, event) = insert_customer(c, new, now)?;
@@ -488,7 +424,7 @@ impl CrmStore for SqliteStore {
                 })
             })
             .await?;
-        self.published(page.snapshot).await?;
+        published(&self.feed, page.snapshot).await?;
         Ok(page)
     }
 
@@ -497,22 +433,10 @@ impl CrmStore for SqliteStore {
         after: Position,
         limit: usize,
     ) -> Result<Vec<Arc<CustomerEvent>>, Error> {
-        let bounds = self.feed.bounds();
-        if after.0 < bounds.pruned_through {
-            return Err(Error::TokenExpired {
-                position: after.0,
-                pruned_through: bounds.pruned_through,
-            });
-        }
-        // Caught up (the common poll): nothing to read, even when the ring is empty, as it is
-        // after a restart until the next write.
-        if after.0 >= bounds.head {
-            return Ok(Vec::new());
-        }
-        if let Some(events) = self.feed.read_after(after.0, limit) {
-            return Ok(events);
-        }
-        let published = bounds.head;
+        let published = match events_from_feed(&self.feed, after, limit)? {
+            Ok(events) => return Ok(events),
+            Err(published) => published,
+        };
         self.db
             .read(move |c| {
                 let tx = c.unchecked_transaction()?;
@@ -604,11 +528,11 @@ impl CrmStore for SqliteStore {
         Ok(deleted)
     }
 
-    fn bounds(&self) -> LogBounds {
-        self.feed.bounds()
+    fn bounds(&self) -> Result<LogBounds, Error> {
+        Ok(self.feed.bounds())
     }
 
-    fn subscribe(&self) -> watch::Receiver<LogBounds> {
-        self.feed.subscribe()
+    fn subscribe(&self) -> Result<watch::Receiver<LogBounds>, Error> {
+        Ok(self.feed.subscribe())
     }
 }
