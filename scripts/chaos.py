@@ -12,6 +12,12 @@ customers from a few concurrent client threads, and meanwhile injects faults wit
                             created, restart it, and report how long the backlog took to drain.
   crm-restart-during-watch  SIGKILL and restart CRM `--kills` times, each time while the
                             integration service has its WatchCustomers stream open.
+  postgres-restart          the three services keep every table in one private PostgreSQL
+                            server (initdb into the temp dir, loopback, a free port; as the
+                            `postgres` user when run as root); `--kills` times, stop it with an
+                            immediate shutdown (SIGQUIT: no checkpoint, every connection cut)
+                            under load, wait, start it again. No service is restarted: each must
+                            ride out the outage (calls fail UNAVAILABLE) and recover by itself.
 
 Every create carries a request_id (AIP-155). A create that fails because CRM was killed
 (UNAVAILABLE, DEADLINE_EXCEEDED, or the transport's CANCELLED, UNKNOWN or INTERNAL) is retried
@@ -31,6 +37,7 @@ Run it from the repository root (Python 3.11, grpcio, grpcio-tools, grpcio-healt
     python3 scripts/chaos.py --seed 42                     # 50,000 customers, 20 kills
     python3 scripts/chaos.py --scenario inventory-outage --outage 30
     python3 scripts/chaos.py --scenario crm-restart-during-watch
+    python3 scripts/chaos.py --scenario postgres-restart --kills 5
     MIP_BIN=target/release/mip python3 scripts/chaos.py    # or --mip PATH
 
 The seed is printed first; rerunning with `--seed` replays the same fault plan (which service,
@@ -141,6 +148,83 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def postgres_bin() -> pathlib.Path | None:
+    """Debian's newest PostgreSQL binaries, else the directory of `initdb` on PATH."""
+    versions = sorted(pathlib.Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                      key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
+                      else 0)
+    if versions:
+        return versions[-1].parent
+    found = shutil.which("initdb")
+    return pathlib.Path(found).parent if found else None
+
+
+class Postgres:
+    """A private PostgreSQL server in `workdir`, stopped with an immediate shutdown and started
+    again on the same port. Started under `setpriv --pdeathsig`, so it never outlives this
+    script; as the `postgres` user when running as root, since initdb refuses root."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.bin = postgres_bin()
+        if self.bin is None:
+            raise ChaosFailure("postgres-restart needs PostgreSQL's binaries (initdb, postgres)")
+        self.root = workdir / "postgres"
+        self.root.mkdir()
+        self.port = free_port()
+        self.log_path = workdir / "postgres.log"
+        self.process = None
+        self.as_postgres = os.geteuid() == 0
+        if self.as_postgres:
+            shutil.chown(self.root, user="postgres", group="postgres")
+            os.chmod(workdir, 0o755)
+        run = subprocess.run(self._command("initdb", "-U", "postgres", "-A", "trust", "-E",
+                                           "UTF8", "--locale=C", "--no-sync", "-D",
+                                           str(self.root / "data")),
+                             capture_output=True, text=True, timeout=120)
+        if run.returncode != 0:
+            raise ChaosFailure(f"initdb failed: {run.stderr}")
+
+    @property
+    def url(self) -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _command(self, binary: str, *args: str) -> list:
+        user = ["--reuid=postgres", "--regid=postgres", "--init-groups"] if self.as_postgres else []
+        return ["setpriv", *user, "--pdeathsig=KILL", "--", str(self.bin / binary), *args]
+
+    def start(self, all_processes: list) -> float:
+        """Starts the server; returns once it accepts connections (how long that took)."""
+        started = time.monotonic()
+        with open(self.log_path, "a") as log:
+            self.process = subprocess.Popen(
+                self._command("postgres", "-D", str(self.root / "data"), "-p", str(self.port),
+                              "-c", "listen_addresses=127.0.0.1",
+                              "-c", f"unix_socket_directories={self.root}",
+                              "-c", "max_connections=200"),
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=self.root)
+        all_processes.append(self.process)
+        while True:
+            if self.process.poll() is not None:
+                raise ChaosFailure(f"postgres exited with code {self.process.returncode} "
+                                   f"(log: {self.log_path})")
+            ready = subprocess.run([str(self.bin / "pg_isready"), "-q", "-h", "127.0.0.1",
+                                    "-p", str(self.port)]).returncode == 0
+            if ready:
+                return time.monotonic() - started
+            if time.monotonic() - started > RESTART_TIMEOUT:
+                raise ChaosFailure(f"postgres did not accept connections within "
+                                   f"{RESTART_TIMEOUT:.0f}s (log: {self.log_path})")
+            time.sleep(0.05)
+
+    def kill(self) -> int:
+        """Immediate shutdown (SIGQUIT to the postmaster): like a crash, no checkpoint."""
+        pid = self.process.pid
+        self.process.send_signal(signal.SIGQUIT)
+        self.process.wait(timeout=30)
+        return pid
+
+
 @dataclasses.dataclass
 class Service:
     """One `mip` service process, restartable on the same port and data directory."""
@@ -150,6 +234,7 @@ class Service:
     data_dir: pathlib.Path
     log_path: pathlib.Path
     extra_args: list
+    database_url: str | None = None
     process: subprocess.Popen | None = None
     starts: int = 0
 
@@ -164,9 +249,10 @@ class Service:
             log.flush()
             # Own session: a Ctrl-C in the terminal reaches only this script, which then kills
             # its children itself (and can report what it was doing).
+            store = (["--database-url", self.database_url] if self.database_url
+                     else ["--data-dir", str(self.data_dir)])
             self.process = subprocess.Popen(
-                [mip, self.name, "--listen", self.address, "--data-dir", str(self.data_dir),
-                 *self.extra_args],
+                [mip, self.name, "--listen", self.address, *store, *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
@@ -196,10 +282,11 @@ class Service:
 class Platform:
     """The three services as separate processes, with their logs and data in `workdir`."""
 
-    def __init__(self, mip: str, workdir: pathlib.Path):
+    def __init__(self, mip: str, workdir: pathlib.Path, postgres: bool = False):
         self.mip = mip
         self.workdir = workdir
         self.processes: list = []  # every Popen ever started, so cleanup misses none
+        self.postgres = Postgres(workdir) if postgres else None
         ports = {name: free_port() for name in SERVICES}
         self.services = {}
         for name in SERVICES:
@@ -210,6 +297,7 @@ class Platform:
             self.services[name] = Service(
                 name=name, port=ports[name], data_dir=workdir / "data" / name,
                 log_path=workdir / f"{name}.log", extra_args=extra,
+                database_url=self.postgres.url if self.postgres else None,
             )
 
     def address(self, name: str) -> str:
@@ -224,6 +312,10 @@ class Platform:
         return time.monotonic() - started
 
     def start_all(self) -> None:
+        if self.postgres:
+            took = self.postgres.start(self.processes)
+            say(f"started postgres    pid {self.postgres.process.pid:<7} on 127.0.0.1:"
+                f"{self.postgres.port} (accepting after {took:.2f}s)")
         for name in SERVICES:
             took = self.start(name)
             say(f"started {name:<11} pid {self.services[name].process.pid:<7} "
@@ -239,7 +331,19 @@ class Platform:
             except subprocess.TimeoutExpired:
                 say(f"WARNING: pid {process.pid} did not exit after SIGKILL")
 
+    def restarted_services(self) -> list:
+        """Services that had to be started more than once, or that have exited."""
+        return [name for name, s in self.services.items()
+                if s.starts > 1 or (s.process and s.process.poll() is not None)]
+
     def print_log_tails(self) -> None:
+        if self.postgres:
+            try:
+                tail = self.postgres.log_path.read_text(errors="replace").splitlines()[-15:]
+            except OSError as error:
+                tail = [f"(no log: {error})"]
+            print(f"----- last lines of {self.postgres.log_path} -----")
+            print("\n".join(tail))
         for service in self.services.values():
             print(f"----- last {LOG_TAIL_LINES} lines of {service.log_path} -----")
             print(service.log_tail(LOG_TAIL_LINES))
@@ -478,6 +582,10 @@ def plan_faults(config, rng: random.Random) -> list:
     """The scenario's faults, drawn from the seeded generator so a seed replays the plan."""
     if config.scenario == "inventory-outage":
         return [Fault("inventory", config.customers // 4, config.outage, measure_drain=True)]
+    if config.scenario == "postgres-restart":
+        moments = sorted(int(rng.uniform(0.1, 0.8) * config.customers)
+                         for _ in range(config.kills))
+        return [Fault("postgres", at, rng.uniform(0.5, 3.0)) for at in moments]
     if config.scenario == "crm-restart-during-watch":
         # One restart per equal slice of the load: the stream needs time to come back.
         moments = [int((n + rng.uniform(0.2, 0.8)) / config.kills * config.customers)
@@ -508,6 +616,19 @@ def inject(platform: Platform, creator: Creator, fault: Fault, number: int, tota
            kills: collections.Counter) -> float:
     """Runs one fault; returns the moment the service was started again."""
     note = f", {wait_for_stream(platform)}" if fault.wait_for_stream else ""
+    if fault.service == "postgres":
+        at = creator.count
+        pid = platform.postgres.kill()
+        kills["postgres"] += 1
+        say(f"kill {number}/{total}: immediate shutdown of postgres (pid {pid}) at created={at}; "
+            f"down for {fault.downtime:.2f}s")
+        time.sleep(fault.downtime)
+        restarted = time.monotonic()
+        took = platform.postgres.start(platform.processes)
+        say(f"restart {number}/{total}: postgres accepting after {took:.2f}s "
+            f"(created={creator.count}, {creator.count - at} during the fault); services left "
+            f"to recover by themselves")
+        return restarted
     service = platform.services[fault.service]
     at = creator.count
     pid = service.kill()
@@ -652,7 +773,7 @@ def run_scenario(config: Config, mip: str, seed: int, keep: bool) -> bool:
     say(f"=== scenario {config.scenario}: {config.customers} customers from {config.clients} "
         f"clients{f' at {config.rate:.0f}/s' if config.rate else ''}, {len(faults)} faults ===")
     workdir = pathlib.Path(tempfile.mkdtemp(prefix=f"mip-chaos-{config.scenario}-"))
-    platform = Platform(mip, workdir)
+    platform = Platform(mip, workdir, postgres=config.scenario == "postgres-restart")
     creator = Creator(platform.address("crm"), config.customers, config.clients, seed, config.rate)
     kills: collections.Counter = collections.Counter()
     stop_progress = threading.Event()
@@ -677,7 +798,10 @@ def run_scenario(config: Config, mip: str, seed: int, keep: bool) -> bool:
         else:
             say(f"settled {time.monotonic() - creator.finished:.1f}s after the last create")
         outcome = check_invariant(platform, expected)
-        ok = (outcome.ok and not unsettled and not creator.errors
+        restarted = platform.restarted_services() if platform.postgres else []
+        if restarted:
+            say(f"services that did not ride out the database outage: {', '.join(restarted)}")
+        ok = (outcome.ok and not unsettled and not creator.errors and not restarted
               and creator.count == config.customers)
         print_outcome(platform, config, outcome, creator, kills, time.monotonic() - started)
         if not ok:
@@ -705,7 +829,8 @@ def run_scenario(config: Config, mip: str, seed: int, keep: bool) -> bool:
 
 def print_outcome(platform: Platform, config: Config, outcome: Outcome, creator: Creator,
                   kills: collections.Counter, elapsed: float) -> None:
-    per_service = ", ".join(f"{name} {kills[name]}" for name in SERVICES if kills[name])
+    per_service = ", ".join(f"{name} {kills[name]}" for name in (*SERVICES, "postgres")
+                            if kills[name])
     say(f"result {config.scenario}: created={outcome.created} in_crm={outcome.in_crm} "
         f"packaged={outcome.packaged} missing={len(outcome.missing)} "
         f"duplicated={len(outcome.duplicated)} lost={len(outcome.lost)} "
@@ -741,11 +866,16 @@ def make_config(args, scenario: str, customers: int, kills: int, outage: float) 
 
 def configs(args) -> list:
     if args.short:
-        return [make_config(args, "kills", 3000, 4, 0),
-                make_config(args, "inventory-outage", 1500, 0, 5.0),
-                make_config(args, "crm-restart-during-watch", 3000, 2, 0)]
+        short = [make_config(args, "kills", 3000, 4, 0),
+                 make_config(args, "inventory-outage", 1500, 0, 5.0),
+                 make_config(args, "crm-restart-during-watch", 3000, 2, 0)]
+        if postgres_bin() is not None or os.environ.get("MIP_REQUIRE_POSTGRES") == "1":
+            short.append(make_config(args, "postgres-restart", 3000, 2, 0))
+        else:
+            say("skipping postgres-restart: PostgreSQL's binaries are not installed")
+        return short
     kills = args.kills if args.kills is not None else (
-        6 if args.scenario == "crm-restart-during-watch" else 20)
+        {"crm-restart-during-watch": 6, "postgres-restart": 5}.get(args.scenario, 20))
     return [make_config(args, args.scenario, args.customers, kills, args.outage)]
 
 
@@ -754,16 +884,19 @@ def parse_args():
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--scenario", default="kills",
-                        choices=["kills", "inventory-outage", "crm-restart-during-watch"],
+                        choices=["kills", "inventory-outage", "crm-restart-during-watch",
+                                 "postgres-restart"],
                         help="fault scenario (default: kills)")
     parser.add_argument("--short", action="store_true",
-                        help="CI version, well under 2 min with the debug build: kills (3000 "
-                             "customers, 4 kills), inventory-outage (1500, 5 s) and "
-                             "crm-restart-during-watch (3000, 2 restarts); ignores --scenario, "
-                             "--customers, --kills and --outage")
+                        help="CI version, a few minutes with the debug build: kills (3000 "
+                             "customers, 4 kills), inventory-outage (1500, 5 s), "
+                             "crm-restart-during-watch (3000, 2 restarts) and postgres-restart "
+                             "(3000, 2 restarts; where PostgreSQL is installed); ignores "
+                             "--scenario, --customers, --kills and --outage")
     parser.add_argument("--customers", type=int, default=50_000, help="customers to create (50000)")
     parser.add_argument("--kills", type=int, default=None,
-                        help="kill rounds (default 20; 6 for crm-restart-during-watch)")
+                        help="kill rounds (default 20; 6 for crm-restart-during-watch, 5 for "
+                             "postgres-restart)")
     parser.add_argument("--outage", type=float, default=30.0,
                         help="seconds Inventory stays down in inventory-outage (30)")
     parser.add_argument("--rate", type=float, default=None,
@@ -775,7 +908,7 @@ def parse_args():
                         help="seconds to wait for every package after the last create "
                              "(default 120; 60 with --short)")
     parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds for the whole run (default 900; 240 with --short)")
+                        help="seconds for the whole run (default 900; 360 with --short)")
     parser.add_argument("--mip", default=DEFAULT_MIP, help="the mip binary ($MIP_BIN or "
                         "target/debug/mip)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir on success too")
@@ -789,7 +922,7 @@ def on_signal(signum, _frame):
 def main() -> int:
     args = parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
-    timeout = args.timeout or (240.0 if args.short else 900.0)
+    timeout = args.timeout or (360.0 if args.short else 900.0)
     print(f"chaos.py seed={seed} (rerun with --seed {seed}) mip={args.mip} timeout={timeout:.0f}s",
           flush=True)
     if not os.access(args.mip, os.X_OK):

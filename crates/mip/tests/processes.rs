@@ -1,7 +1,9 @@
 //! The `mip` binary as an operator runs it: CRM, Inventory and the integration service as three
 //! separate processes on loopback ports, checked only through their public gRPC APIs. The
 //! integration process is killed with SIGKILL mid-load, so nothing it had not written down
-//! survives, and every customer must still end up with exactly one welcome package.
+//! survives, and every customer must still end up with exactly one welcome package. On
+//! PostgreSQL, the services start before the database, wait for it with health NOT_SERVING,
+//! and ride out its crash and restart without being restarted themselves.
 
 mod common;
 
@@ -17,6 +19,7 @@ use mip_proto::crm::v1::crm_service_client::CrmServiceClient;
 use mip_proto::crm::v1::{CreateCustomerRequest, ListCustomersRequest};
 use mip_proto::inventory::v1::ListPackageRequestsRequest;
 use mip_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use mip_testkit::postgres::PgServer;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
@@ -348,4 +351,146 @@ fn mip_health_exit_codes() {
     assert_eq!(stdout.trim(), "");
 
     crm.kill();
+}
+
+/// Health of the server on `port`, if it answers.
+async fn health(port: u16) -> Option<ServingStatus> {
+    let channel = endpoint(port).connect().await.ok()?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    Some(response.get_ref().status())
+}
+
+/// Arguments of a service on PostgreSQL.
+fn postgres_args(command: &str, port: u16, url: &str) -> Vec<String> {
+    vec![
+        command.to_owned(),
+        "--listen".to_owned(),
+        format!("127.0.0.1:{port}"),
+        "--database-url".to_owned(),
+        url.to_owned(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_services_wait_for_the_database_and_ride_out_its_restart() {
+    let server = match PgServer::start() {
+        Ok(server) => server,
+        Err(e) if !mip_testkit::postgres::required() => {
+            eprintln!("skipping the PostgreSQL process test: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path();
+        // The server trusts loopback, so any password works; this one must never be logged.
+        let url = format!(
+            "postgres://postgres:hunter2@127.0.0.1:{}/postgres",
+            server.port()
+        );
+        server.kill();
+
+        // CRM starts while the database is down: it answers health, NOT_SERVING, and waits.
+        let crm_port = free_port();
+        let mut crm = Process::spawn(
+            "crm",
+            &postgres_args("crm", crm_port, &url),
+            &BTreeMap::new(),
+            logs,
+        );
+        let deadline = Instant::now() + CONVERGE_TIMEOUT;
+        while health(crm_port).await != Some(ServingStatus::NotServing) {
+            assert!(
+                crm.exited().is_none(),
+                "CRM gave up on an unreachable database"
+            );
+            assert!(Instant::now() < deadline, "CRM never answered health");
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(health(crm_port).await, Some(ServingStatus::NotServing));
+        server.restart();
+        while health(crm_port).await != Some(ServingStatus::Serving) {
+            assert!(crm.exited().is_none(), "CRM exited instead of connecting");
+            assert!(
+                Instant::now() < deadline,
+                "CRM did not connect once the database was back"
+            );
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+
+        let (mut inventory, inventory_port) = launch("inventory", logs, |port| {
+            postgres_args("inventory", port, &url)
+        })
+        .await;
+        let (mut integration, _) = launch("integration", logs, |port| {
+            let mut args = postgres_args("integration", port, &url);
+            args.extend([
+                "--crm-addr".to_owned(),
+                format!("127.0.0.1:{crm_port}"),
+                "--inventory-addr".to_owned(),
+                format!("127.0.0.1:{inventory_port}"),
+                "--retry-max".to_owned(),
+                "1s".to_owned(),
+            ]);
+            args
+        })
+        .await;
+        let crm_client = CrmServiceClient::new(endpoint(crm_port).connect_lazy());
+        let inventory_client = InventoryServiceClient::new(endpoint(inventory_port).connect_lazy());
+
+        let mut ids = HashSet::new();
+        for n in 0..200 {
+            ids.insert(create_customer(crm_client.clone(), n).await);
+        }
+        // A crash of the database under the services: calls fail UNAVAILABLE, naming it.
+        server.kill();
+        let mut request = Request::new(CreateCustomerRequest {
+            name: "During the outage".into(),
+            email: "outage@example.com".into(),
+            request_id: "00000000-0000-4000-8000-ffffffffffff".into(),
+        });
+        request.set_timeout(Duration::from_secs(20));
+        let refused = crm_client
+            .clone()
+            .create_customer(request)
+            .await
+            .expect_err("no database, no create");
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        assert!(
+            refused.message().contains("PostgreSQL"),
+            "the message names the database: {}",
+            refused.message()
+        );
+        server.restart();
+        for n in 200..400 {
+            ids.insert(create_customer(crm_client.clone(), n).await);
+        }
+        wait_for_exactly_one_package_each(&inventory_client, &ids).await;
+        assert_eq!(all_customer_ids(crm_client).await, ids);
+        for process in [&mut crm, &mut inventory, &mut integration] {
+            assert!(
+                process.exited().is_none(),
+                "{} did not ride out the restart",
+                process.name
+            );
+        }
+        for name in ["crm", "inventory", "integration"] {
+            let log = std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap();
+            assert!(!log.contains("hunter2"), "{name} logged the password");
+        }
+        let crm_log = std::fs::read_to_string(logs.join("crm.log")).unwrap();
+        let waits = crm_log.matches("cannot reach PostgreSQL yet").count();
+        assert!(
+            (1..=3).contains(&waits),
+            "one line per kind of failure while waiting, not one per attempt: {waits}"
+        );
+    })
+    .await;
 }
