@@ -342,6 +342,16 @@ async fn racing_stores_create_each_customer_once() {
         );
         let emails: HashSet<String> = listed.iter().map(|c| c.email.to_lowercase()).collect();
         assert_eq!(emails.len(), 2 * KEYS);
+        // Store b learns of a's commits from its tail, within moments: wait for that, then
+        // the log holds every create once, in one gap-free run.
+        let mut bounds = b.subscribe().unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            bounds.wait_for(|bounds| bounds.head >= 2 * KEYS as u64),
+        )
+        .await
+        .expect("b's feed caught up with a's commits")
+        .unwrap();
         let events = b.events_after(Position(0), 1000).await.unwrap();
         assert_eq!(seqs(&events), (1..=2 * KEYS as u64).collect::<Vec<_>>());
     })
