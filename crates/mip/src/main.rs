@@ -18,7 +18,7 @@ use mip_runtime::clock::{SharedClock, SystemClock};
 use mip_runtime::probe::ProbeError;
 use mip_runtime::security::Security;
 use mip_runtime::server::{ServerOptions, bind};
-use mip_runtime::store::StoreOptions;
+use mip_runtime::store::{Database, StoreOptions};
 use mip_runtime::telemetry::{self, LogFormat};
 use tokio::net::TcpListener;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -283,6 +283,8 @@ async fn run(command: Command, metrics_addr: Option<SocketAddr>) -> anyhow::Resu
                 "with --tls-cert, `mip all` also needs --tls-ca (the CA that signed the \
                  certificate), so that the integration service can verify CRM and Inventory"
             );
+            // A bad --database-url is reported before anything listens.
+            let database = args.store.database()?;
             let crm_listener = bind(args.crm_listen).await?;
             let inventory_listener = bind(args.inventory_listen).await?;
             let integration_listener = bind(args.integration_listen).await?;
@@ -301,20 +303,19 @@ async fn run(command: Command, metrics_addr: Option<SocketAddr>) -> anyhow::Resu
             let (crm, inventory, integration) = tokio::join!(
                 async {
                     stop_all(
-                        run_crm(crm_listener, &args.store, args.crm, &args.server, &shutdown).await,
+                        run_crm(crm_listener, &database, args.crm, &args.server, &shutdown).await,
                     )
                 },
                 async {
                     stop_all(
-                        run_inventory(inventory_listener, &args.store, &args.server, &shutdown)
-                            .await,
+                        run_inventory(inventory_listener, &database, &args.server, &shutdown).await,
                     )
                 },
                 async {
                     stop_all(
                         run_integration(
                             integration_listener,
-                            &args.store,
+                            &database,
                             args.integration,
                             &args.server,
                             &shutdown,
@@ -326,18 +327,21 @@ async fn run(command: Command, metrics_addr: Option<SocketAddr>) -> anyhow::Resu
             crm.and(inventory).and(integration)
         }
         Command::Crm(args) => {
+            let database = args.store.database()?;
             let listener = bind(args.listen).await?;
-            run_crm(listener, &args.store, args.crm, &args.server, &shutdown).await
+            run_crm(listener, &database, args.crm, &args.server, &shutdown).await
         }
         Command::Inventory(args) => {
+            let database = args.store.database()?;
             let listener = bind(args.listen).await?;
-            run_inventory(listener, &args.store, &args.server, &shutdown).await
+            run_inventory(listener, &database, &args.server, &shutdown).await
         }
         Command::Integration(args) => {
+            let database = args.store.database()?;
             let listener = bind(args.listen).await?;
             run_integration(
                 listener,
-                &args.store,
+                &database,
                 args.integration,
                 &args.server,
                 &shutdown,
@@ -350,7 +354,7 @@ async fn run(command: Command, metrics_addr: Option<SocketAddr>) -> anyhow::Resu
 
 async fn run_crm(
     listener: TcpListener,
-    store: &StoreOptions,
+    database: &Database,
     options: mip_crm::CrmOptions,
     server: &ServerOptions,
     shutdown: &CancellationToken,
@@ -363,7 +367,7 @@ async fn run_crm(
     );
     mip_crm::serve(
         listener,
-        &store.database()?,
+        database,
         options,
         server,
         clock(),
@@ -375,7 +379,7 @@ async fn run_crm(
 
 async fn run_inventory(
     listener: TcpListener,
-    store: &StoreOptions,
+    database: &Database,
     server: &ServerOptions,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -385,20 +389,14 @@ async fn run_inventory(
         "inventory.v1.InventoryService/ListPackageRequests",
         server,
     );
-    mip_inventory::serve(
-        listener,
-        &store.database()?,
-        server,
-        clock(),
-        shutdown.clone(),
-    )
-    .await
-    .context("Inventory")
+    mip_inventory::serve(listener, database, server, clock(), shutdown.clone())
+        .await
+        .context("Inventory")
 }
 
 async fn run_integration(
     listener: TcpListener,
-    store: &StoreOptions,
+    database: &Database,
     options: mip_integration::IntegrationOptions,
     server: &ServerOptions,
     shutdown: &CancellationToken,
@@ -411,7 +409,7 @@ async fn run_integration(
     );
     mip_integration::serve(
         listener,
-        &store.database()?,
+        database,
         options,
         server,
         clock(),

@@ -65,11 +65,10 @@ impl PgOptions {
     /// Parses a `postgres://` URL. The password, if not in the URL, comes from `PGPASSWORD`
     /// or the passfile (`PGPASSFILE`, else `~/.pgpass`), as with libpq.
     pub fn parse(url: &str, pool_size: usize) -> Result<Self, DbError> {
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e| DbError::Open {
-            database: "--database-url".into(),
-            // The parser's message never repeats the URL, so the password stays out of it.
-            reason: format!("not a valid PostgreSQL URL: {e}"),
-        })?;
+        // The parser's message never repeats the URL, so the password stays out of it.
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| DbError::InvalidUrl(format!("not a valid PostgreSQL URL ({e})")))?;
         let name = describe(&config);
         if config.get_password().is_none()
             && let Some(password) = password_from_env(&config)

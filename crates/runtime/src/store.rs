@@ -93,12 +93,11 @@ impl Database {
             Some("postgres" | "postgresql") => Ok(Database::Postgres(Box::new(
                 crate::postgres::PgOptions::parse(url, pool_size)?,
             ))),
-            _ => Err(DbError::Open {
-                database: "--database-url".into(),
-                reason: "expected a PostgreSQL URL such as postgres://mip@127.0.0.1:5432/mip; \
-                         leave it unset for the embedded SQLite databases under --data-dir"
+            _ => Err(DbError::InvalidUrl(
+                "expected a PostgreSQL URL such as postgres://mip@127.0.0.1:5432/mip; leave it \
+                 unset for the embedded SQLite databases under --data-dir"
                     .into(),
-            }),
+            )),
         }
     }
 
@@ -146,6 +145,10 @@ pub enum DbError {
         /// What went wrong, in words.
         reason: String,
     },
+    /// `--database-url` is not a URL this build can use. The message never repeats the URL,
+    /// which may hold a password.
+    #[error("invalid --database-url: {0}")]
+    InvalidUrl(String),
     /// The schema could not be brought up to date.
     #[error("database schema migration failed for {database}: {reason}")]
     Migration {
@@ -180,6 +183,7 @@ impl DbError {
             DbError::UniqueViolation { .. }
             | DbError::DiskFull { .. }
             | DbError::Open { .. }
+            | DbError::InvalidUrl(_)
             | DbError::Migration { .. }
             | DbError::Other { .. } => false,
         }
