@@ -67,7 +67,9 @@ impl Feed {
         if events.is_empty() {
             return;
         }
-        // One lock order everywhere (pending, then ring) keeps publishers from deadlocking.
+        // One lock order everywhere (pending, then ring) keeps publishers from deadlocking. The
+        // head is read and moved under `pending`, so two publishers never both see the old
+        // head and push the same events into the ring twice.
         let mut pending = self.pending.lock().expect("feed lock");
         let mut head = self.bounds().head;
         for event in events {
@@ -89,14 +91,16 @@ impl Feed {
                 moved = true;
             }
         }
+        if moved {
+            self.bounds.send_modify(|b| b.head = b.head.max(head));
+        }
+        // Anything at or below the head is in the ring already (or was pruned).
+        *pending = pending.split_off(&(head + 1));
         while pending.len() > MAX_PENDING {
             pending.pop_last();
         }
         let gap = !pending.is_empty();
         drop(pending);
-        if moved {
-            self.bounds.send_modify(|b| b.head = b.head.max(head));
-        }
         if gap {
             self.behind.notify_one();
         }
@@ -213,6 +217,35 @@ mod tests {
 
     fn seqs(events: &[Arc<CustomerEvent>]) -> Vec<u64> {
         events.iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn racing_publishers_of_the_same_events_put_each_in_the_ring_once() {
+        let bounds = LogBounds {
+            log_id: 1,
+            head: 0,
+            pruned_through: 0,
+        };
+        let feed = Arc::new(Feed::new(bounds, 100_000));
+        let events: Vec<_> = (1..=2000).map(event).collect();
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                let (feed, events) = (Arc::clone(&feed), events.clone());
+                scope.spawn(move || {
+                    for chunk in events.chunks(7) {
+                        feed.publish(chunk);
+                    }
+                });
+            }
+        });
+        let seqs: Vec<u64> = feed
+            .read_after(0, 10_000)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, (1..=2000).collect::<Vec<_>>());
+        assert!(!feed.has_gap(), "nothing left waiting below the head");
     }
 
     #[test]

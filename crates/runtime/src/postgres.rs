@@ -82,6 +82,17 @@ impl PgOptions {
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(10))
             .tcp_user_timeout(Duration::from_secs(15));
+        // The server's side of the same: a process that vanished in the middle of a group
+        // transaction (holding the log's counter row) is cut off after 30 s rather than when
+        // the server's TCP keepalive notices, hours later; and a write waiting that long for a
+        // lock fails as UNAVAILABLE instead of queueing every writer behind it. Appended to
+        // any `options` the URL gives.
+        let session = "-c idle_in_transaction_session_timeout=30000 -c lock_timeout=30000";
+        let options = match config.get_options() {
+            Some(given) if !given.is_empty() => format!("{given} {session}"),
+            _ => session.to_owned(),
+        };
+        config.options(options);
         Ok(Self {
             config,
             pool_size: pool_size.max(2),
@@ -319,6 +330,14 @@ pub fn classify(e: &tokio_postgres::Error, database: &str) -> DbError {
             Some(source) => format!("{e}: {source}"),
             None => e.to_string(),
         };
+        // Settings the server refused or that are missing (no password where one is asked
+        // for, a TLS requirement): waiting will not fix them.
+        let settings = reason.starts_with("invalid configuration")
+            || reason.starts_with("authentication error")
+            || reason.starts_with("error performing TLS handshake");
+        if settings {
+            return DbError::Open { database, reason };
+        }
         let conversion = reason.starts_with("error serializing")
             || reason.starts_with("error deserializing")
             || reason.starts_with("invalid column")
@@ -437,8 +456,9 @@ async fn migrate(
 /// A store's writes, run as one group in one transaction.
 #[async_trait]
 pub trait Batch: Send + Sync + 'static {
-    /// One queued write.
-    type Op: Send + 'static;
+    /// One queued write. Cloned so that a group that fails for a reason other than the
+    /// database being unavailable can be run again write by write, to find the one at fault.
+    type Op: Clone + Send + 'static;
     /// Its answer (typically a `Result` carrying the domain's refusals).
     type Reply: Send + 'static;
     /// Runs every write of the group in `tx`, in order, and answers each, in order. An error
@@ -525,11 +545,29 @@ async fn writer_loop<B: Batch>(pg: Pg, batch: Arc<B>, queue: Arc<Mutex<mpsc::Rec
         }
         let size = jobs.len();
         let (ops, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.op, j.reply)).unzip();
+        // Kept only for a group of several, in case it must be run again write by write.
+        let retry = (size > 1).then(|| ops.clone());
         match run_group(&pg, &*batch, ops).await {
             Ok(answers) => {
                 debug!(size, "group commit");
                 for (reply, answer) in replies.into_iter().zip(answers) {
                     let _ = reply.send(Ok(answer));
+                }
+            }
+            // Not the database going away, but one write raising (a constraint no store
+            // expected, say): the rest of the group must not get that write's error, or lose
+            // their writes to it. Each runs again alone, so only the culprit fails.
+            Err(e) if !e.is_transient() && retry.is_some() => {
+                failures.failed(
+                    pg.name(),
+                    &e,
+                    "a write failed its group commit; running the group's writes one by one",
+                );
+                for (reply, op) in replies.into_iter().zip(retry.into_iter().flatten()) {
+                    let answer = run_group(&pg, &*batch, vec![op])
+                        .await
+                        .map(|mut answers| answers.remove(0));
+                    let _ = reply.send(answer);
                 }
             }
             Err(e) => {
@@ -553,7 +591,14 @@ async fn run_group<B: Batch>(
 ) -> Result<Vec<B::Reply>, DbError> {
     let expected = ops.len();
     let mut client = pg.client().await?;
-    let tx = client.transaction().await.map_err(|e| pg.error(&e))?;
+    // READ COMMITTED whatever the server's default: `ON CONFLICT DO NOTHING` then a read of
+    // the winner's row relies on each statement seeing what committed before it.
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await
+        .map_err(|e| pg.error(&e))?;
     let answers = batch.run(&tx, ops).await?;
     if answers.len() != expected {
         return Err(DbError::Other {

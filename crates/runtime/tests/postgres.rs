@@ -159,6 +159,10 @@ impl Batch for Names {
             .await?;
         let mut inserted = Vec::with_capacity(ops.len());
         for name in ops {
+            if name == "boom" {
+                // A write that raises, as one hitting a constraint nobody expected would.
+                tx.execute("SELECT 1 / 0", &[]).await?;
+            }
             inserted.push(tx.execute(&insert, &[&name]).await? == 1);
         }
         Ok(inserted)
@@ -212,4 +216,31 @@ async fn group_commit_refuses_one_write_alone_and_recovers_after_a_restart() {
         .unwrap()
         .get(0);
     assert_eq!(count, 4, "seed, a, b, c");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_raises_fails_alone_not_with_its_group() {
+    let Some(options) = database() else { return };
+    let pg = connect(&options).await;
+    // One writer, so that the writes queued together share one group.
+    let writer = Writer::spawn(pg.clone(), Arc::new(Names), 1);
+    let writes: Vec<_> = ["x", "boom", "y", "z"]
+        .into_iter()
+        .map(|name| {
+            let writer = writer.clone();
+            tokio::spawn(async move { writer.write(name).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for write in writes {
+        results.push(write.await.unwrap());
+    }
+    assert!(
+        matches!(&results[1], Err(DbError::Other { .. })),
+        "{:?}",
+        results[1]
+    );
+    for (i, result) in results.iter().enumerate().filter(|(i, _)| *i != 1) {
+        assert_eq!(result.as_ref().ok(), Some(&true), "write {i}: {result:?}");
+    }
 }

@@ -154,9 +154,26 @@ impl PgStore {
             let tail_stop = tail_stop.clone();
             async move {
                 let pg = Pg::connect(&options, SCHEMA, MIGRATIONS, &shutdown).await?;
-                let bounds = {
-                    let client = pg.client().await?;
-                    read_bounds(&client).await?
+                // The server may go away again between the migration and this read; that is
+                // still "waiting for the database", not a reason to give up.
+                let mut backoff = Duration::from_millis(100);
+                let bounds = loop {
+                    let read = async {
+                        let client = pg.client().await?;
+                        read_bounds(&client).await
+                    };
+                    match read.await {
+                        Ok(bounds) => break bounds,
+                        Err(e) if e.is_transient() => {
+                            tracing::warn!(error = %e, "cannot read the change log's bounds yet; retrying");
+                            tokio::select! {
+                                () = tokio::time::sleep(backoff) => {}
+                                () = shutdown.cancelled() => return Err(DbError::Closed),
+                            }
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                        Err(e) => return Err(e),
+                    }
                 };
                 let feed = Arc::new(Feed::new(bounds, FEED_CAPACITY));
                 let writer = Writer::spawn(pg.clone(), Arc::new(Groups), WRITERS);
@@ -186,8 +203,16 @@ impl PgStore {
             }
         };
         connected.feed.publish(&reply.events);
-        if let Some(last) = reply.events.iter().map(|e| e.seq).max() {
-            published(&connected.feed, Position(last)).await?;
+        if let Some(last) = reply.events.iter().map(|e| e.seq).max()
+            && published(&connected.feed, Position(last)).await.is_err()
+        {
+            // The write has committed: reporting it failed would make a client without a
+            // request id create it twice. A token it carries may be refused as ahead of this
+            // process's feed until the feed catches up, which a retry then gets past.
+            tracing::warn!(
+                position = last,
+                "committed, but the feed did not catch up within the wait; answering anyway"
+            );
         }
         Ok(reply.outcome)
     }

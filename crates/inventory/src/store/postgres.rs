@@ -113,6 +113,7 @@ impl PostgresStore {
 }
 
 /// One queued write.
+#[derive(Clone)]
 enum Op {
     /// Creates, in order; a batch create is one op, so it is one commit.
     Create {
