@@ -1,7 +1,8 @@
 //! A private PostgreSQL server for tests: `initdb` into a temporary directory, a unix socket
 //! in that directory and an ephemeral TCP port on loopback, `fsync=off`. No system service, no
 //! fixed port, and nothing left behind: the server is started under `setpriv --pdeathsig`, so
-//! it stops when the test process ends, however it ends.
+//! it stops when the test process ends, however it ends, and a janitor started the same way
+//! then deletes its directory (the shared server lives in a static, which is never dropped).
 //!
 //! `initdb` refuses to run as root, so as root the server runs as the `postgres` user. Where
 //! PostgreSQL's binaries are missing, [`shared`] prints one line and returns `None` (the
@@ -56,6 +57,7 @@ impl PgServer {
                 return Err("cannot hand the temp dir to the postgres user".into());
             }
         }
+        spawn_janitor(root.path())?;
         let server = Self {
             root,
             bin,
@@ -281,6 +283,20 @@ fn spawn_from_keeper(command: Command) -> Result<Child, String> {
         .recv()
         .map_err(|_| "postgres keeper thread is gone".to_string())?
         .map_err(|e| format!("start postgres: {e}"))
+}
+
+/// Deletes `dir` once the test process has ended (and, with it, the server: both get their
+/// parent-death signal at once, so the janitor gives the server a moment to stop first).
+fn spawn_janitor(dir: &Path) -> Result<(), String> {
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--pdeathsig=TERM", "--", "sh", "-c"])
+        .arg(r#"trap 'sleep 2; rm -rf "$0"; exit 0' TERM; while :; do sleep 1 & wait $!; done"#)
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    spawn_from_keeper(command).map(drop)
 }
 
 /// Whether missing PostgreSQL is a failure.
