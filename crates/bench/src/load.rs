@@ -80,17 +80,17 @@ pub struct Clients {
 }
 
 impl Clients {
-    /// Opens `--connections` connections to CRM and one to Inventory, creating customers as
-    /// `settings` say.
+    /// Opens `--connections` connections to CRM, spread over its replicas (at least one
+    /// each), and one to Inventory, creating customers as `settings` say.
     pub async fn connect(
-        crm: SocketAddr,
+        crm: &[SocketAddr],
         inventory: SocketAddr,
         settings: &Settings,
     ) -> anyhow::Result<Self> {
-        let connections = settings.connections;
+        let connections = settings.connections.max(crm.len()).max(1);
         let mut clients = Vec::with_capacity(connections);
-        for _ in 0..connections.max(1) {
-            clients.push(CrmServiceClient::new(connect(crm).await?));
+        for i in 0..connections {
+            clients.push(CrmServiceClient::new(connect(crm[i % crm.len()]).await?));
         }
         Ok(Self {
             crm: clients,

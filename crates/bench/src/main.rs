@@ -165,6 +165,13 @@ struct Flags {
     #[arg(long, env = "MIP_BENCH_POLLS", global = true)]
     polls: Option<usize>,
 
+    /// Run a cluster on PostgreSQL (needs --database-url): CRM,INVENTORY,WORKERS separate
+    /// `mip` processes, for example `3,2,2` for three CRM replicas, two Inventory replicas and
+    /// two integration workers. The load is spread over the CRM replicas (and fan-out watchers
+    /// over them too); the workers get every replica's address.
+    #[arg(long, env = "MIP_BENCH_CLUSTER", value_parser = parse_cluster, global = true)]
+    cluster: Option<Cluster>,
+
     /// Run each service as its own `mip` process (the binary next to this one) instead of in
     /// this process.
     #[arg(long, env = "MIP_BENCH_PROCESSES", global = true)]
@@ -270,6 +277,8 @@ pub struct Settings {
     pub durability: Durability,
     /// PostgreSQL instead of SQLite, if set.
     pub database_url: Option<String>,
+    /// Replicas and workers, for a cluster run.
+    pub cluster: Option<Cluster>,
     /// HTTP/2 connections for the load.
     pub connections: usize,
     /// CreateCustomer's request ids.
@@ -302,6 +311,7 @@ impl Settings {
             max_in_flight: flags.max_in_flight,
             durability: flags.durability,
             database_url: flags.database_url.clone(),
+            cluster: flags.cluster,
             connections: flags.connections,
             request_ids: flags.request_ids,
             batch: flags.batch,
@@ -309,6 +319,10 @@ impl Settings {
             service_log: flags.service_log.clone(),
             smoke,
         };
+        anyhow::ensure!(
+            settings.cluster.is_none() || settings.database_url.is_some(),
+            "--cluster runs the services on one PostgreSQL database: give --database-url too"
+        );
         anyhow::ensure!(settings.customers > 0, "--customers must be at least 1");
         anyhow::ensure!(settings.concurrency > 0, "--concurrency must be at least 1");
         anyhow::ensure!(settings.watchers > 0, "--watchers must be at least 1");
@@ -474,6 +488,39 @@ pub fn value_name<T: ValueEnum>(value: &T) -> String {
         .to_possible_value()
         .map(|v| v.get_name().to_owned())
         .unwrap_or_default()
+}
+
+/// How many processes of each service a cluster run starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cluster {
+    /// CRM replicas.
+    pub crm: usize,
+    /// Inventory replicas.
+    pub inventory: usize,
+    /// Integration workers.
+    pub workers: usize,
+}
+
+/// `C,I,W`, each at least 1.
+fn parse_cluster(text: &str) -> Result<Cluster, String> {
+    let counts: Vec<usize> = text
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=16).contains(n))
+        })
+        .collect::<Option<_>>()
+        .ok_or("expected three counts from 1 to 16: CRM,INVENTORY,WORKERS, for example 3,2,2")?;
+    match counts[..] {
+        [crm, inventory, workers] => Ok(Cluster {
+            crm,
+            inventory,
+            workers,
+        }),
+        _ => Err("expected three counts: CRM,INVENTORY,WORKERS, for example 3,2,2".into()),
+    }
 }
 
 #[cfg(test)]

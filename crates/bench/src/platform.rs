@@ -54,6 +54,8 @@ pub struct PlatformConfig {
     pub durability: Durability,
     /// PostgreSQL for every service instead of SQLite, if set.
     pub database_url: Option<String>,
+    /// Several processes per service, on `database_url`.
+    pub cluster: Option<crate::Cluster>,
     /// RUST_LOG of the service processes.
     pub service_log: String,
 }
@@ -61,12 +63,18 @@ pub struct PlatformConfig {
 /// The running services. Dropping it stops them (kills the processes), so no exit path,
 /// error or panic included, leaves anything behind.
 pub struct Platform {
-    /// CRM's address.
+    /// CRM's address (the first replica's, in a cluster).
     pub crm: SocketAddr,
+    /// Every CRM replica's address (one, outside a cluster).
+    pub crm_replicas: Vec<SocketAddr>,
     /// Inventory's address.
     pub inventory: SocketAddr,
-    /// The integration service's admin API, once started.
+    /// The integration service's admin API, once started (the first worker's, in a cluster).
     pub integration: Option<SocketAddr>,
+    /// Every Inventory replica's address.
+    inventory_replicas: Vec<SocketAddr>,
+    /// Every integration worker's admin address, in a cluster.
+    workers: Vec<SocketAddr>,
     /// How it was configured; the integration service may start later.
     config: PlatformConfig,
     /// The services themselves.
@@ -101,11 +109,39 @@ impl Platform {
         if let Some(url) = &config.database_url {
             empty_schemas(url).await?;
         }
-        let (crm, inventory, services) = if config.processes {
+        let mut crm_replicas = Vec::new();
+        let mut inventory_replicas = Vec::new();
+        let (crm, inventory, services) = if let Some(cluster) = config.cluster {
+            let mip = mip_binary()?;
+            let mut processes = Vec::new();
+            for (name, count, addrs) in [
+                ("crm", cluster.crm, &mut crm_replicas),
+                ("inventory", cluster.inventory, &mut inventory_replicas),
+            ] {
+                for replica in 0..count {
+                    let addr = free_addr()?;
+                    processes.push(Process::spawn(
+                        &mip,
+                        name,
+                        &format!("{name}-{replica}"),
+                        &service_args(name, addr, dir.path(), config),
+                        dir.path(),
+                        &config.service_log,
+                    )?);
+                    addrs.push(addr);
+                }
+            }
+            (
+                crm_replicas[0],
+                inventory_replicas[0],
+                Services::Processes(processes),
+            )
+        } else if config.processes {
             let mip = mip_binary()?;
             let (crm, inventory) = (free_addr()?, free_addr()?);
             let crm_process = Process::spawn(
                 &mip,
+                "crm",
                 "crm",
                 &service_args("crm", crm, dir.path(), config),
                 dir.path(),
@@ -113,6 +149,7 @@ impl Platform {
             )?;
             let inventory_process = Process::spawn(
                 &mip,
+                "inventory",
                 "inventory",
                 &service_args("inventory", inventory, dir.path(), config),
                 dir.path(),
@@ -130,16 +167,27 @@ impl Platform {
                 in_process.start_inventory(database(config, &dir.path().join("inventory"))?)?;
             (crm, inventory, Services::InProcess(in_process))
         };
+        if crm_replicas.is_empty() {
+            crm_replicas.push(crm);
+            inventory_replicas.push(inventory);
+        }
         let mut platform = Self {
             crm,
+            crm_replicas: crm_replicas.clone(),
+            inventory_replicas: inventory_replicas.clone(),
+            workers: Vec::new(),
             inventory,
             integration: None,
             config: config.clone(),
             services,
             dir,
         };
-        platform.wait_serving("CRM", crm).await?;
-        platform.wait_serving("Inventory", inventory).await?;
+        for addr in crm_replicas {
+            platform.wait_serving("CRM", addr).await?;
+        }
+        for addr in inventory_replicas {
+            platform.wait_serving("Inventory", addr).await?;
+        }
         Ok(platform)
     }
 
@@ -150,33 +198,56 @@ impl Platform {
             self.integration.is_none(),
             "the integration service already runs"
         );
+        let joined = |addrs: &[SocketAddr]| {
+            addrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let options = IntegrationOptions {
-            crm_addr: self.crm.to_string(),
-            inventory_addr: self.inventory.to_string(),
+            crm_addr: joined(&self.crm_replicas),
+            inventory_addr: joined(&self.inventory_replicas),
             mode: self.config.mode,
             poll_interval: self.config.poll_interval,
             max_in_flight: self.config.max_in_flight,
             ..IntegrationOptions::default()
         };
         let dir = self.dir.path().join("integration");
+        if let Some(cluster) = self.config.cluster {
+            let mip = mip_binary()?;
+            for worker in 0..cluster.workers {
+                let addr = free_addr()?;
+                let mut args = service_args("integration", addr, self.dir.path(), &self.config);
+                args.extend(integration_flags(&options));
+                let process = Process::spawn(
+                    &mip,
+                    "integration",
+                    &format!("integration-{worker}"),
+                    &args,
+                    self.dir.path(),
+                    &self.config.service_log,
+                )?;
+                if let Services::Processes(processes) = &mut self.services {
+                    processes.push(process);
+                }
+                self.workers.push(addr);
+            }
+            self.integration = self.workers.first().copied();
+            for addr in self.workers.clone() {
+                self.wait_serving("integration worker", addr).await?;
+                self.wait_following(addr).await?;
+            }
+            return Ok(());
+        }
         let addr = match &mut self.services {
             Services::Processes(processes) => {
                 let addr = free_addr()?;
                 let mut args = service_args("integration", addr, self.dir.path(), &self.config);
-                args.extend([
-                    "--crm-addr".to_owned(),
-                    options.crm_addr,
-                    "--inventory-addr".to_owned(),
-                    options.inventory_addr,
-                    "--mode".to_owned(),
-                    crate::value_name(&options.mode),
-                    "--poll-interval".to_owned(),
-                    humantime::format_duration(options.poll_interval).to_string(),
-                    "--max-in-flight".to_owned(),
-                    options.max_in_flight.to_string(),
-                ]);
+                args.extend(integration_flags(&options));
                 processes.push(Process::spawn(
                     &mip_binary()?,
+                    "integration",
                     "integration",
                     &args,
                     self.dir.path(),
@@ -453,15 +524,16 @@ struct Process {
 }
 
 impl Process {
-    /// Starts `mip <args>`, its output going to `<log_dir>/<name>.log`.
+    /// Starts `mip <args>`, its output going to `<log_dir>/<log_name>.log`.
     fn spawn(
         mip: &Path,
         name: &'static str,
+        log_name: &str,
         args: &[String],
         log_dir: &Path,
         rust_log: &str,
     ) -> anyhow::Result<Self> {
-        let log = log_dir.join(format!("{name}.log"));
+        let log = log_dir.join(format!("{log_name}.log"));
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -541,6 +613,22 @@ fn service_args(
         ]),
     }
     args
+}
+
+/// The integration service's own flags, as a process gets them.
+fn integration_flags(options: &IntegrationOptions) -> Vec<String> {
+    vec![
+        "--crm-addr".to_owned(),
+        options.crm_addr.clone(),
+        "--inventory-addr".to_owned(),
+        options.inventory_addr.clone(),
+        "--mode".to_owned(),
+        crate::value_name(&options.mode),
+        "--poll-interval".to_owned(),
+        humantime::format_duration(options.poll_interval).to_string(),
+        "--max-in-flight".to_owned(),
+        options.max_in_flight.to_string(),
+    ]
 }
 
 /// Where an in-process service keeps its tables: `dir`, or the PostgreSQL database.

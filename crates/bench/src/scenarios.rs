@@ -125,6 +125,8 @@ pub struct SettingsRecord {
     durability: String,
     /// `sqlite` or `postgres`.
     backend: &'static str,
+    /// `--cluster`: CRM replicas, Inventory replicas, integration workers.
+    cluster: Option<[usize; 3]>,
     /// `-n`.
     customers: usize,
     /// `-c`.
@@ -157,7 +159,9 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
     let mut table = Table::default();
     // Memory reads each service process's RSS and poll-cost CRM's CPU time, so they always run
     // the services as processes.
-    let processes = settings.processes || matches!(scenario, Scenario::Memory | Scenario::PollCost);
+    let processes = settings.processes
+        || settings.cluster.is_some()
+        || matches!(scenario, Scenario::Memory | Scenario::PollCost);
     let mode = if scenario == Scenario::Poll {
         Mode::Poll
     } else {
@@ -170,6 +174,7 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
         max_in_flight: settings.max_in_flight,
         durability: settings.durability,
         database_url: settings.database_url.clone(),
+        cluster: settings.cluster,
         service_log: settings.service_log.clone(),
     };
     let part = match scenario {
@@ -203,10 +208,13 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
             .await?
             .map(Results::PollCost),
     };
-    let deployment = if processes {
-        "separate processes"
-    } else {
-        "in-process"
+    let deployment = match settings.cluster {
+        Some(c) => format!(
+            "cluster: {} CRM, {} Inventory, {} workers",
+            c.crm, c.inventory, c.workers
+        ),
+        None if processes => "separate processes".to_owned(),
+        None => "in-process".to_owned(),
     };
     let title = format!(
         "{} ({deployment}, mode {}, {}{})",
@@ -230,7 +238,12 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
         started_unix_ms,
         elapsed_s: round3(started.elapsed().as_secs_f64()),
         settings: SettingsRecord {
-            deployment: if processes { "processes" } else { "in-process" },
+            deployment: match (settings.cluster, processes) {
+                (Some(_), _) => "cluster",
+                (None, true) => "processes",
+                (None, false) => "in-process",
+            },
+            cluster: settings.cluster.map(|c| [c.crm, c.inventory, c.workers]),
             mode: value_name(&mode),
             poll_interval_ms: settings.poll_interval.as_millis() as u64,
             max_in_flight: settings.max_in_flight,
@@ -264,7 +277,7 @@ async fn start(
     config: &PlatformConfig,
 ) -> anyhow::Result<(Platform, Clients)> {
     let platform = Platform::start(config).await?;
-    let clients = Clients::connect(platform.crm, platform.inventory, settings).await?;
+    let clients = Clients::connect(&platform.crm_replicas, platform.inventory, settings).await?;
     Ok((platform, clients))
 }
 
@@ -470,7 +483,7 @@ async fn unary(
     table: &mut Table,
 ) -> anyhow::Result<Part<UnaryResults>> {
     let mut platform = Platform::start_without_integration(config).await?;
-    let clients = Clients::connect(platform.crm, platform.inventory, settings).await?;
+    let clients = Clients::connect(&platform.crm_replicas, platform.inventory, settings).await?;
     let run = load::closed_loop(&clients, settings.customers, settings.concurrency).await?;
     platform.start_integration().await?;
     let (packages, _) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
@@ -527,7 +540,7 @@ async fn fanout(
 ) -> anyhow::Result<Part<FanoutResults>> {
     let (platform, clients) = start(settings, config).await?;
     let head_before = clients.crm_head().await?;
-    let fanout = Fanout::start(platform.crm, settings.watchers).await?;
+    let fanout = Fanout::start(&platform.crm_replicas, settings.watchers).await?;
     let run = load::open_loop(&clients, settings.rate, settings.duration).await?;
     let head = clients.crm_head().await?;
     let watchers = fanout.finish(head, settings.stall_timeout).await;
@@ -759,7 +772,7 @@ async fn poll_cost(
     table: &mut Table,
 ) -> anyhow::Result<Part<PollCostResults>> {
     let mut platform = Platform::start_without_integration(config).await?;
-    let clients = Clients::connect(platform.crm, platform.inventory, settings).await?;
+    let clients = Clients::connect(&platform.crm_replicas, platform.inventory, settings).await?;
     let crm_pid = platform
         .pids()
         .into_iter()

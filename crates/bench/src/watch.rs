@@ -192,12 +192,13 @@ pub struct Fanout {
 }
 
 impl Fanout {
-    /// Opens `watchers` streams from the log's end, spread over connections; returns once every
-    /// one is open.
-    pub async fn start(crm: SocketAddr, watchers: usize) -> anyhow::Result<Self> {
+    /// Opens `watchers` streams from the log's end, spread over connections and over the CRM
+    /// replicas `crm` names (one, outside a cluster); returns once every one is open.
+    pub async fn start(crm: &[SocketAddr], watchers: usize) -> anyhow::Result<Self> {
         let mut channels = Vec::new();
-        for _ in 0..watchers.div_ceil(STREAMS_PER_CONNECTION) {
-            channels.push(connect(crm).await?);
+        let connections = watchers.div_ceil(STREAMS_PER_CONNECTION).max(crm.len());
+        for i in 0..connections {
+            channels.push(connect(crm[i % crm.len()]).await?);
         }
         let mut opening = JoinSet::new();
         for i in 0..watchers {
