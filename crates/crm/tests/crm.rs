@@ -281,6 +281,7 @@ fn events_after(resume_token: &str, page_size: i32) -> ListCustomerEventsRequest
         resume_token: resume_token.to_owned(),
         start_position: StartPosition::Unspecified.into(),
         page_size,
+        partition_filter: None,
     }
 }
 
@@ -289,6 +290,7 @@ fn events_from(start: StartPosition, page_size: i32) -> ListCustomerEventsReques
         resume_token: String::new(),
         start_position: start.into(),
         page_size,
+        partition_filter: None,
     }
 }
 
@@ -332,6 +334,7 @@ fn watch_after(resume_token: &str) -> WatchCustomersRequest {
     WatchCustomersRequest {
         resume_token: resume_token.to_owned(),
         start_position: StartPosition::Unspecified.into(),
+        partition_filter: None,
     }
 }
 
@@ -339,6 +342,7 @@ fn watch_from(start: StartPosition) -> WatchCustomersRequest {
     WatchCustomersRequest {
         resume_token: String::new(),
         start_position: start.into(),
+        partition_filter: None,
     }
 }
 
