@@ -211,3 +211,20 @@ async fn prune_loop<S: CrmStore + ?Sized>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_feed_poll_interval_is_from_10ms_to_1s() {
+        assert_eq!(
+            parse_feed_poll_interval("10ms"),
+            Ok(Duration::from_millis(10))
+        );
+        assert_eq!(parse_feed_poll_interval("1s"), Ok(Duration::from_secs(1)));
+        assert!(parse_feed_poll_interval("9ms").is_err());
+        assert!(parse_feed_poll_interval("1001ms").is_err());
+        assert!(parse_feed_poll_interval("soon").is_err());
+    }
+}
