@@ -98,8 +98,10 @@ impl Default for CrmOptions {
 /// cancelled.
 ///
 /// The server answers at once, with health NOT_SERVING until the store is ready (a PostgreSQL
-/// server may still be unreachable; calls meanwhile get UNAVAILABLE), then SERVING. A store
-/// that can never be ready (wrong password, missing database) stops `serve` with its error.
+/// server may still be unreachable; calls meanwhile get UNAVAILABLE), then follows the store's
+/// health: NOT_SERVING while it cannot reach its database (open watch streams then end with
+/// UNAVAILABLE), SERVING again once it can. A store that can never be ready (wrong password,
+/// missing database) stops `serve` with its error.
 pub async fn serve(
     listener: TcpListener,
     database: &Database,
