@@ -238,6 +238,71 @@ pub struct CustomerPage {
     pub snapshot: Position,
 }
 
+/// A share of the feed: the customers whose partition (see [`mip_runtime::partition::of`]) is
+/// one of a set. Every event of one customer is in the same share, so a reader of a share sees
+/// each of its customers' changes in log order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partitions {
+    /// How many partitions the id space is split into: 1 to
+    /// [`mip_runtime::partition::MAX_PARTITIONS`].
+    count: u32,
+    /// Whether each partition, by number, is wanted; `count` long.
+    wanted: Vec<bool>,
+}
+
+impl Partitions {
+    /// The partitions `wanted` of `count`, or what is wrong with them: each violation as
+    /// `(which part, description)`, the count's first.
+    pub fn new(count: i32, wanted: &[i32]) -> Result<Self, Vec<(PartitionField, String)>> {
+        let max = mip_runtime::partition::MAX_PARTITIONS;
+        let count = match u32::try_from(count) {
+            Ok(n) if (1..=max).contains(&n) => n,
+            _ => {
+                return Err(vec![(
+                    PartitionField::Count,
+                    format!("must be from 1 to {max}, got {count}"),
+                )]);
+            }
+        };
+        if wanted.is_empty() {
+            return Err(vec![(
+                PartitionField::Partitions,
+                "must name at least one partition".to_owned(),
+            )]);
+        }
+        let mut set = vec![false; count as usize];
+        let mut problems = Vec::new();
+        for &p in wanted {
+            match u32::try_from(p) {
+                Ok(n) if n < count => set[n as usize] = true,
+                _ => problems.push((
+                    PartitionField::Partitions,
+                    format!("partition {p} is not from 0 to {}", count - 1),
+                )),
+            }
+        }
+        if problems.is_empty() {
+            Ok(Self { count, wanted: set })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Whether the customer `id`'s events are in this share.
+    pub fn contains(&self, id: &Uuid) -> bool {
+        self.wanted[mip_runtime::partition::of(id, self.count) as usize]
+    }
+}
+
+/// Which part of a partition filter a violation is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartitionField {
+    /// The partition count.
+    Count,
+    /// The partitions named.
+    Partitions,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -66,6 +66,17 @@ pub enum Error {
         "resume token was issued by a different CRM change log (was the database replaced?); relist with ListCustomers and watch from its resume_token"
     )]
     TokenUnknownLog,
+    /// The database holds fewer events than this server has already handed out: it was
+    /// restored from an older copy, or failed over to a replica that lost commits.
+    #[error(
+        "the CRM database lost events this server had already served (its newest event is {database_head}, this server had served up to {served_head}; was it restored or failed over?); this server has stopped serving, and tokens from it may name events that no longer exist: relist with ListCustomers and watch from its resume_token"
+    )]
+    LogDiverged {
+        /// The newest position this server had served.
+        served_head: u64,
+        /// The newest position the database holds.
+        database_head: u64,
+    },
     /// Watching is switched off on this server.
     #[error("WatchCustomers is disabled on this server; poll with ListCustomerEvents instead")]
     WatchDisabled,
@@ -94,7 +105,7 @@ impl From<Error> for Status {
             Error::TokenExpired { .. } => {
                 with_reason(Code::FailedPrecondition, RESUME_TOKEN_EXPIRED, message)
             }
-            Error::TokenUnknownLog => {
+            Error::TokenUnknownLog | Error::LogDiverged { .. } => {
                 with_reason(Code::FailedPrecondition, RESUME_TOKEN_UNKNOWN_LOG, message)
             }
             Error::WatchDisabled => Status::unimplemented(message),

@@ -61,6 +61,25 @@ pub struct CrmOptions {
     /// Most WatchCustomers streams open at once; further ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "MIP_CRM_MAX_WATCHERS", default_value_t = 10_000)]
     pub max_watchers: usize,
+
+    /// How often CRM reads the shared PostgreSQL change log back (10ms to 1s): how soon other
+    /// CRM processes' commits reach this one's watchers. SQLite has no other writers and
+    /// ignores it.
+    #[arg(long, env = "MIP_CRM_FEED_POLL_INTERVAL", default_value = "100ms", value_parser = parse_feed_poll_interval)]
+    pub feed_poll_interval: Duration,
+}
+
+/// Shortest and longest `--feed-poll-interval`: faster costs the database a query per
+/// process that often; slower makes other processes' commits late.
+const FEED_POLL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(1);
+
+fn parse_feed_poll_interval(text: &str) -> Result<Duration, String> {
+    let interval = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if !FEED_POLL_RANGE.contains(&interval) {
+        return Err("must be from 10ms to 1s".into());
+    }
+    Ok(interval)
 }
 
 impl Default for CrmOptions {
@@ -70,6 +89,7 @@ impl Default for CrmOptions {
             event_retention: None,
             disable_watch: false,
             max_watchers: 10_000,
+            feed_poll_interval: store::DEFAULT_FEED_POLL_INTERVAL,
         }
     }
 }
@@ -78,8 +98,10 @@ impl Default for CrmOptions {
 /// cancelled.
 ///
 /// The server answers at once, with health NOT_SERVING until the store is ready (a PostgreSQL
-/// server may still be unreachable; calls meanwhile get UNAVAILABLE), then SERVING. A store
-/// that can never be ready (wrong password, missing database) stops `serve` with its error.
+/// server may still be unreachable; calls meanwhile get UNAVAILABLE), then follows the store's
+/// health: NOT_SERVING while it cannot reach its database (open watch streams then end with
+/// UNAVAILABLE), SERVING again once it can. A store that can never be ready (wrong password,
+/// missing database) stops `serve` with its error.
 pub async fn serve(
     listener: TcpListener,
     database: &Database,
@@ -91,7 +113,7 @@ pub async fn serve(
     let health = Health::new(&[SERVICE_NAME]).await;
     // Stops this server alone when its store fails; the caller's token may stop others too.
     let stop = shutdown.child_token();
-    let store = store::open(database, &stop).await?;
+    let store = store::open_polling(database, &stop, options.feed_poll_interval).await?;
     if let Some(retention) = options.event_retention {
         tokio::spawn(prune_loop(
             Arc::clone(&store),
@@ -113,7 +135,9 @@ pub async fn serve(
     tokio::pin!(serving);
     tokio::select! {
         ready = store.ready() => match ready {
-            Ok(()) => health.set_serving().await,
+            Ok(()) => {
+                tokio::spawn(follow_health(store.health(), health.clone(), stop.clone()));
+            }
             // Shutting down before the store connected is not a failure.
             Err(Error::Storage(DbError::Closed)) if stop.is_cancelled() => {}
             Err(e) => {
@@ -143,6 +167,30 @@ pub enum StartError {
     Serve(#[from] ServeError),
 }
 
+/// Reports the store's health as the service's until `shutdown`: NOT_SERVING while the
+/// store cannot reach its database, so balancers and clients go elsewhere meanwhile.
+async fn follow_health(
+    mut store: tokio::sync::watch::Receiver<bool>,
+    health: Health,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if *store.borrow_and_update() {
+            health.set_serving().await;
+        } else {
+            health.set_not_serving().await;
+        }
+        tokio::select! {
+            changed = store.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// Deletes expired events every tenth of the retention period (at least every minute).
 async fn prune_loop<S: CrmStore + ?Sized>(
     store: Arc<S>,
@@ -163,5 +211,22 @@ async fn prune_loop<S: CrmStore + ?Sized>(
         {
             warn!(error = %e, "event retention failed; will retry");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_feed_poll_interval_is_from_10ms_to_1s() {
+        assert_eq!(
+            parse_feed_poll_interval("10ms"),
+            Ok(Duration::from_millis(10))
+        );
+        assert_eq!(parse_feed_poll_interval("1s"), Ok(Duration::from_secs(1)));
+        assert!(parse_feed_poll_interval("9ms").is_err());
+        assert!(parse_feed_poll_interval("1001ms").is_err());
+        assert!(parse_feed_poll_interval("soon").is_err());
     }
 }

@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
 use crate::CrmOptions;
-use crate::domain::{Customer, CustomerEvent, EventType, LogBounds, Position, Start};
+use crate::domain::{Customer, CustomerEvent, EventType, LogBounds, Partitions, Position, Start};
 use crate::error::Error;
 use crate::store::CrmStore;
 use crate::validate;
@@ -96,19 +96,28 @@ impl<S: CrmStore + ?Sized> CrmApi<S> {
     }
 
     /// Turns a request's token or start position into a checked position in this log.
-    fn resolve_start(&self, start: Start) -> Result<Position, Error> {
+    async fn resolve_start(&self, start: Start) -> Result<Position, Error> {
         let bounds = self.store.bounds()?;
         match start {
             Start::Earliest => Ok(Position(bounds.pruned_through)),
             Start::Latest => Ok(Position(bounds.head)),
             Start::After(position) => {
-                check_position(position, &bounds)?;
+                // Another replica may have handed the token out before this one read its
+                // commits back: wait for them rather than refuse a token that is valid.
+                if position.0 > bounds.head {
+                    self.store.catch_up_to(position).await?;
+                }
+                check_position(position, &self.store.bounds()?)?;
                 Ok(position)
             }
         }
     }
 
-    fn parse_start(&self, resume_token: &str, start_position: i32) -> Result<Position, Error> {
+    async fn parse_start(
+        &self,
+        resume_token: &str,
+        start_position: i32,
+    ) -> Result<Position, Error> {
         let start = if resume_token.is_empty() {
             match pb::StartPosition::try_from(start_position) {
                 Ok(pb::StartPosition::Earliest) => Start::Earliest,
@@ -128,7 +137,7 @@ impl<S: CrmStore + ?Sized> CrmApi<S> {
             }
             Start::After(Position(position))
         };
-        self.resolve_start(start)
+        self.resolve_start(start).await
     }
 
     fn resume_token(&self, position: Position) -> Result<String, Error> {
@@ -145,14 +154,23 @@ impl<S: CrmStore + ?Sized> CrmApi<S> {
 
     /// Opens a watch stream whose messages are `O`: protobuf messages for the generated
     /// service, or bytes encoded once per event for the network (see [`crate::wire`]).
-    pub(crate) fn open_watch<O: WatchOutput>(
+    pub(crate) async fn open_watch<O: WatchOutput>(
         &self,
         request: pb::WatchCustomersRequest,
     ) -> Result<Unbatch<O>, Status> {
         if self.options.disable_watch {
             return Err(Error::WatchDisabled.into());
         }
-        let start = self.parse_start(&request.resume_token, request.start_position)?;
+        let mut violations = Violations::new();
+        let filter = validate::partition_filter(&mut violations, request.partition_filter.as_ref());
+        violations.finish()?;
+        let health = self.store.health();
+        if !*health.borrow() {
+            return Err(lost_database());
+        }
+        let start = self
+            .parse_start(&request.resume_token, request.start_position)
+            .await?;
         let permit = Arc::clone(&self.watchers)
             .try_acquire_owned()
             .map_err(|_| Error::TooManyWatchers(self.options.max_watchers))?;
@@ -167,12 +185,13 @@ impl<S: CrmStore + ?Sized> CrmApi<S> {
             shutdown: self.shutdown.clone(),
             watchers: Arc::clone(&self.watchers),
             max_watchers: self.options.max_watchers,
+            filter,
         };
         tokio::spawn(async move {
             let _permit = permit;
             let watchers = metrics::gauge!("mip_crm_watchers");
             watchers.increment(1.0);
-            watcher.run(start, log_id, bounds).await;
+            watcher.run(start, log_id, bounds, health).await;
             watchers.decrement(1.0);
         });
         Ok(Unbatch {
@@ -236,6 +255,11 @@ impl WatchOutput for pb::WatchCustomersResponse {
 
 fn resume_token(log_id: u64, position: Position) -> String {
     token::encode(RESUME_TOKEN, &[log_id, position.0])
+}
+
+/// What a watcher or call gets while the store cannot reach its database.
+fn lost_database() -> Status {
+    Status::unavailable("CRM lost its database; retry, and resume from your last token")
 }
 
 fn check_position(position: Position, bounds: &LogBounds) -> Result<(), Error> {
@@ -377,13 +401,8 @@ impl<S: CrmStore + ?Sized> pb::crm_service_server::CrmService for CrmApi<S> {
                 Ok([token_log, snapshot, after]) if token_log == log_id => {
                     // Tokens are checksummed, not signed: a made-up snapshot past the head
                     // would otherwise wait for events that never come.
-                    let head = self.store.bounds()?.head;
-                    if snapshot > head {
-                        return Err(Error::TokenAhead {
-                            position: snapshot,
-                            head,
-                        }
-                        .into());
+                    if snapshot > self.store.bounds()?.head {
+                        self.store.catch_up_to(Position(snapshot)).await?;
                     }
                     cursor = (after, Some(Position(snapshot)));
                 }
@@ -410,7 +429,9 @@ impl<S: CrmStore + ?Sized> pb::crm_service_server::CrmService for CrmApi<S> {
         &self,
         request: Request<pb::WatchCustomersRequest>,
     ) -> Result<Response<Self::WatchCustomersStream>, Status> {
-        let stream = self.open_watch::<pb::WatchCustomersResponse>(request.into_inner())?;
+        let stream = self
+            .open_watch::<pb::WatchCustomersResponse>(request.into_inner())
+            .await?;
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -421,10 +442,27 @@ impl<S: CrmStore + ?Sized> pb::crm_service_server::CrmService for CrmApi<S> {
         let request = request.into_inner();
         let mut violations = Violations::new();
         let limit = violations.page_size(request.page_size);
+        let filter = validate::partition_filter(&mut violations, request.partition_filter.as_ref());
         violations.finish()?;
-        let start = self.parse_start(&request.resume_token, request.start_position)?;
-        let events = self.store.events_after(start, limit).await?;
-        let next = events.last().map_or(start, |e| Position(e.seq));
+        let start = self
+            .parse_start(&request.resume_token, request.start_position)
+            .await?;
+        let (events, next) = match &filter {
+            None => {
+                let events = self.store.events_after(start, limit).await?;
+                let next = events.last().map_or(start, |e| Position(e.seq));
+                (events, next)
+            }
+            Some(filter) => {
+                // A bounded look past the token, so a page of a rare partition costs at most
+                // this many reads; the token then moves past what was looked at.
+                let examined = self
+                    .store
+                    .events_after(start, limit.saturating_mul(FILTER_SCAN))
+                    .await?;
+                filtered_page(&examined, filter, limit, start)
+            }
+        };
         let bounds = self.store.bounds()?;
         let remaining = bounds.head.saturating_sub(next.0);
         Ok(Response::new(pb::ListCustomerEventsResponse {
@@ -438,6 +476,34 @@ impl<S: CrmStore + ?Sized> pb::crm_service_server::CrmService for CrmApi<S> {
         }))
     }
 }
+
+/// How many events a filtered `ListCustomerEvents` looks at, per event it may return.
+const FILTER_SCAN: usize = 10;
+
+/// Up to `limit` of the `examined` events (those after `start`) that are in `filter`, and the
+/// position after the last event looked at: the last one returned if the page filled up, else
+/// the last one examined.
+fn filtered_page(
+    examined: &[Arc<CustomerEvent>],
+    filter: &Partitions,
+    limit: usize,
+    start: Position,
+) -> (Vec<Arc<CustomerEvent>>, Position) {
+    let mut page = Vec::new();
+    for event in examined {
+        if filter.contains(&event.customer.id) {
+            page.push(Arc::clone(event));
+            if page.len() == limit {
+                return (page, Position(event.seq));
+            }
+        }
+    }
+    (page, examined.last().map_or(start, |e| Position(e.seq)))
+}
+
+/// Least time between heartbeats that only move a filtered stream's token past events it left
+/// out, so a busy log of other partitions does not become a stream of heartbeats.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
 
 /// One open `WatchCustomers` stream: a cursor, and a task that moves it.
 struct Watcher<S: ?Sized, O> {
@@ -456,6 +522,8 @@ struct Watcher<S: ?Sized, O> {
     watchers: Arc<Semaphore>,
     /// `--max-watchers`: permits in all.
     max_watchers: usize,
+    /// The partitions this stream wants; `None`, the common case, for every event.
+    filter: Option<Partitions>,
 }
 
 /// Above this many open watch streams, a watcher woken by a commit waits [`COALESCE`] before
@@ -477,9 +545,19 @@ impl<S: CrmStore + ?Sized, O: WatchOutput> Watcher<S, O> {
             > COALESCE_ABOVE
     }
 
-    /// Streams from `start` in log `log_id`, woken by `bounds`.
-    async fn run(self, start: Position, log_id: u64, mut bounds: watch::Receiver<LogBounds>) {
+    /// Streams from `start` in log `log_id`, woken by `bounds`, until the client leaves, the
+    /// server shuts down or `health` says the store lost its database.
+    async fn run(
+        self,
+        start: Position,
+        log_id: u64,
+        mut bounds: watch::Receiver<LogBounds>,
+        mut health: watch::Receiver<bool>,
+    ) {
+        // The last event looked at, and the last position the client was given (an event or a
+        // heartbeat): a filtered stream looks at events it does not send.
         let mut cursor = start;
+        let mut told = start;
         let mut heartbeat =
             tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat, self.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -489,6 +567,12 @@ impl<S: CrmStore + ?Sized, O: WatchOutput> Watcher<S, O> {
         tokio::pin!(shutdown);
         let closed = self.sender.closed();
         tokio::pin!(closed);
+        // When the next heartbeat that only moves the token may go, once one is owed.
+        let progress = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(progress);
+        let mut last_progress: Option<tokio::time::Instant> = None;
+        // A store whose health never changes drops its sender; then there is nothing to follow.
+        let mut health_follows = true;
         loop {
             // Catch up: from the in-memory ring when close, from the database when far behind.
             while cursor.0 < bounds.borrow_and_update().head {
@@ -508,13 +592,39 @@ impl<S: CrmStore + ?Sized, O: WatchOutput> Watcher<S, O> {
                     if self.shutdown.is_cancelled() {
                         return self.end().await;
                     }
-                    let batch = chunk.iter().map(|e| O::event(log_id, e)).collect();
-                    if !self.send(batch, &mut shutdown).await {
-                        return;
+                    let (batch, last_sent) = self.messages(log_id, chunk);
+                    if let Some(last_sent) = last_sent {
+                        if !self.send(batch, &mut shutdown).await {
+                            return;
+                        }
+                        told = last_sent;
+                        heartbeat.reset();
                     }
                     cursor = Position(chunk.last().map_or(cursor.0, |e| e.seq));
                 }
-                heartbeat.reset();
+            }
+            // Caught up, but the client's token is behind because of events left out: move it,
+            // at most once a wake-up and once a `PROGRESS_INTERVAL`.
+            let mut progress_owed = false;
+            if told < cursor {
+                let now = tokio::time::Instant::now();
+                match last_progress.map(|t| t + PROGRESS_INTERVAL) {
+                    Some(due) if due > now => {
+                        progress.as_mut().reset(due);
+                        progress_owed = true;
+                    }
+                    _ => {
+                        if !self
+                            .send(vec![self.heartbeat(log_id, cursor)], &mut shutdown)
+                            .await
+                        {
+                            return;
+                        }
+                        told = cursor;
+                        last_progress = Some(now);
+                        heartbeat.reset();
+                    }
+                }
             }
             tokio::select! {
                 changed = bounds.changed() => {
@@ -529,19 +639,66 @@ impl<S: CrmStore + ?Sized, O: WatchOutput> Watcher<S, O> {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    let message = O::heartbeat(pb::Heartbeat {
-                        resume_token: resume_token(log_id, cursor),
-                        send_time: Some(timestamp(self.clock.now())),
-                        sequence: seq_i64(cursor),
-                    });
-                    if !self.send(vec![message], &mut shutdown).await {
+                    if !self.send(vec![self.heartbeat(log_id, cursor)], &mut shutdown).await {
                         return;
                     }
+                    told = cursor;
                 }
+                // The loop sends the owed heartbeat.
+                () = &mut progress, if progress_owed => {}
+                changed = health.changed(), if health_follows => match changed {
+                    Err(_) => health_follows = false,
+                    Ok(()) if !*health.borrow_and_update() => return self.lost_database().await,
+                    Ok(()) => {}
+                },
                 () = &mut closed => return,
                 () = &mut shutdown => return self.end().await,
             }
         }
+    }
+
+    /// The messages for `chunk` this stream wants, and the position of the last of them
+    /// (`None` when it wants none). Unfiltered streams take every event without a check.
+    fn messages(&self, log_id: u64, chunk: &[Arc<CustomerEvent>]) -> (Vec<O>, Option<Position>) {
+        match &self.filter {
+            None => (
+                chunk.iter().map(|e| O::event(log_id, e)).collect(),
+                chunk.last().map(|e| Position(e.seq)),
+            ),
+            Some(filter) => {
+                let mut last = None;
+                let batch = chunk
+                    .iter()
+                    .filter(|e| filter.contains(&e.customer.id))
+                    .map(|e| {
+                        last = Some(Position(e.seq));
+                        O::event(log_id, e)
+                    })
+                    .collect();
+                (batch, last)
+            }
+        }
+    }
+
+    /// A heartbeat at `position`.
+    fn heartbeat(&self, log_id: u64, position: Position) -> O {
+        O::heartbeat(pb::Heartbeat {
+            resume_token: resume_token(log_id, position),
+            send_time: Some(timestamp(self.clock.now())),
+            sequence: seq_i64(position),
+        })
+    }
+
+    /// Ends the stream because the store cannot serve it: UNAVAILABLE while the database is
+    /// unreachable, so the client resumes from its token (here once healthy, or elsewhere), or
+    /// the store's own error when it has stopped serving for good.
+    async fn lost_database(&self) {
+        let status = match self.store.bounds() {
+            Err(Error::Storage(_)) | Ok(_) => lost_database(),
+            Err(e) => e.into(),
+        };
+        info!(code = ?status.code(), "ending watch stream: the store cannot serve it");
+        let _ = tokio::time::timeout(END_NOTICE_WAIT, self.sender.send(Err(status))).await;
     }
 
     /// Queues `batch` for the client, waiting for room if its buffer is full. Returns false

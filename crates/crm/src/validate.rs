@@ -10,7 +10,7 @@ use mip_runtime::status::{Violations, field_violations};
 use tonic::Status;
 use uuid::Uuid;
 
-use crate::domain::{CustomerPatch, Email, Name, NewCustomer};
+use crate::domain::{CustomerPatch, Email, Name, NewCustomer, PartitionField, Partitions};
 
 /// One field's `(field, description)` violations.
 type Problems = Vec<(String, String)>;
@@ -116,6 +116,28 @@ pub fn update(request: pb::UpdateCustomerRequest) -> Result<(Uuid, CustomerPatch
     }
 }
 
+/// A request's optional `partition_filter`: `None` when unset (every event), its violations
+/// recorded under `partition_filter.partition_count` and `partition_filter.partitions`.
+pub fn partition_filter(
+    violations: &mut Violations,
+    filter: Option<&pb::PartitionFilter>,
+) -> Option<Partitions> {
+    let filter = filter?;
+    match Partitions::new(filter.partition_count, &filter.partitions) {
+        Ok(partitions) => Some(partitions),
+        Err(problems) => {
+            for (which, description) in problems {
+                let field = match which {
+                    PartitionField::Count => "partition_filter.partition_count",
+                    PartitionField::Partitions => "partition_filter.partitions",
+                };
+                violations.add(field, description);
+            }
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,5 +188,42 @@ mod tests {
             .map(|(f, _)| f)
             .collect();
         assert_eq!(fields, ["customer.id", "customer.name", "update_mask"]);
+    }
+
+    fn filter_fields(count: i32, partitions: &[i32]) -> Vec<String> {
+        let mut violations = Violations::new();
+        let filter = pb::PartitionFilter {
+            partition_count: count,
+            partitions: partitions.to_vec(),
+        };
+        let checked = partition_filter(&mut violations, Some(&filter));
+        assert_eq!(checked.is_some(), violations.is_empty());
+        field_violations(&violations.into_status())
+            .into_iter()
+            .map(|(f, _)| f)
+            .collect()
+    }
+
+    #[test]
+    fn a_partition_filter_needs_a_count_in_range_and_partitions_below_it() {
+        assert!(filter_fields(1, &[0]).is_empty());
+        assert!(filter_fields(4096, &[0, 4095, 7, 7]).is_empty());
+        assert_eq!(filter_fields(0, &[0]), ["partition_filter.partition_count"]);
+        assert_eq!(
+            filter_fields(4097, &[0]),
+            ["partition_filter.partition_count"]
+        );
+        assert_eq!(
+            filter_fields(-1, &[0]),
+            ["partition_filter.partition_count"]
+        );
+        assert_eq!(filter_fields(4, &[]), ["partition_filter.partitions"]);
+        assert_eq!(
+            filter_fields(4, &[4, -1, 2]),
+            ["partition_filter.partitions", "partition_filter.partitions"]
+        );
+        let mut violations = Violations::new();
+        assert_eq!(partition_filter(&mut violations, None), None);
+        assert!(violations.is_empty(), "no filter is every event");
     }
 }

@@ -106,6 +106,7 @@ impl<S: CrmStore + ?Sized> ServerStreamingService<pb::WatchCustomersRequest> for
         let api = Arc::clone(&self.0);
         Box::pin(async move {
             api.open_watch::<Encoded>(request.into_inner())
+                .await
                 .map(Response::new)
         })
     }

@@ -641,7 +641,11 @@ fn feed_requests_accept_exactly_positions_of_this_log() {
         };
 
         let watched = fx.runtime.block_on(fx.api.watch_customers(Request::new(
-            pb::WatchCustomersRequest { resume_token: resume_token.clone(), start_position },
+            pb::WatchCustomersRequest {
+                resume_token: resume_token.clone(),
+                start_position,
+                partition_filter: None,
+            },
         )));
         prop_assert_eq!(Outcome::of(&watched), start.clone());
         if let Err(status) = &watched && class == TokenClass::UnknownLog {
@@ -652,7 +656,12 @@ fn feed_requests_accept_exactly_positions_of_this_log() {
         drop(watched);
 
         let listed = fx.runtime.block_on(fx.api.list_customer_events(Request::new(
-            pb::ListCustomerEventsRequest { resume_token, start_position, page_size },
+            pb::ListCustomerEventsRequest {
+                resume_token,
+                start_position,
+                page_size,
+                partition_filter: None,
+            },
         )));
         let expected = if page_size < 0 { Outcome::invalid(&["page_size"]) } else { start };
         prop_assert_eq!(Outcome::of(&listed), expected);

@@ -17,8 +17,8 @@ use mip_proto::crm::v1::{
     BatchCreateCustomersRequest, CreateCustomerRequest, Customer, CustomerEvent, CustomerEventType,
     DeleteCustomerRequest, DeleteCustomerResponse, GetCustomerRequest, Heartbeat,
     ListCustomerEventsRequest, ListCustomerEventsResponse, ListCustomersRequest,
-    ListCustomersResponse, StartPosition, UpdateCustomerRequest, WatchCustomersRequest,
-    WatchCustomersResponse,
+    ListCustomersResponse, PartitionFilter, StartPosition, UpdateCustomerRequest,
+    WatchCustomersRequest, WatchCustomersResponse,
 };
 use mip_runtime::CancellationToken;
 use mip_runtime::clock::{Clock, ManualClock};
@@ -281,6 +281,7 @@ fn events_after(resume_token: &str, page_size: i32) -> ListCustomerEventsRequest
         resume_token: resume_token.to_owned(),
         start_position: StartPosition::Unspecified.into(),
         page_size,
+        partition_filter: None,
     }
 }
 
@@ -289,6 +290,7 @@ fn events_from(start: StartPosition, page_size: i32) -> ListCustomerEventsReques
         resume_token: String::new(),
         start_position: start.into(),
         page_size,
+        partition_filter: None,
     }
 }
 
@@ -332,6 +334,7 @@ fn watch_after(resume_token: &str) -> WatchCustomersRequest {
     WatchCustomersRequest {
         resume_token: resume_token.to_owned(),
         start_position: StartPosition::Unspecified.into(),
+        partition_filter: None,
     }
 }
 
@@ -339,6 +342,7 @@ fn watch_from(start: StartPosition) -> WatchCustomersRequest {
     WatchCustomersRequest {
         resume_token: String::new(),
         start_position: start.into(),
+        partition_filter: None,
     }
 }
 
@@ -1701,6 +1705,307 @@ async fn an_unreachable_postgres_server_is_not_serving_and_unavailable() {
         drop(channel);
         shutdown.cancel();
         task.await.unwrap().unwrap();
+    })
+    .await;
+}
+
+/// A filter naming `wanted` of `count` partitions.
+fn partitions(count: i32, wanted: &[i32]) -> Option<PartitionFilter> {
+    Some(PartitionFilter {
+        partition_count: count,
+        partitions: wanted.to_vec(),
+    })
+}
+
+/// Whether `event`'s customer is in `filter`, by the contract's partition function.
+fn in_partitions(event: &CustomerEvent, filter: &PartitionFilter) -> bool {
+    let id = Uuid::parse_str(&event.customer.as_ref().unwrap().id).unwrap();
+    let count = u32::try_from(filter.partition_count).unwrap();
+    let partition = i32::try_from(mip_runtime::partition::of(&id, count)).unwrap();
+    filter.partitions.contains(&partition)
+}
+
+/// Every event a stream delivers before its token reaches `head`, and the heartbeat token at
+/// `head`: a filtered stream moves its token past the events it leaves out with heartbeats.
+async fn read_to_heartbeat_at(
+    stream: &mut Streaming<WatchCustomersResponse>,
+    head: i64,
+) -> (Vec<CustomerEvent>, String) {
+    let mut events = Vec::new();
+    loop {
+        match tokio::time::timeout(EVENTUALLY, next_message(stream))
+            .await
+            .expect("the stream's token did not reach the head in time")
+        {
+            Kind::Event(event) => {
+                assert!(event.sequence <= head, "event past the head: {event:?}");
+                events.push(event);
+            }
+            Kind::Heartbeat(heartbeat) if heartbeat.sequence == head => {
+                return (events, heartbeat.resume_token);
+            }
+            Kind::Heartbeat(heartbeat) => assert!(heartbeat.sequence < head, "{heartbeat:?}"),
+        }
+    }
+}
+
+/// Updates every third customer, so each has events at more than one position.
+async fn update_some(client: &mut Client, customers: &[Customer]) {
+    for customer in customers.iter().step_by(3) {
+        let renamed = Customer {
+            name: format!("{} renamed", customer.name),
+            ..customer.clone()
+        };
+        update(client, renamed, &["name"]).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_partition_filters_are_invalid_argument_with_each_violation() {
+    bounded(async {
+        let (_dir, _clock, mut server) = fresh().await;
+        let cases: [(Option<PartitionFilter>, &[&str]); 5] = [
+            (partitions(0, &[0]), &["partition_filter.partition_count"]),
+            (
+                partitions(4097, &[0]),
+                &["partition_filter.partition_count"],
+            ),
+            (partitions(8, &[]), &["partition_filter.partitions"]),
+            (partitions(8, &[8]), &["partition_filter.partitions"]),
+            (
+                partitions(8, &[-1, 3, 9]),
+                &["partition_filter.partitions", "partition_filter.partitions"],
+            ),
+        ];
+        for (filter, expected) in cases {
+            let request = WatchCustomersRequest {
+                partition_filter: filter.clone(),
+                ..watch_from(StartPosition::Earliest)
+            };
+            let status = watch(&mut server.client, request).await.unwrap_err();
+            assert_eq!(violated_fields(&status), expected, "{filter:?}");
+            let request = ListCustomerEventsRequest {
+                partition_filter: filter.clone(),
+                ..events_from(StartPosition::Earliest, -1)
+            };
+            let status = list_events(&mut server.client, request).await.unwrap_err();
+            let mut with_page_size = vec!["page_size"];
+            with_page_size.extend_from_slice(expected);
+            assert_eq!(violated_fields(&status), with_page_size, "{filter:?}");
+        }
+        server.stop().await;
+    })
+    .await;
+}
+
+// Partition filters, on SQLite and on PostgreSQL.
+mip_testkit::backend_tests! {
+    async fn a_filtered_watch_delivers_exactly_its_partitions_events_in_order(db: Database) {
+        bounded(async {
+            let (_clock, mut server) = fresh_on(&db, fast_heartbeats()).await;
+            let filter = partitions(4, &[1, 3]).unwrap();
+            let before = create_many(&mut server.client, "before", 30).await;
+            update_some(&mut server.client, &before).await;
+            let mut stream = watch(&mut server.client, WatchCustomersRequest {
+                partition_filter: Some(filter.clone()),
+                ..watch_from(StartPosition::Earliest)
+            })
+            .await
+            .unwrap();
+            // Caught up on what was there, then live.
+            let (mut seen, _) = read_to_heartbeat_at(&mut stream, head(&mut server.client).await).await;
+            let during = create_many(&mut server.client, "during", 30).await;
+            update_some(&mut server.client, &during).await;
+            let head_now = head(&mut server.client).await;
+            let (mut live, token) = read_to_heartbeat_at(&mut stream, head_now).await;
+            seen.append(&mut live);
+
+            let expected: Vec<CustomerEvent> = all_events(&mut server.client)
+                .await
+                .into_iter()
+                .filter(|e| in_partitions(e, &filter))
+                .collect();
+            assert!(!expected.is_empty() && expected.len() < 80, "both kinds of event");
+            assert_eq!(sequences(&seen), sequences(&expected), "exactly its partitions' events");
+
+            // The token moved past the events left out: unfiltered, it resumes the whole feed
+            // right after the head, with nothing skipped or repeated.
+            let after = create_many(&mut server.client, "after", 5).await;
+            let resumed = list_events(&mut server.client, events_after(&token, 1000)).await.unwrap();
+            assert_eq!(sequences(&resumed.events), (head_now + 1..=head_now + 5).collect::<Vec<_>>());
+            assert_eq!(event_customer_ids(&resumed.events), ids(&after));
+            server.stop().await;
+        })
+        .await;
+    }
+
+    async fn filtered_polling_pages_through_exactly_the_partitions_events(db: Database) {
+        bounded(async {
+            let (_clock, mut server) = fresh_on(&db, CrmOptions::default()).await;
+            let customers = create_many(&mut server.client, "c", 60).await;
+            update_some(&mut server.client, &customers).await;
+            let filter = partitions(3, &[0]).unwrap();
+            let expected: Vec<i64> = all_events(&mut server.client)
+                .await
+                .iter()
+                .filter(|e| in_partitions(e, &filter))
+                .map(|e| e.sequence)
+                .collect();
+            let head = head(&mut server.client).await;
+            let mut request = ListCustomerEventsRequest {
+                partition_filter: Some(filter.clone()),
+                ..events_from(StartPosition::Earliest, 4)
+            };
+            let mut seen = Vec::new();
+            let mut last = 0;
+            loop {
+                let page = list_events(&mut server.client, request.clone()).await.unwrap();
+                assert!(page.events.len() <= 4, "{page:?}");
+                assert!(page.events.iter().all(|e| in_partitions(e, &filter)));
+                assert!(page.next_sequence > last || page.remaining_events == 0, "{page:?}");
+                assert!(page.next_sequence - last <= 40, "looks at most 10 pages' worth");
+                assert_eq!(page.remaining_events, head - page.next_sequence);
+                last = page.next_sequence;
+                seen.extend(sequences(&page.events));
+                if page.remaining_events == 0 {
+                    break;
+                }
+                request.resume_token = page.next_resume_token;
+            }
+            assert_eq!(seen, expected);
+            server.stop().await;
+        })
+        .await;
+    }
+}
+
+/// Two CRM processes on one PostgreSQL database: a token the first hands out works on the
+/// second at once, before its tail has read the commit back, and resumes with no gap and no
+/// repeat; a token past the database's head is still OUT_OF_RANGE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_one_replica_resumes_on_another_at_once() {
+    bounded(async {
+        let Some(db) = mip_testkit::postgres_database() else {
+            return;
+        };
+        let (_clock, mut a) = fresh_on(&db, fast_heartbeats()).await;
+        // Slow to read the log back, so only waiting for the commit can make the token work.
+        let (_clock, mut b) = fresh_on(
+            &db,
+            CrmOptions {
+                feed_poll_interval: Duration::from_secs(1),
+                ..fast_heartbeats()
+            },
+        )
+        .await;
+        create_many(&mut a.client, "first", 3).await;
+        let mid = list_events(&mut a.client, events_from(StartPosition::Latest, 0))
+            .await
+            .unwrap();
+        let second = create_many(&mut a.client, "second", 3).await;
+        let latest = list_events(&mut a.client, events_from(StartPosition::Latest, 0))
+            .await
+            .unwrap();
+
+        let polled = list_events(&mut b.client, events_after(&mid.next_resume_token, 100))
+            .await
+            .expect("b waits for a's commits rather than refusing the token");
+        assert_eq!(event_customer_ids(&polled.events), ids(&second));
+        assert_eq!(sequences(&polled.events), (4..=6).collect::<Vec<_>>());
+
+        create_many(&mut a.client, "third", 1).await;
+        let fresh_token = list_events(&mut a.client, events_from(StartPosition::Latest, 0))
+            .await
+            .unwrap();
+        let mut stream = watch(&mut b.client, watch_after(&fresh_token.next_resume_token))
+            .await
+            .expect("b waits for a's commit rather than refusing the watch");
+        let later = create_many(&mut a.client, "later", 2).await;
+        let events = read_to_head(&mut stream, fresh_token.next_sequence + 2).await;
+        assert_eq!(event_customer_ids(&events), ids(&later));
+
+        let past = token_at(&latest.next_resume_token, 1000);
+        let status = list_events(&mut b.client, events_after(&past, 10))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+        let status = watch(&mut b.client, watch_after(&past)).await.unwrap_err();
+        assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+        drop(stream);
+        a.stop().await;
+        b.stop().await;
+    })
+    .await;
+}
+
+/// The next health status of the CRM service, as a watching client sees it.
+async fn health_becomes(channel: &Channel, wanted: ServingStatus) {
+    let mut health = HealthClient::new(channel.clone());
+    let mut statuses = health
+        .watch(HealthCheckRequest {
+            service: SERVICE_NAME.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(EVENTUALLY, async {
+        while let Some(status) = statuses.message().await.unwrap() {
+            if status.status() == wanted {
+                return;
+            }
+        }
+        panic!("health stream ended");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("health did not become {wanted:?}"));
+}
+
+/// When its PostgreSQL server goes away, CRM reports NOT_SERVING and ends open watch streams
+/// with UNAVAILABLE; once the server is back it is SERVING again and the stream resumes from
+/// its last token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_database_is_not_serving_until_it_is_back() {
+    bounded(async {
+        let pg = match mip_testkit::postgres::PgServer::start() {
+            Ok(pg) => pg,
+            Err(why) if !mip_testkit::postgres::required() => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+            Err(why) => panic!("PostgreSQL is required: {why}"),
+        };
+        let db = Database::from_url(&pg.create_database(), 4).unwrap();
+        let (_clock, mut server) = fresh_on(&db, fast_heartbeats()).await;
+        create_many(&mut server.client, "before", 2).await;
+        let mut stream = watch(&mut server.client, watch_from(StartPosition::Earliest))
+            .await
+            .unwrap();
+        let seen = read_to_head(&mut stream, 2).await;
+
+        pg.kill();
+        health_becomes(&server.channel, ServingStatus::NotServing).await;
+        let ended = tokio::time::timeout(EVENTUALLY, async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("the stream ended without a status"),
+                    Err(status) => return status,
+                }
+            }
+        })
+        .await
+        .expect("the watch stream ended");
+        assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+
+        pg.restart();
+        health_becomes(&server.channel, ServingStatus::Serving).await;
+        let last = seen.last().unwrap().resume_token.clone();
+        let mut resumed = watch(&mut server.client, watch_after(&last)).await.unwrap();
+        let after = create_many(&mut server.client, "after", 2).await;
+        let events = read_to_head(&mut resumed, 4).await;
+        assert_eq!(event_customer_ids(&events), ids(&after));
+        drop(resumed);
+        server.stop().await;
     })
     .await;
 }

@@ -426,3 +426,56 @@ async fn a_watcher_sees_every_event_of_two_writing_stores_in_order() {
     })
     .await;
 }
+
+/// Retention running on two stores of one database at the same moment: both succeed, the
+/// expired events are deleted once, and both learn where the log now starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_pruning_at_once_both_succeed() {
+    bounded(async {
+        let Some((a, b, _db, _stop)) = two_stores().await else {
+            return;
+        };
+        let old = now() - Duration::from_secs(3600);
+        for i in 0..20 {
+            let store = if i % 2 == 0 { &a } else { &b };
+            store
+                .create_customer(
+                    new_customer("Old", &format!("old{i}@example.com"), None),
+                    old,
+                )
+                .await
+                .unwrap();
+        }
+        a.create_customer(new_customer("New", "new@example.com", None), now())
+            .await
+            .unwrap();
+        let cutoff = now() - Duration::from_secs(60);
+        for _ in 0..5 {
+            let (from_a, from_b) = tokio::join!(a.prune_events(cutoff), b.prune_events(cutoff));
+            let (from_a, from_b) = (from_a.unwrap(), from_b.unwrap());
+            assert!(from_a + from_b <= 20, "each event is deleted once");
+        }
+        for store in [&a, &b] {
+            let mut bounds = store.subscribe().unwrap();
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                bounds.wait_for(|bounds| bounds.pruned_through == 20 && bounds.head == 21),
+            )
+            .await
+            .expect("the store learned the new bounds")
+            .unwrap();
+            assert!(matches!(
+                store.events_after(Position(3), 10).await,
+                Err(Error::TokenExpired {
+                    position: 3,
+                    pruned_through: 20
+                })
+            ));
+            assert_eq!(
+                seqs(&store.events_after(Position(20), 10).await.unwrap()),
+                [21]
+            );
+        }
+    })
+    .await;
+}

@@ -12,6 +12,8 @@
 //! - [`token`]: opaque, checksummed page and resume tokens.
 //! - [`status`]: building rich `tonic::Status` errors (field violations, error info).
 //! - [`clock`]: an injectable wall clock.
+//! - [`partition`]: a customer's partition of the id space, as `crm.v1.PartitionFilter`
+//!   defines it.
 //! - [`metrics`]: the Prometheus exporter and the per-RPC metrics layer.
 //! - [`probe`]: the client side of the standard health check, for `mip health`.
 //! - [`security`]: TLS (optionally mutual) for servers and channels, and bearer tokens.
@@ -24,6 +26,7 @@ pub mod admission;
 pub mod batch;
 pub mod clock;
 pub mod metrics;
+pub mod partition;
 pub mod postgres;
 pub mod probe;
 pub mod security;

@@ -74,7 +74,26 @@ pub trait CrmStore: Send + Sync + 'static {
     fn bounds(&self) -> Result<LogBounds, Error>;
     /// Wakes whenever an event commits or retention runs; UNAVAILABLE until ready.
     fn subscribe(&self) -> Result<watch::Receiver<LogBounds>, Error>;
+    /// Waits until this store's feed has `position`, which is past its head: another process
+    /// sharing the database may have committed it, and this one has not read it back yet.
+    /// `TokenAhead` if the database has no such position either. A store that is the only
+    /// writer of its database has nothing to wait for.
+    async fn catch_up_to(&self, position: Position) -> Result<(), Error> {
+        Err(Error::TokenAhead {
+            position: position.0,
+            head: self.bounds()?.head,
+        })
+    }
+    /// Whether the store can reach its database now: false while a PostgreSQL server is
+    /// unreachable (calls meanwhile fail) or after the database was found to have lost commits.
+    /// A store whose database is in-process is always healthy.
+    fn health(&self) -> watch::Receiver<bool> {
+        watch::channel(true).1
+    }
 }
+
+/// How often, by default, a PostgreSQL store reads back what other processes committed.
+pub const DEFAULT_FEED_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Opens the store `database` names. SQLite opens before this returns; PostgreSQL connects
 /// in the background (see [`CrmStore::ready`]) until connected or `shutdown`.
@@ -82,11 +101,23 @@ pub async fn open(
     database: &Database,
     shutdown: &CancellationToken,
 ) -> Result<Arc<dyn CrmStore>, Error> {
+    open_polling(database, shutdown, DEFAULT_FEED_POLL_INTERVAL).await
+}
+
+/// [`open`], with a PostgreSQL store reading the log back every `feed_poll_interval` for
+/// what other processes committed (SQLite has no other writers, and ignores it).
+pub async fn open_polling(
+    database: &Database,
+    shutdown: &CancellationToken,
+    feed_poll_interval: Duration,
+) -> Result<Arc<dyn CrmStore>, Error> {
     Ok(match database {
         Database::Sqlite { dir, durability } => {
             Arc::new(SqliteStore::open(dir, *durability).await?)
         }
-        Database::Postgres(options) => Arc::new(PgStore::open(options, shutdown)),
+        Database::Postgres(options) => {
+            Arc::new(PgStore::open_polling(options, shutdown, feed_poll_interval))
+        }
     })
 }
 

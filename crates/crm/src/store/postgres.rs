@@ -19,8 +19,10 @@
 //!
 //! The feed learns of this process's commits from the writer's answers, which two writers can
 //! give out of order, and of other processes' commits (or a commit whose answer was lost) from
-//! the tail, which reads the log back whenever the feed has a gap and every
-//! [`TAIL_PERIOD`] regardless.
+//! the tail, which reads the log back whenever the feed has a gap, when a reader waits for a
+//! position past the feed's head, and every `--feed-poll-interval` regardless. The tail is
+//! also how the store learns it lost its database (its reads fail: health NOT_SERVING until
+//! they succeed again) or that the database lost commits this process had served.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -51,16 +53,16 @@ pub const SCHEMA: &str = "crm";
 /// Group-commit writers: one runs its statements while the other waits for its commit.
 const WRITERS: usize = 2;
 
-/// How often the tail reads the log back even when the feed has no gap, to pick up what other
-/// processes committed.
-const TAIL_PERIOD: Duration = Duration::from_millis(100);
-
 /// How long a gap may last before the tail reads the log back: usually the missing group's
 /// answer is just behind.
 const GAP_GRACE: Duration = Duration::from_millis(10);
 
 /// Events the tail reads per query.
 const TAIL_BATCH: i64 = 1024;
+
+/// The advisory lock key a prune holds, so that one process at a time deletes expired events
+/// ("crm.prune" in ASCII). Other services' keys are theirs to choose; CRM uses only this one.
+const PRUNE_LOCK: i64 = 0x63_72_6d_2e_70_72_75_6e;
 
 /// How often a write that lost a deadlock is run again before the caller sees UNAVAILABLE.
 const RACE_RETRIES: usize = 5;
@@ -118,6 +120,11 @@ const EVENT_COLUMNS: &str = "seq, event_id, event_type, customer_id, name, email
 pub struct PgStore {
     /// The pool, writers and feed, once connected and migrated.
     state: Arc<Connecting<Connected>>,
+    /// Whether the database is reachable, as the tail last found it.
+    health: watch::Sender<bool>,
+    /// Set, for good, once the database is found to hold fewer events than the feed: this
+    /// process then refuses every call (see [`Error::LogDiverged`]).
+    diverged: Arc<std::sync::OnceLock<Error>>,
     /// Stops the tail when the store is dropped.
     _tail: StopOnDrop,
 }
@@ -147,11 +154,28 @@ impl PgStore {
     /// Connects to `options` in the background (retrying until the server answers, or until
     /// `shutdown`), then migrates schema `crm`. Calls fail with UNAVAILABLE until then.
     pub fn open(options: &PgOptions, shutdown: &CancellationToken) -> Self {
+        Self::open_polling(options, shutdown, super::DEFAULT_FEED_POLL_INTERVAL)
+    }
+
+    /// [`PgStore::open`], reading the log back every `poll_interval` for what other processes
+    /// committed: how soon their commits reach this process's watchers.
+    pub fn open_polling(
+        options: &PgOptions,
+        shutdown: &CancellationToken,
+        poll_interval: Duration,
+    ) -> Self {
         let tail_stop = shutdown.child_token();
+        let health = watch::Sender::new(true);
+        let diverged = Arc::new(std::sync::OnceLock::new());
         let state = Connecting::spawn(options.name(), {
             let options = options.clone();
             let shutdown = shutdown.clone();
             let tail_stop = tail_stop.clone();
+            let tail = Tail {
+                period: poll_interval,
+                health: health.clone(),
+                diverged: Arc::clone(&diverged),
+            };
             async move {
                 let pg = Pg::connect(&options, SCHEMA, MIGRATIONS, &shutdown).await?;
                 // The server may go away again between the migration and this read; that is
@@ -177,17 +201,29 @@ impl PgStore {
                 };
                 let feed = Arc::new(Feed::new(bounds, FEED_CAPACITY));
                 let writer = Writer::spawn(pg.clone(), Arc::new(Groups), WRITERS);
-                tokio::spawn(tail(pg.clone(), Arc::clone(&feed), tail_stop));
+                tokio::spawn(tail.run(pg.clone(), Arc::clone(&feed), tail_stop));
                 Ok(Connected { pg, writer, feed })
             }
         });
         Self {
             state,
+            health,
+            diverged,
             _tail: StopOnDrop(tail_stop),
         }
     }
 
     fn connected(&self) -> Result<&Connected, Error> {
+        if let Some(Error::LogDiverged {
+            served_head,
+            database_head,
+        }) = self.diverged.get()
+        {
+            return Err(Error::LogDiverged {
+                served_head: *served_head,
+                database_head: *database_head,
+            });
+        }
         Ok(self.state.get()?)
     }
 
@@ -570,7 +606,20 @@ async fn delete(
 }
 
 /// Deletes events committed before `cutoff` (phase 1); returns how many, and the highest.
+///
+/// Only while holding [`PRUNE_LOCK`]: replicas sharing the database all run retention, and
+/// one deleting at a time is enough (the others would only wait on its row locks to delete
+/// nothing). A process that finds the lock taken deletes nothing this round and learns the new
+/// bounds from its tail. The lock is the transaction-scoped kind, released by the group's
+/// COMMIT or ROLLBACK, so a group that fails, or a connection that dies, never leaves it held.
 async fn prune(tx: &Transaction<'_>, cutoff: SystemTime) -> Result<(u64, u64), DbError> {
+    let lock = tx
+        .prepare_cached("SELECT pg_try_advisory_xact_lock($1)")
+        .await?;
+    let locked: bool = tx.query_one(&lock, &[&PRUNE_LOCK]).await?.try_get(0)?;
+    if !locked {
+        return Ok((0, 0));
+    }
     let statement = tx
         .prepare_cached(
             "WITH gone AS (
@@ -766,40 +815,98 @@ async fn read_events(
         .collect()
 }
 
-/// Fills the feed from the database: when it has a gap (a commit whose answer was lost, or
-/// a group answered ahead of the one before it), and every [`TAIL_PERIOD`] for what other
-/// processes committed.
-async fn tail(pg: Pg, feed: Arc<Feed>, stop: CancellationToken) {
-    let mut ticker = tokio::time::interval(TAIL_PERIOD);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            () = feed.fell_behind() => {
-                tokio::select! {
-                    () = tokio::time::sleep(GAP_GRACE) => {}
-                    () = stop.cancelled() => return,
+/// What the tail needs besides the pool and the feed.
+struct Tail {
+    /// How often to read the log back with no reason to: `--feed-poll-interval`.
+    period: Duration,
+    /// Where to report whether the database answers.
+    health: watch::Sender<bool>,
+    /// Where to record that the database lost commits.
+    diverged: Arc<std::sync::OnceLock<Error>>,
+}
+
+impl Tail {
+    /// Fills the feed from the database: when it has a gap (a commit whose answer was lost, or
+    /// a group answered ahead of the one before it), when a reader waits past its head, and
+    /// every `period` for what other processes committed.
+    async fn run(self, pg: Pg, feed: Arc<Feed>, stop: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = feed.fell_behind() => {
+                    tokio::select! {
+                        () = tokio::time::sleep(GAP_GRACE) => {}
+                        () = stop.cancelled() => return,
+                    }
+                }
+                () = stop.cancelled() => return,
+            }
+            match catch_up(&pg, &feed).await {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!("reading the CRM change log back again");
+                    }
+                    failing = false;
+                    self.health
+                        .send_if_modified(|up| !std::mem::replace(up, true));
+                }
+                Err(CatchUp::Diverged(error)) => {
+                    // Stopping is the safe choice: new commits would take positions this
+                    // process already handed out for other events, so a client resuming from
+                    // one of its tokens would silently skip or repeat changes. Refusing every
+                    // call (and NOT_SERVING) sends clients elsewhere or to an operator; a
+                    // restart reads the log afresh, and the log's own id is what must change
+                    // for every client to relist.
+                    tracing::error!(error = %error, "CRM change log went backwards; stopping serving");
+                    let _ = self.diverged.set(error);
+                    self.health.send_replace(false);
+                    return;
+                }
+                Err(CatchUp::Db(e)) => {
+                    // Once per outage: writes report the same failure to their callers.
+                    if !failing {
+                        tracing::warn!(error = %e, "cannot read the CRM change log back; not serving until it answers");
+                        failing = true;
+                    }
+                    self.health
+                        .send_if_modified(|up| std::mem::replace(up, false));
                 }
             }
-            () = stop.cancelled() => return,
-        }
-        match catch_up(&pg, &feed).await {
-            Ok(()) => failing = false,
-            // Once per outage: writes report the same failure to their callers.
-            Err(e) if !failing => {
-                tracing::warn!(error = %e, "cannot read the CRM change log back; retrying");
-                failing = true;
-            }
-            Err(_) => {}
         }
     }
 }
 
+/// Why the tail could not catch up.
+enum CatchUp {
+    /// The database did not answer.
+    Db(DbError),
+    /// The database's head is below the feed's.
+    Diverged(Error),
+}
+
+impl From<DbError> for CatchUp {
+    fn from(e: DbError) -> Self {
+        CatchUp::Db(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for CatchUp {
+    fn from(e: tokio_postgres::Error) -> Self {
+        CatchUp::Db(e.into())
+    }
+}
+
 /// Publishes every committed event after the feed's head.
-async fn catch_up(pg: &Pg, feed: &Feed) -> Result<(), DbError> {
+async fn catch_up(pg: &Pg, feed: &Feed) -> Result<(), CatchUp> {
     let mut client = pg.client().await?;
     loop {
+        // Read before the snapshot starts: everything published by then had committed by
+        // then, so a snapshot below it means the database lost commits, not that this read
+        // raced a write's answer.
+        let served = feed.bounds().head;
         // One snapshot: the counter row and the events it counts agree.
         let tx = client
             .build_transaction()
@@ -812,6 +919,12 @@ async fn catch_up(pg: &Pg, feed: &Feed) -> Result<(), DbError> {
             feed.pruned(bounds.pruned_through);
         }
         let after = feed.bounds().head;
+        if bounds.head < served {
+            return Err(CatchUp::Diverged(Error::LogDiverged {
+                served_head: served,
+                database_head: bounds.head,
+            }));
+        }
         if bounds.head <= after {
             tx.commit().await?;
             return Ok(());
@@ -1003,6 +1116,26 @@ impl CrmStore for PgStore {
 
     fn subscribe(&self) -> Result<watch::Receiver<LogBounds>, Error> {
         Ok(self.connected()?.feed.subscribe())
+    }
+
+    async fn catch_up_to(&self, position: Position) -> Result<(), Error> {
+        let connected = self.connected()?;
+        let head = {
+            let client = connected.pg.client().await?;
+            read_bounds(&client).await?.head
+        };
+        if position.0 > head {
+            return Err(Error::TokenAhead {
+                position: position.0,
+                head,
+            });
+        }
+        // Committed, so the tail (woken by the wait) publishes it within moments.
+        published(&connected.feed, position).await
+    }
+
+    fn health(&self) -> watch::Receiver<bool> {
+        self.health.subscribe()
     }
 }
 
