@@ -239,6 +239,12 @@ def run_python_demo(ports: dict) -> None:
     report(demo.returncode == 0 and "demo passed" in demo.stdout,
            "Python demo: health, watch from token, create, package appears",
            demo.stdout + demo.stderr)
+    # A later --crm wins: the first replica listed is down, so the demo must use the second.
+    replicas = f"127.0.0.1:{free_port()},127.0.0.1:{ports['crm']}"
+    demo = run_demo(ports, "--crm", replicas)
+    report(demo.returncode == 0 and "trying the next replica" in demo.stdout
+           and "demo passed" in demo.stdout,
+           "Python demo with CRM replicas: skips an unreachable one", demo.stdout + demo.stderr)
 
 
 def run_health_exit_codes(ports: dict) -> None:

@@ -10,6 +10,11 @@
 Run `python3 clients/python/generate.py` first, with `mip all` running. Exits 0 on success,
 1 if a step fails, with the reason.
 
+Against a cluster, give every CRM replica, comma-separated; the demo uses the first one that
+answers SERVING and tries the next when one is unreachable:
+
+    python3 clients/python/demo.py --crm 127.0.0.1:50051,127.0.0.1:50061,127.0.0.1:50071
+
 With security on (see `mip dev-certs`), pass the same files the platform uses:
 
     python3 clients/python/demo.py --ca certs/ca.pem --cert certs/client.pem \
@@ -67,18 +72,40 @@ class Connector:
         return grpc.secure_channel(address, credentials)
 
 
-def check_health(connector: Connector, addresses: dict, timeout: float) -> None:
-    for name, address in addresses.items():
-        # Health answers without a token, as probes do.
-        with connector.channel(address, with_token=False) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            response = stub.Check(
-                health_pb2.HealthCheckRequest(service=SERVICES[name]), timeout=timeout
-            )
-            status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-            print(f"health {name:<12} {address:<18} {status}")
-            if response.status != health_pb2.HealthCheckResponse.SERVING:
-                raise RuntimeError(f"{name} is {status}")
+def check_one(connector: Connector, name: str, address: str, timeout: float) -> None:
+    # Health answers without a token, as probes do.
+    with connector.channel(address, with_token=False) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = stub.Check(
+            health_pb2.HealthCheckRequest(service=SERVICES[name]), timeout=timeout
+        )
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        print(f"health {name:<12} {address:<18} {status}")
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError(f"{name} is {status}")
+
+
+def check_health(connector: Connector, addresses: dict, timeout: float) -> dict:
+    """Checks every service; `addresses` maps a name to one address or several,
+    comma-separated (replicas). Returns the address chosen for each: the first replica that
+    answers SERVING, so an unreachable or unready replica is skipped."""
+    chosen = {}
+    for name, spec in addresses.items():
+        replicas = [address.strip() for address in spec.split(",")]
+        if not all(replicas):
+            raise RuntimeError(f"--{name} {spec!r} has an empty address")
+        for index, address in enumerate(replicas):
+            try:
+                check_one(connector, name, address, timeout)
+            except (grpc.RpcError, RuntimeError) as error:
+                if index + 1 == len(replicas):
+                    raise
+                reason = error.code().name if isinstance(error, grpc.RpcError) else error
+                print(f"health {name:<12} {address:<18} {reason}; trying the next replica")
+                continue
+            chosen[name] = address
+            break
+    return chosen
 
 
 def watch(crm: crm_pb2_grpc.CrmServiceStub, token: str, events: queue.Queue, stop: threading.Event):
@@ -99,7 +126,9 @@ def watch(crm: crm_pb2_grpc.CrmServiceStub, token: str, events: queue.Queue, sto
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--crm", default="127.0.0.1:50051")
+    parser.add_argument(
+        "--crm", default="127.0.0.1:50051", help="CRM address, or replicas comma-separated"
+    )
     parser.add_argument("--inventory", default="127.0.0.1:50052")
     parser.add_argument("--integration", default="127.0.0.1:50053")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per step")
@@ -110,15 +139,15 @@ def main() -> int:
     args = parser.parse_args()
     connector = Connector(args)
 
-    check_health(
+    chosen = check_health(
         connector,
         {"crm": args.crm, "inventory": args.inventory, "integration": args.integration},
         args.timeout,
     )
 
-    crm_channel = connector.channel(args.crm)
+    crm_channel = connector.channel(chosen["crm"])
     crm = crm_pb2_grpc.CrmServiceStub(crm_channel)
-    inventory = inventory_pb2_grpc.InventoryServiceStub(connector.channel(args.inventory))
+    inventory = inventory_pb2_grpc.InventoryServiceStub(connector.channel(chosen["inventory"]))
 
     snapshot = crm.ListCustomers(crm_pb2.ListCustomersRequest(page_size=1), timeout=args.timeout)
     print(f"watching from resume token {snapshot.resume_token}")

@@ -165,6 +165,7 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
                 resume_token: String::new(),
                 start_position: crm::StartPosition::Latest.into(),
                 page_size: 1,
+                partition_filter: None,
             });
             request.set_timeout(self.settings.call_timeout);
             let head = match client.list_customer_events(request).await {
@@ -354,6 +355,7 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         let request = crm::WatchCustomersRequest {
             resume_token: cursor.as_ref().map(|m| m.token.clone()).unwrap_or_default(),
             start_position: self.start_position(),
+            partition_filter: None,
         };
         let mut client = self.crm.clone();
         let call =
@@ -433,6 +435,7 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
             resume_token: cursor.as_ref().map(|m| m.token.clone()).unwrap_or_default(),
             start_position: self.start_position(),
             page_size: POLL_BATCH,
+            partition_filter: None,
         });
         request.set_timeout(self.settings.call_timeout);
         let mut client = self.crm.clone();

@@ -40,6 +40,7 @@ use mip_runtime::store::Database;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::deliver::{Deliverer, Jitter, RetryPolicy};
 use crate::engine::{Engine, FeedSettings, Handler};
@@ -96,11 +97,15 @@ pub enum FeedState {
 /// The integration service's flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct IntegrationOptions {
-    /// CRM address (HOST:PORT or URL). `mip all` ignores it and uses its own CRM.
+    /// CRM address (HOST:PORT or URL), or several replicas' addresses, comma-separated: calls
+    /// are balanced over them and skip a dead one on retry. `mip all` ignores it and uses its
+    /// own CRM.
     #[arg(long, env = "MIP_CRM_ADDR", default_value = "127.0.0.1:50051")]
     pub crm_addr: String,
 
-    /// Inventory address (HOST:PORT or URL). `mip all` ignores it and uses its own Inventory.
+    /// Inventory address (HOST:PORT or URL), or several replicas' addresses, comma-separated:
+    /// calls are balanced over them and skip a dead one on retry. `mip all` ignores it and
+    /// uses its own Inventory.
     #[arg(long, env = "MIP_INVENTORY_ADDR", default_value = "127.0.0.1:50052")]
     pub inventory_addr: String,
 
@@ -296,18 +301,44 @@ pub enum StartError {
 /// A lazily connected channel that carries this service's token (and TLS, when configured):
 /// the service starts even while CRM or Inventory is down, and reconnects by itself when they
 /// come back.
+///
+/// `addrs` is one address or several, comma-separated, each `HOST:PORT` or a URL. Several are
+/// replicas of one service: the channel balances calls over them (power of two choices), each
+/// with its own lazy, reconnecting connection and the same connect timeout and keepalive. A
+/// call that lands on a dead replica fails as UNAVAILABLE, which every caller retries, and
+/// the retry is balanced again, so it reaches a live replica; the dead one is tried again
+/// later and rejoins once it answers. A broken watch stream reconnects the same way.
 fn channel(
-    addr: &str,
+    addrs: &str,
     options: &IntegrationOptions,
     security: &Security,
 ) -> Result<AuthenticatedChannel, StartError> {
-    let channel = security
-        .endpoint(addr)?
-        .connect_timeout(options.call_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true)
-        .connect_lazy();
+    let endpoints = addrs
+        .split(',')
+        .map(|addr| {
+            let endpoint = match addr.trim() {
+                // Refused like any malformed address, naming the whole list so it can be found.
+                "" => Err(SecurityError::Address {
+                    addr: format!("{addrs} (an empty element)"),
+                    source: Endpoint::from_shared("").expect_err("an empty URI is never valid"),
+                }),
+                addr => security.endpoint(addr),
+            }?;
+            Ok::<_, SecurityError>(
+                endpoint
+                    .connect_timeout(options.call_timeout)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_while_idle(true),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let channel = match <[Endpoint; 1]>::try_from(endpoints) {
+        // One address keeps its plain channel: no balancer, no extra buffer.
+        Ok([endpoint]) => endpoint.connect_lazy(),
+        // Balanced connections are lazy too: nothing connects until the first call.
+        Err(endpoints) => Channel::balance_list(endpoints.into_iter()),
+    };
     Ok(InterceptedService::new(channel, security.authenticator()))
 }
 

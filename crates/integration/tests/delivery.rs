@@ -646,6 +646,7 @@ async fn expired_checkpoint_triggers_relist() {
                         resume_token: saved,
                         start_position: 0,
                         page_size: 1,
+                        partition_filter: None,
                     })
                     .await;
                 matches!(result, Err(status) if status.code() == Code::FailedPrecondition)

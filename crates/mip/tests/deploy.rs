@@ -102,7 +102,9 @@ fn secure_compose_services() -> BTreeMap<String, Mapping> {
 
 /// One compose file's `services`, by name.
 fn compose_file_services(file: &str) -> BTreeMap<String, Mapping> {
-    let compose: Value = serde_norway::from_str(&read(file)).expect("valid YAML");
+    let mut compose: Value = serde_norway::from_str(&read(file)).expect("valid YAML");
+    // Compose resolves `<<: *anchor` merge keys; so must the reading.
+    compose.apply_merge().expect("valid merge keys");
     let services = compose
         .get("services")
         .and_then(Value::as_mapping)
@@ -139,6 +141,17 @@ fn service<'a>(services: &'a BTreeMap<String, Mapping>, name: &str) -> &'a Mappi
     services
         .get(name)
         .unwrap_or_else(|| panic!("compose has no service {name}"))
+}
+
+/// The top-level `volumes` names of `docker-compose.cluster.yml`.
+fn cluster_volumes() -> BTreeSet<String> {
+    let compose: Value =
+        serde_norway::from_str(&read("docker-compose.cluster.yml")).expect("valid YAML");
+    compose
+        .get("volumes")
+        .and_then(Value::as_mapping)
+        .map(|volumes| volumes.keys().map(scalar).collect())
+        .unwrap_or_default()
 }
 
 /// A scalar as compose reads it: strings, numbers and booleans all become strings.
@@ -897,4 +910,230 @@ fn dockerfile_builds_in_stages_and_runs_mip_as_a_non_root_user() {
         "the final stage creates {data_dir} owned by {user_name}, or a fresh named volume \
          there belongs to root and mip cannot write its databases"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// docker-compose.cluster.yml
+// ---------------------------------------------------------------------------------------------
+
+/// The cluster's replicas, each with the service it runs (an entry of [`SERVICES`]).
+const CLUSTER: [(&str, &str); 7] = [
+    ("crm-1", "crm"),
+    ("crm-2", "crm"),
+    ("crm-3", "crm"),
+    ("inventory-1", "inventory"),
+    ("inventory-2", "inventory"),
+    ("integration-1", "integration"),
+    ("integration-2", "integration"),
+];
+
+/// The compose variable the PostgreSQL password comes from, unquoted, so it never sits in a
+/// committed file.
+const PASSWORD_VAR: &str = "${POSTGRES_PASSWORD";
+
+fn cluster_services() -> BTreeMap<String, Mapping> {
+    compose_file_services("docker-compose.cluster.yml")
+}
+
+fn expected(kind: &str) -> &'static Expected {
+    SERVICES.iter().find(|s| s.name == kind).unwrap()
+}
+
+#[test]
+fn the_cluster_runs_postgres_and_every_replica_from_the_base_image() {
+    let services = cluster_services();
+    let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
+    let mut wanted: BTreeSet<&str> = CLUSTER.iter().map(|(name, _)| *name).collect();
+    wanted.insert("postgres");
+    assert_eq!(names, wanted);
+
+    let postgres = service(&services, "postgres");
+    assert_eq!(
+        postgres.get("image").map(scalar).as_deref(),
+        Some("postgres:16")
+    );
+    let password = environment(postgres)
+        .get("POSTGRES_PASSWORD")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        password.starts_with(PASSWORD_VAR),
+        "postgres takes POSTGRES_PASSWORD from the environment, not the file: {password:?}"
+    );
+    let test = words(
+        postgres
+            .get("healthcheck")
+            .and_then(|h| h.get("test"))
+            .unwrap(),
+    );
+    assert_eq!(
+        &test[..2],
+        ["CMD", "pg_isready"],
+        "postgres is health-checked with pg_isready"
+    );
+    let declared = cluster_volumes();
+    assert!(
+        volumes(postgres).iter().any(|(source, target)| {
+            target == "/var/lib/postgresql/data" && declared.contains(source)
+        }),
+        "postgres keeps its data in a named volume: {:?}",
+        volumes(postgres)
+    );
+
+    let base = compose_services();
+    let base = service(&base, "crm");
+    for (name, kind) in CLUSTER {
+        let replica = service(&services, name);
+        for key in ["build", "image"] {
+            assert_eq!(
+                replica.get(key),
+                base.get(key),
+                "{name}'s {key} is the base file's"
+            );
+        }
+        let command = command(replica);
+        assert_eq!(
+            command.first().map(String::as_str),
+            Some(kind),
+            "{name} runs `mip {kind}`"
+        );
+        help(&command);
+    }
+}
+
+#[test]
+fn cluster_replicas_share_postgres_with_the_password_outside_the_url() {
+    let services = cluster_services();
+    for (name, kind) in CLUSTER {
+        let replica = service(&services, name);
+        let help = help(&[kind.to_owned()]);
+        let documented = documented_env(&help);
+        let env = environment(replica);
+        for var in env.keys() {
+            // PGPASSWORD is libpq's variable; `--database-url`'s help says it is read.
+            let known = documented.contains(var) || (var == "PGPASSWORD" && help.contains(var));
+            assert!(
+                known,
+                "{name} sets {var}, which `mip {kind} --help` does not document"
+            );
+        }
+        let url = env
+            .get("MIP_DATABASE_URL")
+            .unwrap_or_else(|| panic!("{name} sets MIP_DATABASE_URL"));
+        let authority = url
+            .strip_prefix("postgres://")
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_else(|| panic!("{name}'s MIP_DATABASE_URL {url} is a postgres:// URL"));
+        let (user, host) = authority.split_once('@').unwrap_or(("", authority));
+        assert!(
+            !user.contains(':'),
+            "{name}'s MIP_DATABASE_URL carries no password"
+        );
+        assert_eq!(
+            host_port(host),
+            ("postgres".to_owned(), 5432),
+            "{name} uses postgres"
+        );
+        assert!(
+            env.get("PGPASSWORD")
+                .is_some_and(|p| p.starts_with(PASSWORD_VAR)),
+            "{name} gets the password as PGPASSWORD, from POSTGRES_PASSWORD"
+        );
+
+        let depends_on = replica
+            .get("depends_on")
+            .and_then(Value::as_mapping)
+            .unwrap_or_else(|| panic!("{name}'s depends_on is the long form"));
+        assert!(
+            depends_on.contains_key("postgres"),
+            "{name} waits for postgres"
+        );
+        for (dependency, how) in depends_on {
+            let dependency = scalar(dependency);
+            assert_eq!(
+                how.get("condition").map(scalar).as_deref(),
+                Some("service_healthy"),
+                "{name} waits for {dependency} to be healthy"
+            );
+            assert!(
+                services
+                    .get(&dependency)
+                    .is_some_and(|d| d.contains_key("healthcheck")),
+                "{dependency}, which {name} waits for, has a healthcheck"
+            );
+        }
+    }
+}
+
+#[test]
+fn cluster_replicas_publish_distinct_ports_check_their_health_and_workers_call_every_replica() {
+    let services = cluster_services();
+    let health_flags = documented_flags(&help(&["health".to_owned()]));
+    let mut host_ports = BTreeSet::new();
+    let mut replicas: BTreeMap<&str, BTreeSet<(String, u16)>> = BTreeMap::new();
+    for (name, kind) in CLUSTER {
+        let expected = expected(kind);
+        let replica = service(&services, name);
+        let listen: SocketAddr = environment(replica)
+            .get(expected.listen_var)
+            .unwrap_or_else(|| panic!("{name} sets {}", expected.listen_var))
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}'s {} is an IP:PORT", expected.listen_var));
+        assert!(
+            listen.ip().is_unspecified(),
+            "{name} listens on every interface"
+        );
+        let published = ports(replica);
+        let host = published
+            .iter()
+            .find(|(_, container)| *container == listen.port())
+            .and_then(|(host, _)| *host)
+            .unwrap_or_else(|| panic!("{name} publishes {listen} on a host port: {published:?}"));
+        assert!(
+            host_ports.insert(host),
+            "host port {host} is published twice"
+        );
+        replicas
+            .entry(kind)
+            .or_default()
+            .insert((name.to_owned(), listen.port()));
+
+        let test = words(
+            replica
+                .get("healthcheck")
+                .and_then(|h| h.get("test"))
+                .unwrap(),
+        );
+        assert_eq!(test[..3].join(" "), "CMD mip health", "{name}: {test:?}");
+        let flags = flags(&test[3..]);
+        assert!(
+            flags.keys().all(|flag| health_flags.contains(flag)),
+            "{name}'s healthcheck flags {flags:?} are documented"
+        );
+        assert_eq!(
+            flags.get("addr").cloned(),
+            Some(format!("127.0.0.1:{}", listen.port())),
+            "{name}'s healthcheck asks its own listen port"
+        );
+        assert_eq!(
+            flags.get("service").map(String::as_str),
+            Some(expected.grpc_name)
+        );
+    }
+
+    for (name, _) in CLUSTER.iter().filter(|(_, kind)| *kind == "integration") {
+        let env = environment(service(&services, name));
+        for (var, kind) in [("MIP_CRM_ADDR", "crm"), ("MIP_INVENTORY_ADDR", "inventory")] {
+            let listed: BTreeSet<(String, u16)> = env
+                .get(var)
+                .unwrap_or_else(|| panic!("{name} sets {var}"))
+                .split(',')
+                .map(host_port)
+                .collect();
+            assert_eq!(
+                listed, replicas[kind],
+                "{name}'s {var} lists every {kind} replica"
+            );
+        }
+    }
 }

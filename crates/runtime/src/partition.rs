@@ -36,6 +36,9 @@ mod tests {
         for _ in 0..16_000 {
             counts[of(&Uuid::now_v7(), 16) as usize] += 1;
         }
-        assert!(counts.iter().all(|&n| (800..1200).contains(&n)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&n| (800..1200).contains(&n)),
+            "{counts:?}"
+        );
     }
 }
