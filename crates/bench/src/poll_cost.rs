@@ -145,6 +145,7 @@ impl Poller {
                     resume_token: token.clone(),
                     start_position: 0,
                     page_size: step as i32,
+                    partition_filter: None,
                 })
                 .await
                 .context("ListCustomerEvents, positioning")?
@@ -213,6 +214,7 @@ impl Poller {
                 resume_token: token.to_owned(),
                 start_position: 0,
                 page_size: PAGE_SIZE,
+                partition_filter: None,
             })
             .await
             .context("ListCustomerEvents")?

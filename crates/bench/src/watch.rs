@@ -119,6 +119,7 @@ async fn open(channel: Channel) -> Result<Streaming<WatchMessage>, Status> {
     let request = Request::new(WatchCustomersRequest {
         resume_token: String::new(),
         start_position: StartPosition::Latest as i32,
+        partition_filter: None,
     });
     Ok(grpc
         .server_streaming(
