@@ -7,6 +7,14 @@
 //! saves the tracker's low watermark, so after any crash the service resumes at or before the
 //! oldest unfinished event. Redelivering the events after it is safe: their request ids make
 //! Inventory create nothing twice.
+//!
+//! The reader follows the partitions this worker holds (see [`crate::lease`]): one stream (or
+//! poll) with their `PartitionFilter`, from the lowest of their checkpoints, and it also skips
+//! events of other partitions itself, so it is right whether or not CRM applies the filter. The
+//! watermark is saved to every partition the stream covers, with each lease's epoch. When the
+//! set changes (a partition taken, lost, fenced or given up) the stream stops, deliveries in
+//! flight are cancelled (the watermark never passes them, so they are delivered again), the
+//! watermark is saved, partitions above the fair share are given up, and a new stream starts.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -23,8 +31,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tonic::{Code, Request, Status, Streaming};
 use tracing::{error, info, warn};
+use uuid::Uuid;
 
 use crate::deliver::{Deliverer, Outcome};
+use crate::lease::{Leases, Owned};
 use crate::store::{DeadLetter, IntegrationStore};
 use crate::tracker::{Mark, Tracker};
 use crate::{Mode, StartPosition, Stats};
@@ -72,10 +82,59 @@ enum StreamEnd {
     Failed { status: Status, progressed: bool },
 }
 
+/// The partitions one stream follows.
+#[derive(Debug, Default)]
+struct Scope {
+    /// Partitions and the lease epochs they were followed at: where the watermark is saved.
+    covered: Vec<(u32, i64)>,
+    /// Indexed by partition: whether this stream delivers its events.
+    owns: Vec<bool>,
+    /// What CRM is asked for; `None` when every partition is covered.
+    filter: Option<crm::PartitionFilter>,
+}
+
+impl Scope {
+    fn new(owned: &[Owned], count: u32) -> Self {
+        let mut owns = vec![false; count as usize];
+        for o in owned {
+            if let Some(slot) = owns.get_mut(o.partition as usize) {
+                *slot = true;
+            }
+        }
+        let filter = (owned.len() < count as usize).then(|| crm::PartitionFilter {
+            partition_count: i32::try_from(count).unwrap_or(i32::MAX),
+            partitions: owned
+                .iter()
+                .map(|o| i32::try_from(o.partition).unwrap_or(i32::MAX))
+                .collect(),
+        });
+        Self {
+            covered: owned.iter().map(|o| (o.partition, o.epoch)).collect(),
+            owns,
+            filter,
+        }
+    }
+
+    /// Whether `customer_id`'s events are this stream's to deliver. An id that is not a UUID
+    /// (CRM never issues one) counts as the nil UUID's partition.
+    fn owns(&self, customer_id: &str) -> bool {
+        let id = Uuid::parse_str(customer_id).unwrap_or_default();
+        let count = u32::try_from(self.owns.len()).unwrap_or(u32::MAX);
+        self.owns
+            .get(mip_runtime::partition::of(&id, count) as usize)
+            .copied()
+            .unwrap_or(false)
+    }
+}
+
 /// The feed reader and its delivery pipeline.
 pub struct Engine<S: ?Sized> {
-    /// Checkpoint and dead letters.
+    /// Dead letters.
     store: Arc<S>,
+    /// The partitions this worker holds, and where their checkpoints are written.
+    leases: Arc<Leases>,
+    /// The partitions the current stream follows.
+    scope: Arc<Scope>,
     /// CRM client.
     crm: CrmServiceClient<AuthenticatedChannel>,
     /// Delivers package requests.
@@ -86,7 +145,8 @@ pub struct Engine<S: ?Sized> {
     stats: Arc<Stats>,
     /// Time source for checkpoint and dead-letter timestamps.
     clock: SharedClock,
-    /// Ends the reader and cancels deliveries.
+    /// Ends the reader and cancels deliveries: at shutdown, or (in one generation's engine)
+    /// when the partitions to follow change.
     shutdown: CancellationToken,
     /// Events in flight and the low watermark.
     tracker: Arc<Mutex<Tracker>>,
@@ -98,8 +158,10 @@ pub struct Engine<S: ?Sized> {
 
 impl<S: IntegrationStore + ?Sized> Engine<S> {
     /// An engine; nothing runs until [`Engine::run`].
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<S>,
+        leases: Arc<Leases>,
         crm: CrmServiceClient<AuthenticatedChannel>,
         deliverer: Deliverer,
         settings: FeedSettings,
@@ -110,6 +172,8 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         Self {
             slots: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
             store,
+            leases,
+            scope: Arc::new(Scope::default()),
             crm,
             deliverer,
             settings,
@@ -121,28 +185,107 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         }
     }
 
-    /// Follows the feed until shutdown, then waits for in-flight deliveries to stop and saves
-    /// the final checkpoint.
-    pub async fn run(self, mut checkpoint: Option<Mark>) {
-        if let Some(mark) = &checkpoint {
-            self.stats.set_checkpoint(mark);
-            info!(sequence = mark.sequence, "resuming from checkpoint");
+    /// Follows the partitions this worker holds until shutdown, restarting the stream
+    /// whenever they change; every stream's final watermark is saved before the next starts.
+    pub async fn run(self) {
+        let mut changes = self.leases.subscribe();
+        while !self.shutdown.is_cancelled() {
+            changes.borrow_and_update();
+            let owned = self.leases.active();
+            if owned.is_empty() {
+                self.release_pending().await;
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    () = self.shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            let reading = self.shutdown.child_token();
+            let watcher = {
+                let (mut changes, reading) = (changes.clone(), reading.clone());
+                tokio::spawn(async move {
+                    let _ = changes.changed().await;
+                    reading.cancel();
+                })
+            };
+            self.generation(&owned, reading)
+                .follow_partitions(owned)
+                .await;
+            watcher.abort();
+            self.release_pending().await;
+        }
+        info!("feed reader stopped; checkpoints saved");
+    }
+
+    /// This engine for one stream over `owned`, stopped by `reading`.
+    fn generation(&self, owned: &[Owned], reading: CancellationToken) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            leases: Arc::clone(&self.leases),
+            scope: Arc::new(Scope::new(owned, self.leases.partition_count())),
+            crm: self.crm.clone(),
+            deliverer: self.deliverer.clone(),
+            settings: self.settings.clone(),
+            stats: Arc::clone(&self.stats),
+            clock: Arc::clone(&self.clock),
+            shutdown: reading,
+            tracker: Arc::new(Mutex::new(Tracker::new())),
+            moved: Arc::new(Notify::new()),
+            slots: Arc::clone(&self.slots),
+        }
+    }
+
+    async fn release_pending(&self) {
+        if let Err(e) = self.leases.release_pending().await {
+            warn!(error = %e, "cannot give up partitions yet; will retry");
+        }
+    }
+
+    /// One stream over `owned` from the lowest of their checkpoints, until this generation
+    /// stops; then waits for in-flight deliveries to stop and saves the final watermark.
+    async fn follow_partitions(self, owned: Vec<Owned>) {
+        let missing: Vec<(u32, i64)> = owned
+            .iter()
+            .filter(|o| o.checkpoint.is_none())
+            .map(|o| (o.partition, o.epoch))
+            .collect();
+        let lowest = |head: Option<Mark>| {
+            owned
+                .iter()
+                .map(|o| o.checkpoint.clone().or_else(|| head.clone()))
+                .min_by_key(|m| m.as_ref().map(|m| m.sequence))
+                .flatten()
+        };
+        let checkpoint = if missing.is_empty() {
+            lowest(None)
         } else if self.settings.start_position == StartPosition::Latest {
             // "Latest" must mean the head at the first start, not at every reconnect before
             // the first checkpoint: pin it down durably before reading anything.
-            checkpoint = self.anchor_at_head().await;
-            if checkpoint.is_none() {
+            let Some(head) = self.anchor_at_head(&missing).await else {
                 return;
-            }
+            };
+            lowest(Some(head))
         } else {
-            info!("no checkpoint yet; starting from the oldest event CRM keeps");
+            None
+        };
+        match &checkpoint {
+            Some(mark) => {
+                info!(
+                    sequence = mark.sequence,
+                    partitions = owned.len(),
+                    "resuming from checkpoint"
+                )
+            }
+            None => info!(
+                partitions = owned.len(),
+                "no checkpoint yet; starting from the oldest event CRM keeps"
+            ),
         }
         let checkpointer = tokio::spawn(checkpoint_loop(
-            Arc::clone(&self.store),
+            Arc::clone(&self.leases),
+            Arc::clone(&self.scope),
             Arc::clone(&self.tracker),
             Arc::clone(&self.moved),
-            Arc::clone(&self.stats),
-            Arc::clone(&self.clock),
             self.shutdown.clone(),
         ));
         self.follow(checkpoint).await;
@@ -151,13 +294,12 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         let slots = u32::try_from(self.settings.max_in_flight.max(1)).unwrap_or(u32::MAX);
         let _all = self.slots.acquire_many(slots).await;
         let _ = checkpointer.await;
-        save_watermark(&*self.store, &self.tracker, &self.stats, &self.clock).await;
-        info!("feed reader stopped; checkpoint saved");
+        save_watermark(&self.leases, &self.scope, &self.tracker).await;
     }
 
     /// Reads CRM's head position and saves it as the first checkpoint; retries until it
     /// works or shutdown begins (`None`).
-    async fn anchor_at_head(&self) -> Option<Mark> {
+    async fn anchor_at_head(&self, missing: &[(u32, i64)]) -> Option<Mark> {
         let mut failures = 0;
         loop {
             let mut client = self.crm.clone();
@@ -191,17 +333,12 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
                     continue;
                 }
             };
-            match self
-                .store
-                .save_checkpoint(head.clone(), self.clock.now())
-                .await
-            {
+            match self.leases.save(missing, &head).await {
                 Ok(()) => {
                     info!(
                         sequence = head.sequence,
                         "no checkpoint yet; starting at CRM's newest event"
                     );
-                    self.stats.set_checkpoint(&head);
                     return Some(head);
                 }
                 Err(e) => {
@@ -355,7 +492,7 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         let request = crm::WatchCustomersRequest {
             resume_token: cursor.as_ref().map(|m| m.token.clone()).unwrap_or_default(),
             start_position: self.start_position(),
-            partition_filter: None,
+            partition_filter: self.scope.filter.clone(),
         };
         let mut client = self.crm.clone();
         let call =
@@ -435,7 +572,7 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
             resume_token: cursor.as_ref().map(|m| m.token.clone()).unwrap_or_default(),
             start_position: self.start_position(),
             page_size: POLL_BATCH,
-            partition_filter: None,
+            partition_filter: self.scope.filter.clone(),
         });
         request.set_timeout(self.settings.call_timeout);
         let mut client = self.crm.clone();
@@ -489,7 +626,8 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
             .and_then(|c| c.create_time)
             .and_then(|t| SystemTime::try_from(t).ok());
         let customer_id = event.customer.map(|c| c.id).unwrap_or_default();
-        if !created || customer_id.is_empty() {
+        // Another worker's partition: CRM may not apply the filter, so skip it here too.
+        if !created || customer_id.is_empty() || !self.scope.owns(&customer_id) {
             let mut tracker = self.tracker.lock().expect("tracker lock");
             tracker.start(mark.clone());
             tracker.finish(mark.sequence);
@@ -573,6 +711,9 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
                 });
             }
             for customer in page.customers {
+                if !self.scope.owns(&customer.id) {
+                    continue;
+                }
                 let slot = tokio::select! {
                     slot = Arc::clone(&self.slots).acquire_owned() => slot.expect("slots never close"),
                     () = self.shutdown.cancelled() => return,
@@ -738,12 +879,11 @@ fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
 }
 
 /// Saves the watermark whenever it moves, at most every [`CHECKPOINT_EVERY`], until shutdown.
-async fn checkpoint_loop<S: IntegrationStore + ?Sized>(
-    store: Arc<S>,
+async fn checkpoint_loop(
+    leases: Arc<Leases>,
+    scope: Arc<Scope>,
     tracker: Arc<Mutex<Tracker>>,
     moved: Arc<Notify>,
-    stats: Arc<Stats>,
-    clock: SharedClock,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -751,7 +891,7 @@ async fn checkpoint_loop<S: IntegrationStore + ?Sized>(
             () = moved.notified() => {}
             () = shutdown.cancelled() => return,
         }
-        save_watermark(&*store, &tracker, &stats, &clock).await;
+        save_watermark(&leases, &scope, &tracker).await;
         tokio::select! {
             () = tokio::time::sleep(CHECKPOINT_EVERY) => {}
             () = shutdown.cancelled() => return,
@@ -759,21 +899,13 @@ async fn checkpoint_loop<S: IntegrationStore + ?Sized>(
     }
 }
 
-/// Saves the watermark if it moved since the last save.
-async fn save_watermark<S: IntegrationStore + ?Sized>(
-    store: &S,
-    tracker: &Mutex<Tracker>,
-    stats: &Stats,
-    clock: &SharedClock,
-) {
+/// Saves the watermark to every partition the stream covers, if it moved since the last save.
+async fn save_watermark(leases: &Leases, scope: &Scope, tracker: &Mutex<Tracker>) {
     let mark = tracker.lock().expect("tracker lock").take();
     let Some(mark) = mark else { return };
-    match store.save_checkpoint(mark.clone(), clock.now()).await {
-        Ok(()) => stats.set_checkpoint(&mark),
-        Err(e) => {
-            // Put the mark back so the next round saves it (or a later one).
-            tracker.lock().expect("tracker lock").restore(mark);
-            warn!(error = %e, "cannot save checkpoint; will retry");
-        }
+    if let Err(e) = leases.save(&scope.covered, &mark).await {
+        // Put the mark back so the next round saves it (or a later one).
+        tracker.lock().expect("tracker lock").restore(mark);
+        warn!(error = %e, "cannot save checkpoint; will retry");
     }
 }

@@ -20,6 +20,18 @@ pub enum Error {
     /// restarted service finishes it.
     #[error("shutting down; retry later")]
     ShuttingDown,
+    /// The store was set up for another partition count; changing it would move customers
+    /// between partitions whose checkpoints say otherwise.
+    #[error(
+        "the integration store was set up with {recorded} partitions; refusing to start with \
+         --partitions {requested} (the partition count cannot change once recorded)"
+    )]
+    PartitionCountChanged {
+        /// The count recorded on first start.
+        recorded: u32,
+        /// The count this start asked for.
+        requested: u32,
+    },
     /// The store failed.
     #[error(transparent)]
     Storage(#[from] DbError),
@@ -31,7 +43,7 @@ impl Error {
         match self {
             Error::ShuttingDown => true,
             Error::Storage(e) => e.is_transient(),
-            Error::InvalidField { .. } => false,
+            Error::InvalidField { .. } | Error::PartitionCountChanged { .. } => false,
         }
     }
 }
@@ -48,6 +60,7 @@ impl From<Error> for Status {
         match error {
             Error::InvalidField { field, reason } => invalid_field(field, reason),
             Error::ShuttingDown => Status::unavailable(message),
+            Error::PartitionCountChanged { .. } => Status::failed_precondition(message),
             Error::Storage(e) => storage(&e),
         }
     }

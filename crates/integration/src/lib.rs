@@ -6,7 +6,9 @@
 //! - [`deliver`]: one delivery: derived idempotency key, deadline, status-aware retries.
 //! - [`batch`]: the calls underneath, coalesced into `BatchCreatePackageRequests`.
 //! - [`tracker`]: the checkpoint rule.
-//! - [`store`]: checkpoint and dead letters, in the service's own SQLite database or in schema
+//! - [`lease`]: how workers sharing one database split the feed into partitions: leases with
+//!   fencing epochs, and one checkpoint per partition.
+//! - [`store`]: partitions, workers and dead letters, in the service's own SQLite database or in schema
 //!   `integration` of a PostgreSQL database.
 //! - [`service`]: the admin API (`integration.v1.IntegrationService`).
 //! - [`error`]: how calls fail, and the one mapping to gRPC statuses.
@@ -21,6 +23,7 @@ pub mod batch;
 pub mod deliver;
 pub mod engine;
 pub mod error;
+pub mod lease;
 pub mod service;
 pub mod store;
 pub mod tracker;
@@ -45,6 +48,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::deliver::{Deliverer, Jitter, RetryPolicy};
 use crate::engine::{Engine, FeedSettings, Handler};
 pub use crate::error::Error;
+use crate::lease::{DEFAULT_PARTITIONS, LeasePause, Leases};
 use crate::store::IntegrationStore;
 use crate::tracker::Mark;
 
@@ -158,6 +162,20 @@ pub struct IntegrationOptions {
     /// Largest retry backoff.
     #[arg(long, env = "MIP_INTEGRATION_RETRY_MAX", default_value = "10s", value_parser = mip_runtime::parse_positive_duration)]
     pub retry_max: Duration,
+
+    /// Partitions CRM's feed is split into, so several workers on one PostgreSQL database can
+    /// share it. Recorded on first start; a later start with another count is refused.
+    #[arg(long, env = "MIP_INTEGRATION_PARTITIONS", default_value_t = DEFAULT_PARTITIONS, value_parser = clap::value_parser!(u32).range(1..=i64::from(mip_runtime::partition::MAX_PARTITIONS)))]
+    pub partitions: u32,
+
+    /// How long a worker's lease on a partition lasts without renewal; renewed every third of
+    /// it. A stalled worker's partitions move to others after this long.
+    #[arg(long, env = "MIP_INTEGRATION_LEASE_TTL", default_value = "10s", value_parser = mip_runtime::parse_positive_duration)]
+    pub lease_ttl: Duration,
+
+    /// Stops the lease renewals while set (tests use it to stage a stalled worker).
+    #[arg(skip)]
+    pub lease_pause: LeasePause,
 }
 
 impl Default for IntegrationOptions {
@@ -176,6 +194,9 @@ impl Default for IntegrationOptions {
             call_timeout: Duration::from_secs(5),
             retry_initial: Duration::from_millis(50),
             retry_max: Duration::from_secs(10),
+            partitions: DEFAULT_PARTITIONS,
+            lease_ttl: Duration::from_secs(10),
+            lease_pause: LeasePause::default(),
         }
     }
 }
@@ -193,11 +214,13 @@ pub struct Stats {
     pub mode_switches: AtomicU64,
     /// Whether a watch stream is open.
     pub stream_connected: AtomicBool,
+    /// Checkpoint writes refused because the lease had moved on.
+    pub checkpoint_fenced: AtomicU64,
     /// 0 unknown, 1 stream, 2 poll.
     mode: AtomicU8,
     /// Newest CRM sequence seen.
     head_seen: AtomicI64,
-    /// The saved checkpoint.
+    /// The lowest saved checkpoint of the partitions held.
     checkpoint: Mutex<Option<Mark>>,
 }
 
@@ -229,9 +252,23 @@ impl Stats {
         metrics::gauge!("mip_integration_checkpoint_lag_events").set(self.lag() as f64);
     }
 
-    fn set_checkpoint(&self, mark: &Mark) {
-        *self.checkpoint.lock().expect("stats lock") = Some(mark.clone());
-        self.saw_head(mark.sequence);
+    fn set_checkpoint(&self, mark: Option<Mark>) {
+        let sequence = mark.as_ref().map(|m| m.sequence);
+        *self.checkpoint.lock().expect("stats lock") = mark;
+        if let Some(sequence) = sequence {
+            self.saw_head(sequence);
+        }
+    }
+
+    /// Counts checkpoint writes refused by the epoch check.
+    fn count_fenced(&self, n: u64) {
+        self.checkpoint_fenced.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!("mip_integration_checkpoint_fenced_total").increment(n);
+    }
+
+    /// The newest CRM sequence seen.
+    pub fn head_seen(&self) -> i64 {
+        self.head_seen.load(Ordering::Relaxed)
     }
 
     /// Counts a delivered package request; `delay` is the time from the customer's creation
@@ -360,6 +397,14 @@ pub async fn serve(
     let stop = shutdown.child_token();
     let store = store::open(database, &stop).await?;
     let stats = Arc::new(Stats::default());
+    let leases = Arc::new(Leases::new(
+        Arc::clone(&store),
+        options.partitions,
+        options.lease_ttl,
+        Arc::clone(&clock),
+        Arc::clone(&stats),
+        options.lease_pause.clone(),
+    ));
     let crm = CrmServiceClient::new(channel(&options.crm_addr, &options, &security)?)
         .max_decoding_message_size(server.max_message_bytes);
     let deliverer = Deliverer::new(
@@ -397,6 +442,7 @@ pub async fn serve(
     };
     let engine = Engine::new(
         Arc::clone(&store),
+        Arc::clone(&leases),
         crm,
         deliverer,
         settings,
@@ -405,13 +451,19 @@ pub async fn serve(
         stop.clone(),
     );
     let configured_mode = format!("{:?}", options.mode).to_lowercase();
-    let api = service::IntegrationApi::new(handler, stats, configured_mode);
+    let api = service::IntegrationApi::new(handler, stats, Arc::clone(&leases), configured_mode);
     let routes = Routes::new(mip_runtime::limited!(
         IntegrationServiceServer::new(api),
         server
     ));
     // Serving starts at once (NOT_SERVING, admin calls UNAVAILABLE) while the store connects.
-    let engine_task = tokio::spawn(start_engine(store, engine, health.clone(), stop.clone()));
+    let engine_task = tokio::spawn(start_engine(
+        store,
+        leases,
+        engine,
+        health.clone(),
+        stop.clone(),
+    ));
     let served = mip_runtime::server::serve_secured(
         listener,
         mip_proto::INTEGRATION_DESCRIPTOR_SET,
@@ -433,44 +485,61 @@ pub async fn serve(
     }
 }
 
-/// Waits for the store, reads the checkpoint, marks the service SERVING and follows the feed
-/// until `stop`. A store that fails for good cancels `stop` (ending `serve`) and is returned.
+/// Waits for the store, records (or checks) the partition count, takes a first share of the
+/// partitions, marks the service SERVING and follows the feed until `stop`, renewing leases
+/// meanwhile; at a clean stop it gives its leases up. A store that fails for good, or a
+/// partition count other than the recorded one, cancels `stop` (ending `serve`) and is
+/// returned.
 async fn start_engine(
     store: Arc<dyn IntegrationStore>,
+    leases: Arc<Leases>,
     engine: Engine<dyn IntegrationStore>,
     health: Health,
     stop: CancellationToken,
 ) -> Result<(), Error> {
-    let checkpoint = tokio::select! {
-        checkpoint = first_checkpoint(&*store, &stop) => checkpoint,
+    let prepared = tokio::select! {
+        prepared = prepare(&*store, &leases, &stop) => prepared,
         () = stop.cancelled() => return Ok(()),
     };
-    let checkpoint = match checkpoint {
-        Ok(checkpoint) => checkpoint,
+    match prepared {
+        Ok(()) => {}
         Err(_) if stop.is_cancelled() => return Ok(()),
         Err(e) => {
             tracing::error!(error = %e, "the integration store cannot be used; stopping");
             stop.cancel();
             return Err(e);
         }
-    };
+    }
     health.set_serving().await;
-    engine.run(checkpoint).await;
+    let renewing = stop.child_token();
+    let lease_loop = {
+        let (leases, renewing) = (Arc::clone(&leases), renewing.clone());
+        tokio::spawn(async move { leases.run(renewing).await })
+    };
+    engine.run().await;
+    renewing.cancel();
+    let _ = lease_loop.await;
+    leases.retire().await;
     Ok(())
 }
 
-/// The saved checkpoint, once the store is ready; transient read failures (a database that
-/// went away just after connecting) are retried with backoff.
-async fn first_checkpoint(
+/// Once the store is ready: the partitions, and a first lease round. Transient failures (a
+/// database that went away just after connecting) are retried with backoff.
+async fn prepare(
     store: &dyn IntegrationStore,
+    leases: &Leases,
     stop: &CancellationToken,
-) -> Result<Option<Mark>, Error> {
+) -> Result<(), Error> {
     store.ready().await?;
     let mut backoff = Duration::from_millis(100);
     loop {
-        match store.checkpoint().await {
+        let attempt = async {
+            store.init_partitions(leases.partition_count()).await?;
+            leases.round().await
+        };
+        match attempt.await {
             Err(e) if e.is_transient() && !stop.is_cancelled() => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot read the checkpoint yet");
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot set up the partitions yet");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

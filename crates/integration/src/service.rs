@@ -12,6 +12,7 @@ use tracing::info;
 
 use crate::engine::{Handled, Handler};
 use crate::error::Error;
+use crate::lease::Leases;
 use crate::store::IntegrationStore;
 use crate::{FeedState, Stats};
 
@@ -24,16 +25,24 @@ pub struct IntegrationApi<S: ?Sized> {
     handler: Handler<S>,
     /// Counters and feed state.
     stats: Arc<Stats>,
+    /// This worker's partitions, and the cluster's workers.
+    leases: Arc<Leases>,
     /// `auto`, `stream` or `poll`, as configured.
     configured_mode: String,
 }
 
 impl<S: IntegrationStore + ?Sized> IntegrationApi<S> {
     /// An admin API.
-    pub fn new(handler: Handler<S>, stats: Arc<Stats>, configured_mode: String) -> Self {
+    pub fn new(
+        handler: Handler<S>,
+        stats: Arc<Stats>,
+        leases: Arc<Leases>,
+        configured_mode: String,
+    ) -> Self {
         Self {
             handler,
             stats,
+            leases,
             configured_mode,
         }
     }
@@ -50,6 +59,20 @@ impl<S: IntegrationStore + ?Sized> pb::integration_service_server::IntegrationSe
         let stats = &self.stats;
         let (checkpoint, checkpoint_sequence) = stats.checkpoint();
         let pending = self.handler.store.count_dead_letters().await?;
+        let workers = self.leases.workers().await?;
+        let head = stats.head_seen();
+        let partitions = self
+            .leases
+            .view()
+            .into_iter()
+            .map(|p| pb::PartitionStatus {
+                partition: i32::try_from(p.partition).unwrap_or(i32::MAX),
+                checkpoint_sequence: p.checkpoint_sequence,
+                epoch: p.epoch,
+                lease_expire_time: Some(timestamp(p.expire_time)),
+                lag_events: (head - p.checkpoint_sequence).max(0),
+            })
+            .collect();
         Ok(Response::new(pb::GetStatusResponse {
             mode: match stats.mode() {
                 Some(FeedState::Stream) => pb::FeedMode::Stream,
@@ -67,6 +90,18 @@ impl<S: IntegrationStore + ?Sized> pb::integration_service_server::IntegrationSe
             mode_switches: count(stats.mode_switches.load(Ordering::Relaxed)),
             dead_letters_pending: count(pending),
             configured_mode: self.configured_mode.clone(),
+            worker_id: self.leases.worker_id().to_owned(),
+            partition_count: i32::try_from(self.leases.partition_count()).unwrap_or(i32::MAX),
+            partitions,
+            workers: workers
+                .into_iter()
+                .map(|w| pb::WorkerStatus {
+                    worker_id: w.worker_id,
+                    last_heartbeat_time: Some(timestamp(w.last_heartbeat)),
+                    partitions_owned: i32::try_from(w.partitions).unwrap_or(i32::MAX),
+                })
+                .collect(),
+            checkpoint_writes_fenced: count(stats.checkpoint_fenced.load(Ordering::Relaxed)),
         }))
     }
 

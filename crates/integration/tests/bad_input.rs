@@ -121,7 +121,15 @@ impl Fixture {
                 shutdown: CancellationToken::new(),
                 redrive: true,
             };
-            let api = IntegrationApi::new(handler, stats, "auto".to_owned());
+            let leases = Arc::new(mip_integration::lease::Leases::new(
+                Arc::clone(&store),
+                mip_integration::lease::DEFAULT_PARTITIONS,
+                Duration::from_secs(10),
+                Arc::new(SystemClock),
+                Arc::clone(&stats),
+                Default::default(),
+            ));
+            let api = IntegrationApi::new(handler, stats, leases, "auto".to_owned());
             let first = api
                 .list_dead_letters(Request::new(pb::ListDeadLettersRequest {
                     page_size: 1,

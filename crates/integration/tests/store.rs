@@ -46,34 +46,72 @@ fn event_ids(rows: &[(i64, DeadLetter)]) -> Vec<&str> {
 }
 
 backend_tests! {
-    async fn the_checkpoint_is_absent_then_saved_then_replaced(db: Database) {
+    async fn the_partition_count_is_recorded_once_and_another_is_refused(db: Database) {
         let store = opened(&db).await;
-        assert_eq!(store.checkpoint().await.unwrap(), None);
-        let first = Mark {
-            token: "token-7".to_owned(),
-            sequence: 7,
-        };
-        store.save_checkpoint(first.clone(), at(1)).await.unwrap();
-        assert_eq!(store.checkpoint().await.unwrap(), Some(first));
-        let second = Mark {
-            token: "token-9".to_owned(),
-            sequence: 9,
-        };
-        store.save_checkpoint(second.clone(), at(2)).await.unwrap();
-        assert_eq!(store.checkpoint().await.unwrap(), Some(second));
+        store.init_partitions(8).await.unwrap();
+        store.init_partitions(8).await.unwrap();
+        assert_eq!(store.checkpoints().await.unwrap().len(), 8);
+        let refused = opened(&db).await.init_partitions(16).await.unwrap_err();
+        let message = refused.to_string();
+        assert!(message.contains(" 8 ") && message.contains("16"), "{message}");
     }
 
-    async fn the_checkpoint_survives_reopening_the_store(db: Database) {
-        let mark = Mark {
-            token: "kept".to_owned(),
-            sequence: 42,
+    async fn a_checkpoint_written_after_the_lease_moved_on_is_refused(db: Database) {
+        let store = opened(&db).await;
+        store.init_partitions(4).await.unwrap();
+        let ttl = Duration::from_millis(50);
+        let taken = store.acquire("a", 10, ttl, SystemTime::now()).await.unwrap();
+        assert_eq!(taken.iter().map(|l| l.partition).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        let a: Vec<(u32, i64)> = taken.iter().map(|l| (l.partition, l.epoch)).collect();
+        let first = Mark { token: "t5".to_owned(), sequence: 5 };
+        assert_eq!(store.save_checkpoints("a", &a, &first, at(1)).await.unwrap(), Vec::<u32>::new());
+        // Nothing is free until the leases run out; then "b" takes them at a higher epoch.
+        assert!(store.acquire("b", 10, ttl, SystemTime::now()).await.unwrap().is_empty());
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        let stolen = loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let stolen = store.acquire("b", 10, Duration::from_secs(60), SystemTime::now())
+                .await
+                .unwrap();
+            if !stolen.is_empty() {
+                break stolen;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the leases never ran out");
         };
-        opened(&db)
-            .await
-            .save_checkpoint(mark.clone(), at(1))
-            .await
-            .unwrap();
-        assert_eq!(opened(&db).await.checkpoint().await.unwrap(), Some(mark));
+        assert_eq!(stolen.len(), 4);
+        assert!(stolen.iter().all(|l| l.epoch == a[0].1 + 1 && l.checkpoint == Some(first.clone())));
+        let late = Mark { token: "t9".to_owned(), sequence: 9 };
+        let mut fenced = store.save_checkpoints("a", &a, &late, at(2)).await.unwrap();
+        fenced.sort_unstable();
+        assert_eq!(fenced, [0, 1, 2, 3]);
+        assert!(store.renew("a", &a, ttl, SystemTime::now()).await.unwrap().is_empty());
+        let b: Vec<(u32, i64)> = stolen.iter().map(|l| (l.partition, l.epoch)).collect();
+        // The successor is not refused, and a checkpoint never moves back.
+        assert_eq!(store.save_checkpoints("b", &b, &late, at(3)).await.unwrap(), Vec::<u32>::new());
+        assert_eq!(store.save_checkpoints("b", &b, &first, at(4)).await.unwrap(), Vec::<u32>::new());
+        let saved = store.checkpoints().await.unwrap();
+        assert!(saved.iter().all(|(_, m)| m.as_ref() == Some(&late)), "{saved:?}");
+    }
+
+    async fn workers_are_listed_with_their_partitions_until_they_retire(db: Database) {
+        let store = opened(&db).await;
+        store.init_partitions(4).await.unwrap();
+        let ttl = Duration::from_secs(60);
+        let now = SystemTime::now();
+        store.heartbeat("a", now).await.unwrap();
+        store.heartbeat("b", now).await.unwrap();
+        let taken = store.acquire("a", 3, ttl, now).await.unwrap();
+        assert_eq!(taken.len(), 3);
+        let workers = store.live_workers(ttl, now).await.unwrap();
+        let owned: Vec<(&str, u32)> =
+            workers.iter().map(|w| (w.worker_id.as_str(), w.partitions)).collect();
+        assert_eq!(owned, [("a", 3), ("b", 0)]);
+        store.release("a", &[(taken[0].partition, taken[0].epoch)]).await.unwrap();
+        assert_eq!(store.acquire("b", 10, ttl, now).await.unwrap().len(), 2);
+        store.retire("a").await.unwrap();
+        let workers = store.live_workers(ttl, now).await.unwrap();
+        assert_eq!(workers.len(), 1);
+        assert_eq!((workers[0].worker_id.as_str(), workers[0].partitions), ("b", 2));
     }
 
     async fn a_dead_letter_put_twice_keeps_its_place_and_adds_up_its_attempts(db: Database) {

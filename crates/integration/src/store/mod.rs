@@ -1,4 +1,5 @@
-//! The integration service's own durable state: the checkpoint and the dead-letter list.
+//! The integration service's own durable state: the partitions of the feed (their leases and
+//! checkpoints), the workers sharing them, and the dead-letter list.
 //!
 //! [`IntegrationStore`] is what the engine and the admin API use; [`open`] is the one place a
 //! [`Database`] (from `--data-dir` or `--database-url`) becomes a store, so nothing else names
@@ -11,7 +12,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use mip_runtime::CancellationToken;
@@ -39,16 +40,81 @@ pub struct DeadLetter {
     pub update_time: SystemTime,
 }
 
+/// One partition's lease, as the worker holding it sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The partition, `0..partition_count`.
+    pub partition: u32,
+    /// The hand-over count this lease was taken at; checkpoint writes carry it, so a writer
+    /// that lost the lease is refused.
+    pub epoch: i64,
+    /// When the lease runs out unless renewed.
+    pub expire_time: SystemTime,
+    /// The partition's saved checkpoint, if any.
+    pub checkpoint: Option<Mark>,
+}
+
+/// A worker of the cluster, as the shared tables see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Worker {
+    /// Random per process start.
+    pub worker_id: String,
+    /// Its last heartbeat.
+    pub last_heartbeat: SystemTime,
+    /// Partitions it holds an unexpired lease on.
+    pub partitions: u32,
+}
+
 /// What the integration service keeps.
+///
+/// Lease times are the database's clock on PostgreSQL (so workers on different hosts agree)
+/// and the `now` passed in on SQLite (the injectable clock).
 #[async_trait]
 pub trait IntegrationStore: Send + Sync + 'static {
     /// Resolves once the store can serve calls (at once for SQLite; once connected and
     /// migrated for PostgreSQL), or with the error that means it never will.
     async fn ready(&self) -> Result<(), Error>;
-    /// The saved checkpoint, if any.
-    async fn checkpoint(&self) -> Result<Option<Mark>, Error>;
-    /// Replaces the checkpoint.
-    async fn save_checkpoint(&self, mark: Mark, now: SystemTime) -> Result<(), Error>;
+    /// Records the partition count on first start and creates the partitions; refuses
+    /// ([`Error::PartitionCountChanged`]) a count other than the one recorded.
+    async fn init_partitions(&self, count: u32) -> Result<(), Error>;
+    /// Records that `worker` is alive.
+    async fn heartbeat(&self, worker: &str, now: SystemTime) -> Result<(), Error>;
+    /// Extends the leases `worker` still holds at the given epochs by `ttl`; returns those
+    /// renewed, with their new expiry. A lease missing from the answer was taken over.
+    async fn renew(
+        &self,
+        worker: &str,
+        leases: &[(u32, i64)],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<(u32, SystemTime)>, Error>;
+    /// Workers with a heartbeat within `ttl`, each with the partitions it holds.
+    async fn live_workers(&self, ttl: Duration, now: SystemTime) -> Result<Vec<Worker>, Error>;
+    /// Takes up to `max` partitions that nobody holds or whose lease expired, bumping each
+    /// one's epoch.
+    async fn acquire(
+        &self,
+        worker: &str,
+        max: u32,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<Lease>, Error>;
+    /// Gives up leases (where `worker` still holds them at those epochs).
+    async fn release(&self, worker: &str, leases: &[(u32, i64)]) -> Result<(), Error>;
+    /// Gives up every lease of `worker` and removes it from the workers.
+    async fn retire(&self, worker: &str) -> Result<(), Error>;
+    /// Moves each partition's checkpoint forward to `mark`, where `worker` still holds it at
+    /// the given epoch; returns the partitions whose write was refused because the lease was
+    /// lost (a checkpoint already at or past `mark` is not a refusal).
+    async fn save_checkpoints(
+        &self,
+        worker: &str,
+        leases: &[(u32, i64)],
+        mark: &Mark,
+        now: SystemTime,
+    ) -> Result<Vec<u32>, Error>;
+    /// The saved checkpoint of every partition, in partition order (`None`: none yet).
+    async fn checkpoints(&self) -> Result<Vec<(u32, Option<Mark>)>, Error>;
     /// Adds a dead letter, or, if the event is already there, replaces its reason and update
     /// time and adds its attempts to those already counted.
     async fn put_dead_letter(&self, letter: DeadLetter) -> Result<(), Error>;

@@ -1,20 +1,23 @@
-//! The PostgreSQL store: the checkpoint and the dead letters in schema `integration`, so
-//! several integration services can share one database.
+//! The PostgreSQL store: partitions, workers and dead letters in schema `integration`, so
+//! several integration workers can share one database and split the feed.
 //!
 //! Every write is one autocommit statement on a pooled connection: there are few of them (a
-//! checkpoint every 100 ms at most, a dead letter now and then), so grouping them would buy
-//! nothing. What must hold with several writers holds in the data: one checkpoint row (its
-//! primary key and `CHECK`), one dead letter per event (a unique `event_id`, upserted so that
-//! attempts from every service add up).
+//! checkpoint every 100 ms at most, a lease round every `--lease-ttl`/3, a dead letter now and
+//! then), so grouping them would buy nothing. What must hold with several writers holds in the
+//! data: a lease changes hands only by bumping its epoch, and a checkpoint is written only
+//! with the epoch it was taken at (`owner = me AND epoch = mine`), so a worker that lost a
+//! lease cannot write over its successor's checkpoint; lease times are the server's `now()`,
+//! so workers' clocks need not agree; one dead letter per event (a unique `event_id`, upserted
+//! so that attempts from every service add up).
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use mip_runtime::CancellationToken;
 use mip_runtime::postgres::{Connecting, Pg, PgOptions};
 
-use super::{DeadLetter, IntegrationStore};
+use super::{DeadLetter, IntegrationStore, Lease, Worker};
 use crate::error::Error;
 use crate::tracker::Mark;
 
@@ -23,7 +26,8 @@ pub const SCHEMA: &str = "integration";
 
 /// The schema's history, one step per version (applied by [`Pg::connect`] under an advisory
 /// lock). Steps are never edited once released, only added.
-const MIGRATIONS: &[&str] = &["CREATE TABLE integration.checkpoint (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE integration.checkpoint (
         id          BIGINT PRIMARY KEY CHECK (id = 1),
         token       TEXT NOT NULL,
         sequence    BIGINT NOT NULL,
@@ -40,7 +44,28 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE integration.checkpoint (
         attempts    BIGINT NOT NULL,
         create_time TIMESTAMPTZ NOT NULL,
         update_time TIMESTAMPTZ NOT NULL
-    );"];
+    );",
+    // One checkpoint per partition of the feed, each behind a lease with a fencing epoch (see
+    // crate::lease); the single checkpoint goes.
+    "DROP TABLE integration.checkpoint;
+    CREATE TABLE integration.cluster (
+        id              BIGINT PRIMARY KEY CHECK (id = 1),
+        partition_count INT NOT NULL
+    );
+    CREATE TABLE integration.partitions (
+        partition_id      INT PRIMARY KEY,
+        owner             TEXT,
+        epoch             BIGINT NOT NULL DEFAULT 0,
+        lease_expire_time TIMESTAMPTZ,
+        token             TEXT,
+        sequence          BIGINT,
+        update_time       TIMESTAMPTZ
+    );
+    CREATE TABLE integration.workers (
+        worker_id      TEXT PRIMARY KEY,
+        last_heartbeat TIMESTAMPTZ NOT NULL
+    );",
+];
 
 /// The PostgreSQL store; usable once connected (calls before fail as UNAVAILABLE).
 #[derive(Debug, Clone)]
@@ -74,37 +99,266 @@ impl IntegrationStore for PgStore {
         Ok(())
     }
 
-    async fn checkpoint(&self) -> Result<Option<Mark>, Error> {
+    async fn init_partitions(&self, count: u32) -> Result<(), Error> {
         let (pg, client) = self.client().await?;
-        let statement = client
-            .prepare_cached("SELECT token, sequence FROM integration.checkpoint WHERE id = 1")
+        let requested = i32::try_from(count).unwrap_or(i32::MAX);
+        // The first start records its count; every later one compares with it. Two first
+        // starts racing agree on whichever row committed.
+        let recorded: i32 = client
+            .query_one(
+                "WITH inserted AS (
+                     INSERT INTO integration.cluster (id, partition_count) VALUES (1, $1)
+                     ON CONFLICT (id) DO NOTHING RETURNING partition_count)
+                 SELECT partition_count FROM inserted
+                 UNION ALL SELECT partition_count FROM integration.cluster WHERE id = 1
+                 LIMIT 1",
+                &[&requested],
+            )
+            .await
+            .map_err(|e| pg.error(&e))?
+            .get(0);
+        if recorded != requested {
+            return Err(Error::PartitionCountChanged {
+                recorded: recorded.unsigned_abs(),
+                requested: count,
+            });
+        }
+        client
+            .execute(
+                "INSERT INTO integration.partitions (partition_id)
+                 SELECT generate_series(0, $1 - 1) ON CONFLICT (partition_id) DO NOTHING",
+                &[&requested],
+            )
             .await
             .map_err(|e| pg.error(&e))?;
-        let row = client
-            .query_opt(&statement, &[])
-            .await
-            .map_err(|e| pg.error(&e))?;
-        Ok(row.map(|r| Mark {
-            token: r.get(0),
-            sequence: r.get(1),
-        }))
+        Ok(())
     }
 
-    async fn save_checkpoint(&self, mark: Mark, now: SystemTime) -> Result<(), Error> {
+    async fn heartbeat(&self, worker: &str, _now: SystemTime) -> Result<(), Error> {
         let (pg, client) = self.client().await?;
         let statement = client
             .prepare_cached(
-                "INSERT INTO integration.checkpoint (id, token, sequence, update_time)
-                 VALUES (1, $1, $2, $3) ON CONFLICT (id) DO UPDATE SET token = excluded.token,
-                 sequence = excluded.sequence, update_time = excluded.update_time",
+                "INSERT INTO integration.workers (worker_id, last_heartbeat) VALUES ($1, now())
+                 ON CONFLICT (worker_id) DO UPDATE SET last_heartbeat = excluded.last_heartbeat",
             )
             .await
             .map_err(|e| pg.error(&e))?;
         client
-            .execute(&statement, &[&mark.token, &mark.sequence, &now])
+            .execute(&statement, &[&worker])
             .await
             .map_err(|e| pg.error(&e))?;
         Ok(())
+    }
+
+    async fn renew(
+        &self,
+        worker: &str,
+        leases: &[(u32, i64)],
+        ttl: Duration,
+        _now: SystemTime,
+    ) -> Result<Vec<(u32, SystemTime)>, Error> {
+        let (pg, client) = self.client().await?;
+        let (partitions, epochs) = split(leases);
+        let statement = client
+            .prepare_cached(
+                "UPDATE integration.partitions p
+                 SET lease_expire_time = now() + make_interval(secs => $4)
+                 FROM unnest($2::int[], $3::bigint[]) AS mine(partition_id, epoch)
+                 WHERE p.partition_id = mine.partition_id AND p.epoch = mine.epoch
+                 AND p.owner = $1
+                 RETURNING p.partition_id, p.lease_expire_time",
+            )
+            .await
+            .map_err(|e| pg.error(&e))?;
+        let rows = client
+            .query(
+                &statement,
+                &[&worker, &partitions, &epochs, &ttl.as_secs_f64()],
+            )
+            .await
+            .map_err(|e| pg.error(&e))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get::<_, i32>(0).unsigned_abs(), r.get(1)))
+            .collect())
+    }
+
+    async fn live_workers(&self, ttl: Duration, _now: SystemTime) -> Result<Vec<Worker>, Error> {
+        let (pg, client) = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT w.worker_id, w.last_heartbeat, COUNT(p.partition_id)
+                 FROM integration.workers w
+                 LEFT JOIN integration.partitions p
+                   ON p.owner = w.worker_id AND p.lease_expire_time > now()
+                 WHERE w.last_heartbeat > now() - make_interval(secs => $1)
+                 GROUP BY w.worker_id, w.last_heartbeat ORDER BY w.worker_id",
+            )
+            .await
+            .map_err(|e| pg.error(&e))?;
+        let rows = client
+            .query(&statement, &[&ttl.as_secs_f64()])
+            .await
+            .map_err(|e| pg.error(&e))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Worker {
+                worker_id: r.get(0),
+                last_heartbeat: r.get(1),
+                partitions: u32::try_from(r.get::<_, i64>(2)).unwrap_or(u32::MAX),
+            })
+            .collect())
+    }
+
+    async fn acquire(
+        &self,
+        worker: &str,
+        max: u32,
+        ttl: Duration,
+        _now: SystemTime,
+    ) -> Result<Vec<Lease>, Error> {
+        let (pg, client) = self.client().await?;
+        // SKIP LOCKED: two workers taking at once each get different partitions instead of
+        // queueing on the same rows.
+        let statement = client
+            .prepare_cached(
+                "WITH free AS (
+                     SELECT partition_id FROM integration.partitions
+                     WHERE owner IS NULL OR lease_expire_time <= now()
+                     ORDER BY partition_id LIMIT $2 FOR UPDATE SKIP LOCKED)
+                 UPDATE integration.partitions p
+                 SET owner = $1, epoch = p.epoch + 1,
+                     lease_expire_time = now() + make_interval(secs => $3)
+                 FROM free WHERE p.partition_id = free.partition_id
+                 RETURNING p.partition_id, p.epoch, p.lease_expire_time, p.token, p.sequence",
+            )
+            .await
+            .map_err(|e| pg.error(&e))?;
+        let rows = client
+            .query(&statement, &[&worker, &i64::from(max), &ttl.as_secs_f64()])
+            .await
+            .map_err(|e| pg.error(&e))?;
+        let mut taken: Vec<Lease> = rows
+            .into_iter()
+            .map(|r| Lease {
+                partition: r.get::<_, i32>(0).unsigned_abs(),
+                epoch: r.get(1),
+                expire_time: r.get(2),
+                checkpoint: r
+                    .get::<_, Option<String>>(3)
+                    .zip(r.get::<_, Option<i64>>(4))
+                    .map(|(token, sequence)| Mark { sequence, token }),
+            })
+            .collect();
+        taken.sort_by_key(|l| l.partition);
+        Ok(taken)
+    }
+
+    async fn release(&self, worker: &str, leases: &[(u32, i64)]) -> Result<(), Error> {
+        let (pg, client) = self.client().await?;
+        let (partitions, epochs) = split(leases);
+        let statement = client
+            .prepare_cached(
+                "UPDATE integration.partitions p SET owner = NULL, lease_expire_time = NULL
+                 FROM unnest($2::int[], $3::bigint[]) AS mine(partition_id, epoch)
+                 WHERE p.partition_id = mine.partition_id AND p.epoch = mine.epoch
+                 AND p.owner = $1",
+            )
+            .await
+            .map_err(|e| pg.error(&e))?;
+        client
+            .execute(&statement, &[&worker, &partitions, &epochs])
+            .await
+            .map_err(|e| pg.error(&e))?;
+        Ok(())
+    }
+
+    async fn retire(&self, worker: &str) -> Result<(), Error> {
+        let (pg, client) = self.client().await?;
+        client
+            .execute(
+                "WITH released AS (
+                     UPDATE integration.partitions SET owner = NULL, lease_expire_time = NULL
+                     WHERE owner = $1)
+                 DELETE FROM integration.workers WHERE worker_id = $1",
+                &[&worker],
+            )
+            .await
+            .map_err(|e| pg.error(&e))?;
+        Ok(())
+    }
+
+    async fn save_checkpoints(
+        &self,
+        worker: &str,
+        leases: &[(u32, i64)],
+        mark: &Mark,
+        now: SystemTime,
+    ) -> Result<Vec<u32>, Error> {
+        let (pg, client) = self.client().await?;
+        let (partitions, epochs) = split(leases);
+        // One statement for every partition: the write lands only where the lease is still
+        // this worker's at this epoch; the partitions it refused because the lease moved on
+        // are told apart from those already at or past the mark.
+        let statement = client
+            .prepare_cached(
+                "WITH mine AS (
+                     SELECT * FROM unnest($2::int[], $3::bigint[]) AS m(partition_id, epoch)),
+                 written AS (
+                     UPDATE integration.partitions p
+                     SET token = $4, sequence = $5, update_time = $6
+                     FROM mine WHERE p.partition_id = mine.partition_id
+                     AND p.owner = $1 AND p.epoch = mine.epoch
+                     AND (p.sequence IS NULL OR p.sequence < $5)
+                     RETURNING p.partition_id)
+                 SELECT mine.partition_id FROM mine
+                 JOIN integration.partitions p ON p.partition_id = mine.partition_id
+                 WHERE (p.owner IS DISTINCT FROM $1 OR p.epoch <> mine.epoch)
+                 AND mine.partition_id NOT IN (SELECT partition_id FROM written)",
+            )
+            .await
+            .map_err(|e| pg.error(&e))?;
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &worker,
+                    &partitions,
+                    &epochs,
+                    &mark.token,
+                    &mark.sequence,
+                    &now,
+                ],
+            )
+            .await
+            .map_err(|e| pg.error(&e))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| r.get::<_, i32>(0).unsigned_abs())
+            .collect())
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<(u32, Option<Mark>)>, Error> {
+        let (pg, client) = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT partition_id, token, sequence FROM integration.partitions
+                 ORDER BY partition_id",
+                &[],
+            )
+            .await
+            .map_err(|e| pg.error(&e))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r.get::<_, i32>(0).unsigned_abs(),
+                    r.get::<_, Option<String>>(1)
+                        .zip(r.get::<_, Option<i64>>(2))
+                        .map(|(token, sequence)| Mark { sequence, token }),
+                )
+            })
+            .collect())
     }
 
     async fn put_dead_letter(&self, letter: DeadLetter) -> Result<(), Error> {
@@ -199,4 +453,12 @@ impl IntegrationStore for PgStore {
             .get(0);
         Ok(n.unsigned_abs())
     }
+}
+
+/// Leases as the two arrays `unnest` pairs up again.
+fn split(leases: &[(u32, i64)]) -> (Vec<i32>, Vec<i64>) {
+    leases
+        .iter()
+        .map(|&(partition, epoch)| (i32::try_from(partition).unwrap_or(i32::MAX), epoch))
+        .unzip()
 }

@@ -1,16 +1,17 @@
 //! The embedded store: one SQLite database under the data directory, written through the
-//! shared group-commit writer.
+//! shared group-commit writer. Only one process opens it, so its one worker holds every
+//! partition; the lease rules are the same as PostgreSQL's, on the injectable clock.
 
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use mip_runtime::clock::{from_micros, to_micros};
 use mip_runtime::sqlite::{Db, Durability};
-use rusqlite::{OptionalExtension, params};
+use rusqlite::params;
 use rusqlite_migration::{M, Migrations};
 
-use super::{DeadLetter, IntegrationStore};
+use super::{DeadLetter, IntegrationStore, Lease, Worker};
 use crate::error::Error;
 use crate::tracker::Mark;
 
@@ -19,7 +20,7 @@ pub const DB_FILE: &str = "integration.db";
 
 /// The schema's history, one step per version. Steps are never edited once released, only
 /// added.
-const STEPS: [&str; 3] = [
+const STEPS: [&str; 4] = [
     "CREATE TABLE checkpoint (
         id          BIGINT PRIMARY KEY CHECK (id = 1),
         token       TEXT NOT NULL,
@@ -42,6 +43,26 @@ const STEPS: [&str; 3] = [
     // Idempotency keys are a function of the customer id alone now: nothing local decides how
     // they are derived.
     "DROP TABLE request_ids;",
+    // One checkpoint per partition of the feed, each behind a lease with a fencing epoch (see
+    // crate::lease); the single checkpoint goes.
+    "DROP TABLE checkpoint;
+    CREATE TABLE cluster (
+        id              BIGINT PRIMARY KEY CHECK (id = 1),
+        partition_count BIGINT NOT NULL
+    );
+    CREATE TABLE partitions (
+        partition_id      BIGINT PRIMARY KEY,
+        owner             TEXT,
+        epoch             BIGINT NOT NULL DEFAULT 0,
+        lease_expire_time BIGINT,
+        token             TEXT,
+        sequence          BIGINT,
+        update_time       BIGINT
+    );
+    CREATE TABLE workers (
+        worker_id      TEXT PRIMARY KEY,
+        last_heartbeat BIGINT NOT NULL
+    );",
 ];
 
 fn migrations() -> Migrations<'static> {
@@ -71,33 +92,250 @@ impl IntegrationStore for SqliteStore {
         Ok(())
     }
 
-    async fn checkpoint(&self) -> Result<Option<Mark>, Error> {
+    async fn init_partitions(&self, count: u32) -> Result<(), Error> {
         self.db
-            .read(|c| {
-                Ok(
-                    c.prepare_cached("SELECT token, sequence FROM checkpoint WHERE id = 1")?
-                        .query_row([], |r| {
-                            Ok(Mark {
-                                token: r.get(0)?,
-                                sequence: r.get(1)?,
-                            })
-                        })
-                        .optional()?,
-                )
+            .write(move |c| {
+                c.prepare_cached(
+                    "INSERT INTO cluster (id, partition_count) VALUES (1, ?1)
+                     ON CONFLICT (id) DO NOTHING",
+                )?
+                .execute([i64::from(count)])?;
+                let recorded: i64 = c
+                    .prepare_cached("SELECT partition_count FROM cluster WHERE id = 1")?
+                    .query_row([], |r| r.get(0))?;
+                let recorded = u32::try_from(recorded).unwrap_or(u32::MAX);
+                if recorded != count {
+                    return Err(Error::PartitionCountChanged {
+                        recorded,
+                        requested: count,
+                    });
+                }
+                let mut insert = c.prepare_cached(
+                    "INSERT INTO partitions (partition_id) VALUES (?1)
+                     ON CONFLICT (partition_id) DO NOTHING",
+                )?;
+                for partition in 0..count {
+                    insert.execute([i64::from(partition)])?;
+                }
+                Ok(())
             })
             .await
     }
 
-    async fn save_checkpoint(&self, mark: Mark, now: SystemTime) -> Result<(), Error> {
+    async fn heartbeat(&self, worker: &str, now: SystemTime) -> Result<(), Error> {
+        let worker = worker.to_owned();
         self.db
             .write(move |c| {
                 c.prepare_cached(
-                    "INSERT INTO checkpoint (id, token, sequence, update_time) VALUES (1, ?1,
-                     ?2, ?3) ON CONFLICT (id) DO UPDATE SET token = excluded.token, sequence =
-                     excluded.sequence, update_time = excluded.update_time",
+                    "INSERT INTO workers (worker_id, last_heartbeat) VALUES (?1, ?2)
+                     ON CONFLICT (worker_id) DO UPDATE SET last_heartbeat = excluded.last_heartbeat",
                 )?
-                .execute(params![mark.token, mark.sequence, to_micros(now)])?;
+                .execute(params![worker, to_micros(now)])?;
                 Ok(())
+            })
+            .await
+    }
+
+    async fn renew(
+        &self,
+        worker: &str,
+        leases: &[(u32, i64)],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<(u32, SystemTime)>, Error> {
+        let (worker, leases) = (worker.to_owned(), leases.to_vec());
+        let expire = now + ttl;
+        self.db
+            .write(move |c| {
+                let mut update = c.prepare_cached(
+                    "UPDATE partitions SET lease_expire_time = ?1
+                     WHERE partition_id = ?2 AND owner = ?3 AND epoch = ?4",
+                )?;
+                let mut renewed = Vec::new();
+                for (partition, epoch) in leases {
+                    let rows = update.execute(params![
+                        to_micros(expire),
+                        i64::from(partition),
+                        worker,
+                        epoch
+                    ])?;
+                    if rows == 1 {
+                        renewed.push((partition, expire));
+                    }
+                }
+                Ok(renewed)
+            })
+            .await
+    }
+
+    async fn live_workers(&self, ttl: Duration, now: SystemTime) -> Result<Vec<Worker>, Error> {
+        let since = to_micros(now.checked_sub(ttl).unwrap_or(SystemTime::UNIX_EPOCH));
+        let now = to_micros(now);
+        self.db
+            .read(move |c| {
+                let mut statement = c.prepare_cached(
+                    "SELECT w.worker_id, w.last_heartbeat, COUNT(p.partition_id) FROM workers w
+                     LEFT JOIN partitions p ON p.owner = w.worker_id AND p.lease_expire_time > ?2
+                     WHERE w.last_heartbeat > ?1 GROUP BY w.worker_id, w.last_heartbeat
+                     ORDER BY w.worker_id",
+                )?;
+                let rows = statement
+                    .query_map(params![since, now], |r| {
+                        Ok(Worker {
+                            worker_id: r.get(0)?,
+                            last_heartbeat: from_micros(r.get(1)?),
+                            partitions: u32::try_from(r.get::<_, i64>(2)?).unwrap_or(u32::MAX),
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(rows)
+            })
+            .await
+    }
+
+    async fn acquire(
+        &self,
+        worker: &str,
+        max: u32,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<Lease>, Error> {
+        let worker = worker.to_owned();
+        let expire = now + ttl;
+        self.db
+            .write(move |c| {
+                // One writer: the read and the updates below are one transaction.
+                let mut select = c.prepare_cached(
+                    "SELECT partition_id FROM partitions
+                     WHERE owner IS NULL OR lease_expire_time <= ?1
+                     ORDER BY partition_id LIMIT ?2",
+                )?;
+                let free = select
+                    .query_map(params![to_micros(now), i64::from(max)], |r| {
+                        r.get::<_, i64>(0)
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let mut take = c.prepare_cached(
+                    "UPDATE partitions SET owner = ?1, epoch = epoch + 1, lease_expire_time = ?2
+                     WHERE partition_id = ?3 RETURNING epoch, token, sequence",
+                )?;
+                let mut taken = Vec::new();
+                for partition in free {
+                    let (epoch, token, sequence) =
+                        take.query_row(params![worker, to_micros(expire), partition], |r| {
+                            Ok((
+                                r.get::<_, i64>(0)?,
+                                r.get::<_, Option<String>>(1)?,
+                                r.get::<_, Option<i64>>(2)?,
+                            ))
+                        })?;
+                    taken.push(Lease {
+                        partition: u32::try_from(partition).unwrap_or(u32::MAX),
+                        epoch,
+                        expire_time: expire,
+                        checkpoint: token
+                            .zip(sequence)
+                            .map(|(token, sequence)| Mark { sequence, token }),
+                    });
+                }
+                Ok(taken)
+            })
+            .await
+    }
+
+    async fn release(&self, worker: &str, leases: &[(u32, i64)]) -> Result<(), Error> {
+        let (worker, leases) = (worker.to_owned(), leases.to_vec());
+        self.db
+            .write(move |c| {
+                let mut update = c.prepare_cached(
+                    "UPDATE partitions SET owner = NULL, lease_expire_time = NULL
+                     WHERE partition_id = ?1 AND owner = ?2 AND epoch = ?3",
+                )?;
+                for (partition, epoch) in leases {
+                    update.execute(params![i64::from(partition), worker, epoch])?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn retire(&self, worker: &str) -> Result<(), Error> {
+        let worker = worker.to_owned();
+        self.db
+            .write(move |c| {
+                c.prepare_cached(
+                    "UPDATE partitions SET owner = NULL, lease_expire_time = NULL
+                     WHERE owner = ?1",
+                )?
+                .execute([&worker])?;
+                c.prepare_cached("DELETE FROM workers WHERE worker_id = ?1")?
+                    .execute([&worker])?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn save_checkpoints(
+        &self,
+        worker: &str,
+        leases: &[(u32, i64)],
+        mark: &Mark,
+        now: SystemTime,
+    ) -> Result<Vec<u32>, Error> {
+        let (worker, leases, mark) = (worker.to_owned(), leases.to_vec(), mark.clone());
+        self.db
+            .write(move |c| {
+                let mut update = c.prepare_cached(
+                    "UPDATE partitions SET token = ?1, sequence = ?2, update_time = ?3
+                     WHERE partition_id = ?4 AND owner = ?5 AND epoch = ?6
+                     AND (sequence IS NULL OR sequence < ?2)",
+                )?;
+                let mut held = c.prepare_cached(
+                    "SELECT COUNT(*) FROM partitions
+                     WHERE partition_id = ?1 AND owner = ?2 AND epoch = ?3",
+                )?;
+                let mut fenced = Vec::new();
+                for (partition, epoch) in leases {
+                    let p = i64::from(partition);
+                    let rows = update.execute(params![
+                        mark.token,
+                        mark.sequence,
+                        to_micros(now),
+                        p,
+                        worker,
+                        epoch
+                    ])?;
+                    if rows == 0 {
+                        let still: i64 = held.query_row(params![p, worker, epoch], |r| r.get(0))?;
+                        if still == 0 {
+                            fenced.push(partition);
+                        }
+                    }
+                }
+                Ok(fenced)
+            })
+            .await
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<(u32, Option<Mark>)>, Error> {
+        self.db
+            .read(|c| {
+                let mut statement = c.prepare_cached(
+                    "SELECT partition_id, token, sequence FROM partitions ORDER BY partition_id",
+                )?;
+                let rows = statement
+                    .query_map([], |r| {
+                        let token: Option<String> = r.get(1)?;
+                        let sequence: Option<i64> = r.get(2)?;
+                        Ok((
+                            u32::try_from(r.get::<_, i64>(0)?).unwrap_or(u32::MAX),
+                            token
+                                .zip(sequence)
+                                .map(|(token, sequence)| Mark { sequence, token }),
+                        ))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(rows)
             })
             .await
     }
@@ -204,7 +442,7 @@ mod tests {
             .unwrap();
         }
         let store = SqliteStore::open(dir.path(), Durability::Normal).unwrap();
-        assert_eq!(store.checkpoint().await.unwrap(), None);
+        assert!(store.checkpoints().await.unwrap().is_empty());
         drop(store);
         let conn = rusqlite::Connection::open(&path).unwrap();
         let tables: i64 = conn

@@ -345,6 +345,8 @@ pub fn integration_options(
         retry_max: Duration::from_millis(200),
         call_timeout: Duration::from_secs(2),
         max_attempts: 1000,
+        // A crashed worker's partitions move on within a second.
+        lease_ttl: Duration::from_secs(1),
         ..IntegrationOptions::default()
     }
 }
@@ -482,6 +484,43 @@ impl Integration {
         )
         .await
     }
+}
+
+/// Waits until `workers` (sharing one database) hold every partition between them, none more
+/// than its fair share ceil(P / workers) (so none fewer than what the others leave), and each
+/// sees all of them as the cluster; returns their statuses.
+pub async fn wait_for_split(workers: &[&Integration]) -> Vec<GetStatusResponse> {
+    eventually(
+        &format!("{} workers to split the partitions evenly", workers.len()),
+        CONVERGE_TIMEOUT,
+        || async {
+            let mut statuses = Vec::new();
+            for worker in workers {
+                let mut client = worker.client();
+                statuses.push(
+                    client
+                        .get_status(GetStatusRequest {})
+                        .await
+                        .ok()?
+                        .into_inner(),
+                );
+            }
+            let count = statuses[0].partition_count;
+            let share = (count as usize).div_ceil(workers.len());
+            let mut held: Vec<i32> = statuses
+                .iter()
+                .flat_map(|s| s.partitions.iter().map(|p| p.partition))
+                .collect();
+            held.sort_unstable();
+            let least = (count as usize).saturating_sub(share * (workers.len() - 1));
+            let even = statuses
+                .iter()
+                .all(|s| (least..=share).contains(&s.partitions.len()));
+            let cluster = statuses.iter().all(|s| s.workers.len() == workers.len());
+            (even && cluster && held == (0..count).collect::<Vec<_>>()).then_some(statuses)
+        },
+    )
+    .await
 }
 
 /// All three services, CRM and Inventory on fresh data directories, the integration service
