@@ -12,6 +12,11 @@ customers from a few concurrent client threads, and meanwhile injects faults wit
                             created, restart it, and report how long the backlog took to drain.
   crm-restart-during-watch  SIGKILL and restart CRM `--kills` times, each time while the
                             integration service has its WatchCustomers stream open.
+  cluster (--cluster)       a cluster on one private PostgreSQL: 3 CRM replicas, 2 Inventory
+                            replicas and 2 integration workers (every worker calls every
+                            replica); customers are created through the CRM replicas round
+                            robin while `--kills` times a random replica or worker is SIGKILLed
+                            and restarted.
   postgres-restart          the three services keep every table in one private PostgreSQL
                             server (initdb into the temp dir, loopback, a free port; as the
                             `postgres` user when run as root); `--kills` times, stop it with an
@@ -38,6 +43,7 @@ Run it from the repository root (Python 3.11, grpcio, grpcio-tools, grpcio-healt
     python3 scripts/chaos.py --scenario inventory-outage --outage 30
     python3 scripts/chaos.py --scenario crm-restart-during-watch
     python3 scripts/chaos.py --scenario postgres-restart --kills 5
+    python3 scripts/chaos.py --cluster --customers 20000 --kills 15
     MIP_BIN=target/release/mip python3 scripts/chaos.py    # or --mip PATH
 
 The seed is printed first; rerunning with `--seed` replays the same fault plan (which service,
@@ -235,6 +241,7 @@ class Service:
     log_path: pathlib.Path
     extra_args: list
     database_url: str | None = None
+    command: str = ""  # the `mip` subcommand; the name when empty (replicas: `crm-1` runs `crm`)
     process: subprocess.Popen | None = None
     starts: int = 0
 
@@ -252,7 +259,8 @@ class Service:
             store = (["--database-url", self.database_url] if self.database_url
                      else ["--data-dir", str(self.data_dir)])
             self.process = subprocess.Popen(
-                [mip, self.name, "--listen", self.address, *store, *self.extra_args],
+                [mip, self.command or self.name, "--listen", self.address, *store,
+                 *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
@@ -282,26 +290,41 @@ class Service:
 class Platform:
     """The three services as separate processes, with their logs and data in `workdir`."""
 
-    def __init__(self, mip: str, workdir: pathlib.Path, postgres: bool = False):
+    def __init__(self, mip: str, workdir: pathlib.Path, postgres: bool = False,
+                 replicas: dict | None = None):
         self.mip = mip
         self.workdir = workdir
         self.processes: list = []  # every Popen ever started, so cleanup misses none
-        self.postgres = Postgres(workdir) if postgres else None
-        ports = {name: free_port() for name in SERVICES}
+        self.postgres = Postgres(workdir) if postgres or replicas else None
+        # How many processes of each service: one each, or a cluster's replicas and workers.
+        counts = replicas or {name: 1 for name in SERVICES}
+        names = {command: ([command] if counts[command] == 1 and not replicas
+                           else [f"{command}-{n}" for n in range(1, counts[command] + 1)])
+                 for command in SERVICES}
+        ports = {name: free_port() for command in SERVICES for name in names[command]}
+        self.replicas = names
         self.services = {}
-        for name in SERVICES:
-            extra = []
-            if name == "integration":
-                extra = ["--crm-addr", f"127.0.0.1:{ports['crm']}",
-                         "--inventory-addr", f"127.0.0.1:{ports['inventory']}"]
-            self.services[name] = Service(
-                name=name, port=ports[name], data_dir=workdir / "data" / name,
-                log_path=workdir / f"{name}.log", extra_args=extra,
-                database_url=self.postgres.url if self.postgres else None,
-            )
+        for command in SERVICES:
+            for name in names[command]:
+                extra = []
+                if command == "integration":
+                    extra = ["--crm-addr", ",".join(f"127.0.0.1:{ports[n]}" for n in names["crm"]),
+                             "--inventory-addr",
+                             ",".join(f"127.0.0.1:{ports[n]}" for n in names["inventory"])]
+                self.services[name] = Service(
+                    name=name, port=ports[name], data_dir=workdir / "data" / name,
+                    log_path=workdir / f"{name}.log", extra_args=extra,
+                    database_url=self.postgres.url if self.postgres else None,
+                    command=command,
+                )
 
     def address(self, name: str) -> str:
-        return self.services[name].address
+        """A service's address; for a service with replicas, the first replica's."""
+        return self.services[self.replicas.get(name, [name])[0]].address
+
+    def addresses(self, command: str) -> list:
+        """Every replica's address of `command`."""
+        return [self.services[name].address for name in self.replicas[command]]
 
     def start(self, name: str) -> float:
         """Starts a service and waits until it is SERVING; returns how long that took."""
@@ -316,10 +339,10 @@ class Platform:
             took = self.postgres.start(self.processes)
             say(f"started postgres    pid {self.postgres.process.pid:<7} on 127.0.0.1:"
                 f"{self.postgres.port} (accepting after {took:.2f}s)")
-        for name in SERVICES:
+        for name in self.services:
             took = self.start(name)
             say(f"started {name:<11} pid {self.services[name].process.pid:<7} "
-                f"on {self.address(name)} (SERVING after {took:.2f}s)")
+                f"on {self.services[name].address} (SERVING after {took:.2f}s)")
 
     def stop_all(self) -> None:
         for process in self.processes:
@@ -353,7 +376,7 @@ class Platform:
 def wait_serving(service: Service, timeout: float) -> None:
     """Polls standard health until SERVING; fails if the process exits or time runs out."""
     deadline = time.monotonic() + timeout
-    request = health_pb2.HealthCheckRequest(service=HEALTH_NAMES[service.name])
+    request = health_pb2.HealthCheckRequest(service=HEALTH_NAMES[service.command or service.name])
     while True:
         code = service.process.poll()
         if code is not None:
@@ -379,8 +402,8 @@ def wait_serving(service: Service, timeout: float) -> None:
 class Creator:
     """Creates `total` customers from `clients` threads, retrying each with its own request_id."""
 
-    def __init__(self, address: str, total: int, clients: int, seed: int, rate: float):
-        self.address = address
+    def __init__(self, addresses: list, total: int, clients: int, seed: int, rate: float):
+        self.addresses = addresses  # CRM replicas: creates go round robin, retries to the next
         self.total = total
         self.seed = seed
         self.rate = rate  # customers per second in all; 0 = as fast as the platform allows
@@ -439,28 +462,38 @@ class Creator:
 
     def _worker(self) -> None:
         try:
-            with grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
-                stub = crm_pb2_grpc.CrmServiceStub(channel)
+            channels = [grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                        for address in self.addresses]
+            try:
+                stubs = [crm_pb2_grpc.CrmServiceStub(channel) for channel in channels]
                 while (index := self._take()) is not None:
                     self._pace(index)
-                    customer_id = self._create(stub, index)
+                    customer_id = self._create(stubs, index)
                     with self.progress:
                         if customer_id is not None:
                             self.ids[index] = customer_id
                         self.progress.notify_all()
+            finally:
+                for channel in channels:
+                    channel.close()
         finally:
             with self.progress:
                 self.running -= 1
                 self.progress.notify_all()
 
-    def _create(self, stub, index: int):
+    def _create(self, stubs: list, index: int):
         request = crm_pb2.CreateCustomerRequest(
             name=f"Chaos Customer {index}",
             email=f"c{index}.s{self.seed}@chaos.example.com",
             request_id=str(uuid.uuid5(REQUEST_NAMESPACE, f"{self.seed}/{index}")),
         )
         delay = 0.02
+        attempt = 0
         while not self.stop.is_set():
+            # Round robin over the replicas, and a retry goes to the next one: a killed replica
+            # costs one failed attempt, and the same request id makes the retry safe anywhere.
+            stub = stubs[(index + attempt) % len(stubs)]
+            attempt += 1
             try:
                 return stub.CreateCustomer(request, timeout=CALL_TIMEOUT).id
             except grpc.RpcError as error:
@@ -592,9 +625,11 @@ def plan_faults(config, rng: random.Random) -> list:
                    for n in range(config.kills)]
         return [Fault("crm", at, rng.uniform(0.05, 1.0), wait_for_stream=True) for at in moments]
     moments = sorted(int(rng.uniform(0.02, 0.95) * config.customers) for _ in range(config.kills))
-    # Random victims, but every service at least once when there are enough rounds.
-    victims = list(SERVICES[:config.kills])
-    victims += [rng.choice(SERVICES) for _ in range(config.kills - len(victims))]
+    # Random victims, but every service (every replica and worker, in a cluster) at least once
+    # when there are enough rounds.
+    candidates = list(CLUSTER_NAMES if config.scenario == "cluster" else SERVICES)
+    victims = candidates[:config.kills]
+    victims += [rng.choice(candidates) for _ in range(config.kills - len(victims))]
     rng.shuffle(victims)
     return [Fault(victim, at, rng.uniform(0.05, 2.0)) for victim, at in zip(victims, moments)]
 
@@ -766,6 +801,12 @@ class Config:
     settle_timeout: float
 
 
+# The cluster scenario's processes: as in `docker-compose.cluster.yml`.
+CLUSTER = {"crm": 3, "inventory": 2, "integration": 2}
+CLUSTER_NAMES = [f"{command}-{n}" for command, count in CLUSTER.items()
+                 for n in range(1, count + 1)]
+
+
 def run_scenario(config: Config, mip: str, seed: int, keep: bool) -> bool:
     """Runs one scenario on a fresh platform; returns True when the invariant held."""
     rng = random.Random(f"{seed}/{config.scenario}")
@@ -773,8 +814,10 @@ def run_scenario(config: Config, mip: str, seed: int, keep: bool) -> bool:
     say(f"=== scenario {config.scenario}: {config.customers} customers from {config.clients} "
         f"clients{f' at {config.rate:.0f}/s' if config.rate else ''}, {len(faults)} faults ===")
     workdir = pathlib.Path(tempfile.mkdtemp(prefix=f"mip-chaos-{config.scenario}-"))
-    platform = Platform(mip, workdir, postgres=config.scenario == "postgres-restart")
-    creator = Creator(platform.address("crm"), config.customers, config.clients, seed, config.rate)
+    platform = Platform(mip, workdir, postgres=config.scenario == "postgres-restart",
+                        replicas=CLUSTER if config.scenario == "cluster" else None)
+    creator = Creator(platform.addresses("crm"), config.customers, config.clients, seed,
+                      config.rate)
     kills: collections.Counter = collections.Counter()
     stop_progress = threading.Event()
     started = time.monotonic()
@@ -798,7 +841,8 @@ def run_scenario(config: Config, mip: str, seed: int, keep: bool) -> bool:
         else:
             say(f"settled {time.monotonic() - creator.finished:.1f}s after the last create")
         outcome = check_invariant(platform, expected)
-        restarted = platform.restarted_services() if platform.postgres else []
+        restarted = (platform.restarted_services() if config.scenario == "postgres-restart"
+                     else [])
         if restarted:
             say(f"services that did not ride out the database outage: {', '.join(restarted)}")
         ok = (outcome.ok and not unsettled and not creator.errors and not restarted
@@ -829,8 +873,7 @@ def run_scenario(config: Config, mip: str, seed: int, keep: bool) -> bool:
 
 def print_outcome(platform: Platform, config: Config, outcome: Outcome, creator: Creator,
                   kills: collections.Counter, elapsed: float) -> None:
-    per_service = ", ".join(f"{name} {kills[name]}" for name in (*SERVICES, "postgres")
-                            if kills[name])
+    per_service = ", ".join(f"{name} {count}" for name, count in sorted(kills.items()) if count)
     say(f"result {config.scenario}: created={outcome.created} in_crm={outcome.in_crm} "
         f"packaged={outcome.packaged} missing={len(outcome.missing)} "
         f"duplicated={len(outcome.duplicated)} lost={len(outcome.lost)} "
@@ -871,12 +914,14 @@ def configs(args) -> list:
                  make_config(args, "crm-restart-during-watch", 3000, 2, 0)]
         if postgres_bin() is not None or os.environ.get("MIP_REQUIRE_POSTGRES") == "1":
             short.append(make_config(args, "postgres-restart", 3000, 2, 0))
+            short.append(make_config(args, "cluster", 4000, 6, 0))
         else:
             say("skipping postgres-restart: PostgreSQL's binaries are not installed")
         return short
+    scenario = "cluster" if args.cluster else args.scenario
     kills = args.kills if args.kills is not None else (
-        {"crm-restart-during-watch": 6, "postgres-restart": 5}.get(args.scenario, 20))
-    return [make_config(args, args.scenario, args.customers, kills, args.outage)]
+        {"crm-restart-during-watch": 6, "postgres-restart": 5, "cluster": 15}.get(scenario, 20))
+    return [make_config(args, scenario, args.customers, kills, args.outage)]
 
 
 def parse_args():
@@ -885,13 +930,17 @@ def parse_args():
         epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--scenario", default="kills",
                         choices=["kills", "inventory-outage", "crm-restart-during-watch",
-                                 "postgres-restart"],
+                                 "postgres-restart", "cluster"],
                         help="fault scenario (default: kills)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="the cluster scenario: 3 CRM, 2 Inventory, 2 workers on PostgreSQL, "
+                             "a random replica or worker SIGKILLed --kills times (default 15)")
     parser.add_argument("--short", action="store_true",
                         help="CI version, a few minutes with the debug build: kills (3000 "
                              "customers, 4 kills), inventory-outage (1500, 5 s), "
                              "crm-restart-during-watch (3000, 2 restarts) and postgres-restart "
-                             "(3000, 2 restarts; where PostgreSQL is installed); ignores "
+                             "(3000, 2 restarts) and cluster (4000, 6 kills), where "
+                             "PostgreSQL is installed; ignores "
                              "--scenario, --customers, --kills and --outage")
     parser.add_argument("--customers", type=int, default=50_000, help="customers to create (50000)")
     parser.add_argument("--kills", type=int, default=None,
