@@ -25,24 +25,31 @@ const LISTING_GRACE: Duration = Duration::from_secs(10);
 /// Customers named in a failure message, at most.
 const EXAMPLES: usize = 5;
 
-/// Waits until the integration service has handled `target` customers (delivered or
-/// dead-lettered); fails if its counters stop moving for `stall`.
+/// Waits until the integration service (every worker of a cluster, added up) has handled
+/// `target` customers (delivered or dead-lettered); fails if the counters stop moving for
+/// `stall`.
 pub async fn wait_delivered(
-    client: &mut IntegrationClient,
+    workers: &mut [IntegrationClient],
     target: usize,
     stall: Duration,
 ) -> anyhow::Result<()> {
     let target = target as i64;
     let (mut last, mut last_change) = (-1, Instant::now());
     loop {
-        let status = client
-            .get_status(GetStatusRequest {})
-            .await
-            .context("GetStatus")?
-            .into_inner();
-        // Dead letters are counted too: waiting for them would only end in the stall error,
-        // and the package check below names the customers they left without a package.
-        let handled = status.delivered + status.dead_lettered;
+        let mut handled = 0;
+        let mut status = None;
+        for client in workers.iter_mut() {
+            let one = client
+                .get_status(GetStatusRequest {})
+                .await
+                .context("GetStatus")?
+                .into_inner();
+            // Dead letters are counted too: waiting for them would only end in the stall
+            // error, and the package check below names the customers they left without one.
+            handled += one.delivered + one.dead_lettered;
+            status.get_or_insert(one);
+        }
+        let status = status.context("no integration worker to ask")?;
         if handled >= target {
             return Ok(());
         }

@@ -264,6 +264,15 @@ impl Platform {
         self.wait_following(addr).await
     }
 
+    /// Every integration worker's admin address: the cluster's workers, or the one service.
+    pub fn integration_addrs(&self) -> Vec<SocketAddr> {
+        if self.workers.is_empty() {
+            self.integration.into_iter().collect()
+        } else {
+            self.workers.clone()
+        }
+    }
+
     /// The service processes' names and ids (none when in-process).
     pub fn pids(&self) -> Vec<(&'static str, u32)> {
         match &self.services {

@@ -281,6 +281,19 @@ async fn start(
     Ok((platform, clients))
 }
 
+/// Admin clients of every integration worker (one, outside a cluster).
+async fn workers(platform: &Platform) -> anyhow::Result<Vec<load::IntegrationClient>> {
+    let mut clients = Vec::new();
+    for addr in platform.integration_addrs() {
+        clients.push(load::integration_client(addr).await?);
+    }
+    anyhow::ensure!(
+        !clients.is_empty(),
+        "the integration service is not running"
+    );
+    Ok(clients)
+}
+
 /// Waits until the integration service has handled every created customer, then runs the
 /// package check.
 async fn deliver_and_verify(
@@ -292,11 +305,8 @@ async fn deliver_and_verify(
     check::PackageCheck,
     std::collections::HashMap<uuid::Uuid, check::Packages>,
 )> {
-    let addr = platform
-        .integration
-        .context("the integration service is not running")?;
-    let mut integration = load::integration_client(addr).await?;
-    check::wait_delivered(&mut integration, created.len(), settings.stall_timeout).await?;
+    let mut workers = workers(platform).await?;
+    check::wait_delivered(&mut workers, created.len(), settings.stall_timeout).await?;
     check::verify_packages(&clients.inventory, created).await
 }
 
@@ -329,14 +339,19 @@ async fn throughput(
     table: &mut Table,
 ) -> anyhow::Result<Part<ThroughputResults>> {
     let (platform, clients) = start(settings, config).await?;
-    let mut integration =
-        load::integration_client(platform.integration.context("no integration service")?).await?;
+    let mut integration = workers(&platform).await?;
     let started = Instant::now();
     let run = load::closed_loop(&clients, settings.customers, settings.concurrency).await?;
     // The delivered counter is cheap to watch; the listing below then proves it.
     check::wait_delivered(&mut integration, run.created.len(), settings.stall_timeout).await?;
-    let end_to_end = started.elapsed();
+    let mut end_to_end = started.elapsed();
     let (packages, _) = check::verify_packages(&clients.inventory, &run.created).await?;
+    if settings.cluster.is_some() {
+        // Workers count a redelivery after a partition moved as a delivery again, so their
+        // added-up counters can reach the target early: in a cluster, end to end lasts until
+        // the listing has found every package (which includes the listing's own time).
+        end_to_end = started.elapsed();
+    }
     platform.stop().await?;
 
     let results = ThroughputResults {
