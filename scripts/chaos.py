@@ -722,10 +722,16 @@ def wait_for_packages(platform: Platform, customers: set, head: int, deadline: f
     scanner = PackageScanner(platform.address("inventory"))
     try:
         while True:
-            # Status before packages: every package the checkpoint covers exists by then.
-            status = integration_status(platform.address("integration"))
+            # Status before packages: every package the checkpoints cover exists by then. In
+            # a cluster every worker's checkpoints count, and only once every partition has an
+            # owner (a killed worker's wait for their leases to expire).
+            statuses = [integration_status(address)
+                        for address in platform.addresses("integration")]
             waiting = len(customers - set(scanner.refresh()))
-            caught_up = status.checkpoint_sequence >= head
+            status = min(statuses, key=lambda s: s.checkpoint_sequence)
+            owned = sum(len(s.partitions) for s in statuses)
+            caught_up = (status.checkpoint_sequence >= head
+                         and owned >= max(s.partition_count for s in statuses))
             if not waiting and (caught_up or not settle):
                 return None
             if caught_up or time.monotonic() > deadline:

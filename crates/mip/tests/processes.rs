@@ -3,7 +3,8 @@
 //! integration process is killed with SIGKILL mid-load, so nothing it had not written down
 //! survives, and every customer must still end up with exactly one welcome package. On
 //! PostgreSQL, the services start before the database, wait for it with health NOT_SERVING,
-//! and ride out its crash and restart without being restarted themselves.
+//! and ride out its crash and restart without being restarted themselves; and an integration
+//! worker stopped with SIGSTOP past its lease is fenced when it wakes up.
 
 mod common;
 
@@ -491,6 +492,127 @@ async fn on_postgres_services_wait_for_the_database_and_ride_out_its_restart() {
             (1..=3).contains(&waits),
             "one line per kind of failure while waiting, not one per attempt: {waits}"
         );
+    })
+    .await;
+}
+
+/// GetStatus of the integration worker on `port`.
+async fn worker_status(port: u16) -> Option<mip_proto::integration::v1::GetStatusResponse> {
+    let channel = endpoint(port).connect().await.ok()?;
+    let mut client =
+        mip_proto::integration::v1::integration_service_client::IntegrationServiceClient::new(
+            channel,
+        );
+    let request = mip_proto::integration::v1::GetStatusRequest {};
+    Some(client.get_status(request).await.ok()?.into_inner())
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to the process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_paused_past_its_lease_is_fenced_and_nothing_is_doubled() {
+    let server = match PgServer::start() {
+        Ok(server) => server,
+        Err(e) if !mip_testkit::postgres::required() => {
+            eprintln!("skipping the paused-worker test: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path();
+        let url = server.url("postgres");
+        let (_crm, crm_port) = launch("crm", logs, |port| postgres_args("crm", port, &url)).await;
+        let (_inventory, inventory_port) = launch("inventory", logs, |port| {
+            postgres_args("inventory", port, &url)
+        })
+        .await;
+        let worker_args = |port| {
+            let mut args = postgres_args("integration", port, &url);
+            args.extend([
+                "--crm-addr".to_owned(),
+                format!("127.0.0.1:{crm_port}"),
+                "--inventory-addr".to_owned(),
+                format!("127.0.0.1:{inventory_port}"),
+                "--partitions".to_owned(),
+                "8".to_owned(),
+                "--lease-ttl".to_owned(),
+                "1s".to_owned(),
+                "--retry-max".to_owned(),
+                "1s".to_owned(),
+            ]);
+            args
+        };
+        let (paused, paused_port) = launch("worker-a", logs, worker_args).await;
+        let (_other, other_port) = launch("worker-b", logs, worker_args).await;
+        // Both hold a share before one of them stops.
+        let deadline = Instant::now() + CONVERGE_TIMEOUT;
+        loop {
+            let a = worker_status(paused_port)
+                .await
+                .map_or(0, |s| s.partitions.len());
+            let b = worker_status(other_port)
+                .await
+                .map_or(0, |s| s.partitions.len());
+            if a > 0 && b > 0 && a + b == 8 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the workers never split the partitions"
+            );
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+        let crm = CrmServiceClient::new(endpoint(crm_port).connect_lazy());
+        let inventory = InventoryServiceClient::new(endpoint(inventory_port).connect_lazy());
+        let mut ids = HashSet::new();
+        for n in 0..100 {
+            ids.insert(create_customer(crm.clone(), n).await);
+        }
+        let pid = paused.pid();
+        signal(pid, "-STOP");
+        // Past the lease: the other worker takes every partition and delivers them.
+        for n in 100..300 {
+            ids.insert(create_customer(crm.clone(), n).await);
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let taken = worker_status(other_port)
+            .await
+            .expect("status")
+            .partitions
+            .len();
+        assert_eq!(
+            taken, 8,
+            "the running worker took the paused one's partitions"
+        );
+        signal(pid, "-CONT");
+        for n in 300..400 {
+            ids.insert(create_customer(crm.clone(), n).await);
+        }
+        wait_for_exactly_one_package_each(&inventory, &ids).await;
+        // Woken up, the paused worker tried to save checkpoints with the epochs it had, and
+        // was refused.
+        let deadline = Instant::now() + CONVERGE_TIMEOUT;
+        loop {
+            let status = worker_status(paused_port).await;
+            if status.is_some_and(|s| s.checkpoint_writes_fenced > 0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no refused checkpoint write was counted"
+            );
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+        assert_eq!(all_customer_ids(crm).await, ids);
     })
     .await;
 }

@@ -141,6 +141,11 @@ impl Process {
             .and_then(|c| c.try_wait().expect("process status"))
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("process runs").id()
+    }
+
     /// SIGKILL (what `Child::kill` sends on Unix), then reap.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
