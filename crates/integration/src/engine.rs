@@ -191,9 +191,11 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         let mut changes = self.leases.subscribe();
         while !self.shutdown.is_cancelled() {
             changes.borrow_and_update();
+            // No stream covers a partition marked releasing now (the last one has made its
+            // final save), whenever it was marked: give them up before following the rest.
+            self.release_pending().await;
             let owned = self.leases.active();
             if owned.is_empty() {
-                self.release_pending().await;
                 tokio::select! {
                     _ = changes.changed() => {}
                     () = self.shutdown.cancelled() => break,
@@ -212,7 +214,6 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
                 .follow_partitions(owned)
                 .await;
             watcher.abort();
-            self.release_pending().await;
         }
         info!("feed reader stopped; checkpoints saved");
     }

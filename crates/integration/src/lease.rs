@@ -277,8 +277,15 @@ impl Leases {
         }
         self.store.release(&self.worker_id, &releasing).await?;
         let mut held = self.lock();
-        for (partition, _) in &releasing {
-            held.remove(partition);
+        for (partition, epoch) in &releasing {
+            // Only the lease that was released: a round may have taken the partition again
+            // meanwhile, at a new epoch.
+            if held
+                .get(partition)
+                .is_some_and(|h| h.releasing && h.epoch == *epoch)
+            {
+                held.remove(partition);
+            }
         }
         drop(held);
         info!(
@@ -305,7 +312,10 @@ impl Leases {
                 .renew(&self.worker_id, &mine, self.ttl, now)
                 .await?
         };
-        let mut changed = false;
+        // A release that failed (the database was away) is retried: the bump ends the stream,
+        // and the engine releases before it starts the next one. Without it such partitions
+        // would stay held and renewed, but followed by no stream, for good.
+        let mut changed = self.lock().values().any(|h| h.releasing);
         {
             let mut held = self.lock();
             let lost: Vec<u32> = held

@@ -169,3 +169,20 @@ backend_tests! {
         assert_eq!(rows[2].1.attempts, 1);
     }
 }
+
+/// Workers starting together on an empty database all agree on the recorded count: none sees
+/// "no row" because another's insert committed after its statement began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_starts_racing_on_an_empty_database_all_record_the_same_count() {
+    let Some(db) = mip_testkit::postgres_database() else {
+        return;
+    };
+    let mut starts = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let db = db.clone();
+        starts.spawn(async move { opened(&db).await.init_partitions(8).await });
+    }
+    while let Some(started) = starts.join_next().await {
+        started.unwrap().expect("every racing first start succeeds");
+    }
+}

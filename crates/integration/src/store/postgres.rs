@@ -102,16 +102,15 @@ impl IntegrationStore for PgStore {
     async fn init_partitions(&self, count: u32) -> Result<(), Error> {
         let (pg, client) = self.client().await?;
         let requested = i32::try_from(count).unwrap_or(i32::MAX);
-        // The first start records its count; every later one compares with it. Two first
-        // starts racing agree on whichever row committed.
+        // The first start records its count; every later one compares with it. The no-op
+        // update makes the statement return the row that won even when a racing first start
+        // committed it after this statement's snapshot (a DO NOTHING would return nothing, and
+        // a read of the table in the same statement would not see it).
         let recorded: i32 = client
             .query_one(
-                "WITH inserted AS (
-                     INSERT INTO integration.cluster (id, partition_count) VALUES (1, $1)
-                     ON CONFLICT (id) DO NOTHING RETURNING partition_count)
-                 SELECT partition_count FROM inserted
-                 UNION ALL SELECT partition_count FROM integration.cluster WHERE id = 1
-                 LIMIT 1",
+                "INSERT INTO integration.cluster (id, partition_count) VALUES (1, $1)
+                 ON CONFLICT (id) DO UPDATE SET partition_count = integration.cluster.partition_count
+                 RETURNING partition_count",
                 &[&requested],
             )
             .await
