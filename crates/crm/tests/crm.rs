@@ -1966,13 +1966,8 @@ async fn health_becomes(channel: &Channel, wanted: ServingStatus) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_database_is_not_serving_until_it_is_back() {
     bounded(async {
-        let pg = match mip_testkit::postgres::PgServer::start() {
-            Ok(pg) => pg,
-            Err(why) if !mip_testkit::postgres::required() => {
-                eprintln!("skipped: {why}");
-                return;
-            }
-            Err(why) => panic!("PostgreSQL is required: {why}"),
+        let Some(pg) = mip_testkit::postgres::PgServer::start_or_skip() else {
+            return;
         };
         let db = Database::from_url(&pg.create_database(), 4).unwrap();
         let (_clock, mut server) = fresh_on(&db, fast_heartbeats()).await;

@@ -379,13 +379,8 @@ fn postgres_args(command: &str, port: u16, url: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_services_wait_for_the_database_and_ride_out_its_restart() {
-    let server = match PgServer::start() {
-        Ok(server) => server,
-        Err(e) if !mip_testkit::postgres::required() => {
-            eprintln!("skipping the PostgreSQL process test: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
+    let Some(server) = PgServer::start_or_skip() else {
+        return;
     };
     bounded(async {
         let dir = tempfile::tempdir().unwrap();
@@ -518,13 +513,8 @@ fn signal(pid: u32, signal: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_paused_past_its_lease_is_fenced_and_nothing_is_doubled() {
-    let server = match PgServer::start() {
-        Ok(server) => server,
-        Err(e) if !mip_testkit::postgres::required() => {
-            eprintln!("skipping the paused-worker test: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
+    let Some(server) = PgServer::start_or_skip() else {
+        return;
     };
     bounded(async {
         let dir = tempfile::tempdir().unwrap();

@@ -101,6 +101,20 @@ impl PgServer {
         Err(last)
     }
 
+    /// A server of the test's own (for tests that stop and restart it), or `None`, after one
+    /// line saying why, where PostgreSQL cannot start; with `MIP_REQUIRE_POSTGRES=1` that is a
+    /// failure instead.
+    pub fn start_or_skip() -> Option<PgServer> {
+        match PgServer::start() {
+            Ok(server) => Some(server),
+            Err(e) if required() => panic!("{REQUIRE_ENV}=1, but PostgreSQL cannot start: {e}"),
+            Err(e) => {
+                eprintln!("skipping a PostgreSQL test: {e}");
+                None
+            }
+        }
+    }
+
     /// The server every PostgreSQL test of this process shares (each in its own database),
     /// or `None`, after one line saying so, where PostgreSQL is not installed.
     pub fn shared() -> Option<&'static PgServer> {

@@ -5,13 +5,8 @@ use mip_testkit::postgres::PgServer;
 
 #[test]
 fn a_private_server_serves_fresh_databases_and_restarts_after_a_crash() {
-    let server = match PgServer::start() {
-        Ok(server) => server,
-        Err(e) if !mip_testkit::postgres::required() => {
-            eprintln!("skipping: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
+    let Some(server) = PgServer::start_or_skip() else {
+        return;
     };
     let a = server.create_database();
     let b = server.create_database();
