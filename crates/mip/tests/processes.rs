@@ -83,6 +83,19 @@ fn service_args(command: &str, port: u16, data_dir: &Path) -> Vec<String> {
     ]
 }
 
+/// The integration service's flags for calling CRM and Inventory on these loopback ports,
+/// with retries capped at a second so that recovery after a fault stays quick.
+fn neighbours(crm_port: u16, inventory_port: u16) -> [String; 6] {
+    [
+        "--crm-addr".to_owned(),
+        format!("127.0.0.1:{crm_port}"),
+        "--inventory-addr".to_owned(),
+        format!("127.0.0.1:{inventory_port}"),
+        "--retry-max".to_owned(),
+        "1s".to_owned(),
+    ]
+}
+
 /// Starts a service and waits until it serves. If it exits first (most likely because another
 /// process took the free port in the meantime), tries again on another port.
 async fn launch(name: &str, log_dir: &Path, args: impl Fn(u16) -> Vec<String>) -> (Process, u16) {
@@ -246,14 +259,7 @@ async fn killed_integration_process_restarts_and_every_customer_gets_exactly_one
         .await;
         let integration_args = |port| {
             let mut args = service_args("integration", port, &integration_dir);
-            args.extend([
-                "--crm-addr".to_owned(),
-                format!("127.0.0.1:{crm_port}"),
-                "--inventory-addr".to_owned(),
-                format!("127.0.0.1:{inventory_port}"),
-                "--retry-max".to_owned(),
-                "1s".to_owned(),
-            ]);
+            args.extend(neighbours(crm_port, inventory_port));
             args
         };
         let (mut integration, _) = launch("integration", logs, &integration_args).await;
@@ -427,14 +433,7 @@ async fn on_postgres_services_wait_for_the_database_and_ride_out_its_restart() {
         .await;
         let (mut integration, _) = launch("integration", logs, |port| {
             let mut args = postgres_args("integration", port, &url);
-            args.extend([
-                "--crm-addr".to_owned(),
-                format!("127.0.0.1:{crm_port}"),
-                "--inventory-addr".to_owned(),
-                format!("127.0.0.1:{inventory_port}"),
-                "--retry-max".to_owned(),
-                "1s".to_owned(),
-            ]);
+            args.extend(neighbours(crm_port, inventory_port));
             args
         })
         .await;
@@ -527,16 +526,11 @@ async fn a_worker_paused_past_its_lease_is_fenced_and_nothing_is_doubled() {
         .await;
         let worker_args = |port| {
             let mut args = postgres_args("integration", port, &url);
+            args.extend(neighbours(crm_port, inventory_port));
             args.extend([
-                "--crm-addr".to_owned(),
-                format!("127.0.0.1:{crm_port}"),
-                "--inventory-addr".to_owned(),
-                format!("127.0.0.1:{inventory_port}"),
                 "--partitions".to_owned(),
                 "8".to_owned(),
                 "--lease-ttl".to_owned(),
-                "1s".to_owned(),
-                "--retry-max".to_owned(),
                 "1s".to_owned(),
             ]);
             args
