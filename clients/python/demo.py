@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
-"""The whole platform demo from Python, with stubs generated from ../../proto.
+"""The whole platform demo from Python, with the mip_client package.
 
 1. Checks that CRM, Inventory and the integration service report SERVING (standard health).
-2. Lists customers to get a resume token, and watches the customer stream from it.
+2. Lists customers to get a resume token, and follows the customer feed from it
+   (mip_client.follow_customers).
 3. Creates a customer (idempotently, with a request_id).
-4. Sees the customer's CREATED event arrive on the stream.
+4. Sees the customer's CREATED event arrive on the feed.
 5. Waits until the integration service has created its welcome package in Inventory.
 
-Run `python3 clients/python/generate.py` first, with `mip all` running. Exits 0 on success,
-1 if a step fails, with the reason.
+Install the package first (`pip install ./clients/python`), with `mip all` running. Exits 0
+on success, 1 if a step fails, with the reason on one line.
+
+The services' addresses default to what `mip all` serves on; --crm, --inventory and
+--integration change them:
+
+    python3 clients/python/demo.py --crm 127.0.0.1:50051 --inventory 127.0.0.1:50052 \
+        --integration 127.0.0.1:50053
 
 Against a cluster, give every CRM replica, comma-separated; the demo uses the first one that
 answers SERVING and tries the next when one is unreachable:
@@ -29,13 +36,15 @@ import threading
 import time
 import uuid
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "generated"))
+try:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import grpc  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-
-from crm.v1 import crm_pb2, crm_pb2_grpc  # noqa: E402
-from inventory.v1 import inventory_pb2, inventory_pb2_grpc  # noqa: E402
+    from mip_client import follow_customers
+    from mip_client.crm.v1 import crm_pb2, crm_pb2_grpc
+    from mip_client.inventory.v1 import inventory_pb2, inventory_pb2_grpc
+except ImportError as missing:
+    sys.exit(f"demo failed: {missing}; install the client first: pip install ./clients/python")
 
 SERVICES = {
     "crm": "crm.v1.CrmService",
@@ -85,6 +94,14 @@ def check_one(connector: Connector, name: str, address: str, timeout: float) -> 
             raise RuntimeError(f"{name} is {status}")
 
 
+def unreachable(name: str, address: str, error: grpc.RpcError) -> str:
+    """One line, with a hint, for a service that did not answer its health check."""
+    hint = ""
+    if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        hint = f": is `mip all` running on {address}? (--{name} sets the address)"
+    return f"{name} at {address}: {error.code().name}{hint}"
+
+
 def check_health(connector: Connector, addresses: dict, timeout: float) -> dict:
     """Checks every service; `addresses` maps a name to one address or several,
     comma-separated (replicas). Returns the address chosen for each: the first replica that
@@ -99,6 +116,8 @@ def check_health(connector: Connector, addresses: dict, timeout: float) -> dict:
                 check_one(connector, name, address, timeout)
             except (grpc.RpcError, RuntimeError) as error:
                 if index + 1 == len(replicas):
+                    if isinstance(error, grpc.RpcError):
+                        raise RuntimeError(unreachable(name, address, error)) from None
                     raise
                 reason = error.code().name if isinstance(error, grpc.RpcError) else error
                 print(f"health {name:<12} {address:<18} {reason}; trying the next replica")
@@ -108,35 +127,38 @@ def check_health(connector: Connector, addresses: dict, timeout: float) -> dict:
     return chosen
 
 
-def watch(crm: crm_pb2_grpc.CrmServiceStub, token: str, events: queue.Queue, stop: threading.Event):
-    """Puts every CREATED event of the stream on `events` until `stop` is set."""
-    stream = crm.WatchCustomers(crm_pb2.WatchCustomersRequest(resume_token=token))
+def watch(crm: crm_pb2_grpc.CrmServiceStub, token: str, events: queue.Queue, follower_box: list):
+    """Puts every event the follower yields on `events`, and its error if it stops on one."""
     try:
-        for message in stream:
-            if stop.is_set():
-                break
-            if message.WhichOneof("kind") == "event":
-                events.put(message.event)
+        with follow_customers(crm, token=token) as follower:
+            follower_box.append(follower)
+            for item in follower:
+                events.put(item)
     except grpc.RpcError as error:
-        if not stop.is_set():
-            events.put(error)
-    finally:
-        stream.cancel()
+        events.put(error)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--crm", default="127.0.0.1:50051", help="CRM address, or replicas comma-separated"
     )
-    parser.add_argument("--inventory", default="127.0.0.1:50052")
-    parser.add_argument("--integration", default="127.0.0.1:50053")
+    parser.add_argument("--inventory", default="127.0.0.1:50052", help="Inventory address")
+    parser.add_argument(
+        "--integration", default="127.0.0.1:50053", help="integration service address"
+    )
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per step")
     parser.add_argument("--ca", help="PEM CA certificate: use TLS and trust this CA")
     parser.add_argument("--cert", help="PEM client certificate, for mutual TLS")
     parser.add_argument("--key", help="PEM key of --cert")
     parser.add_argument("--token-file", help="file whose first line is the bearer token")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main(args: argparse.Namespace) -> int:
     connector = Connector(args)
 
     chosen = check_health(
@@ -150,11 +172,11 @@ def main() -> int:
     inventory = inventory_pb2_grpc.InventoryServiceStub(connector.channel(chosen["inventory"]))
 
     snapshot = crm.ListCustomers(crm_pb2.ListCustomersRequest(page_size=1), timeout=args.timeout)
-    print(f"watching from resume token {snapshot.resume_token}")
+    print(f"following the feed from resume token {snapshot.resume_token}")
     events: queue.Queue = queue.Queue()
-    stop = threading.Event()
+    follower_box: list = []
     watcher = threading.Thread(
-        target=watch, args=(crm, snapshot.resume_token, events, stop), daemon=True
+        target=watch, args=(crm, snapshot.resume_token, events, follower_box), daemon=True
     )
     watcher.start()
 
@@ -179,13 +201,14 @@ def main() -> int:
             item = events.get(timeout=remaining)
         except queue.Empty:
             raise RuntimeError("the CREATED event did not arrive on the watch stream") from None
-        if isinstance(item, Exception):
-            raise RuntimeError(f"watch stream failed: {item}")
-        if item.customer.id == customer.id:
-            kind = crm_pb2.CustomerEventType.Name(item.type)
-            print(f"stream delivered {kind} for {item.customer.id} at sequence {item.sequence}")
+        if isinstance(item, grpc.RpcError):
+            raise item
+        if item.event is not None and item.customer.id == customer.id:
+            kind = crm_pb2.CustomerEventType.Name(item.event.type)
+            print(f"feed delivered {kind} for {item.customer.id} at sequence {item.sequence}"
+                  f" ({follower_box[0].mode})")
             break
-    stop.set()
+    follower_box[0].close()
 
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
@@ -211,9 +234,21 @@ def main() -> int:
     raise RuntimeError("no package request appeared in Inventory")
 
 
+def describe(error: Exception, args: argparse.Namespace) -> str:
+    """One line for a failure: grpc's own errors print a multi-line dump of call internals."""
+    if not isinstance(error, grpc.RpcError):
+        return str(error)
+    code = error.code()
+    line = f"{code.name}: {error.details()}"
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        line += " (did a service stop during the demo?)"
+    return line
+
+
 if __name__ == "__main__":
+    arguments = parse_args()
     try:
-        sys.exit(main())
+        sys.exit(main(arguments))
     except Exception as error:  # noqa: BLE001 - one clear line for any failure
-        print(f"demo failed: {error}", file=sys.stderr)
+        print(f"demo failed: {describe(error, arguments)}", file=sys.stderr)
         sys.exit(1)

@@ -1,45 +1,241 @@
 #!/usr/bin/env python3
-"""Generates Python gRPC stubs from the platform's contracts in ../../proto.
+"""Generates the `mip_client` package's gRPC modules from the platform's contracts.
 
-The stubs go to ./generated (not committed). Needs `grpcio-tools`:
+`pip install ./clients/python` runs this as part of the build (see setup.py), so most users
+never call it. Run it by hand to get an importable copy of the package without installing
+it, for example to read the generated code:
 
-    pip install grpcio grpcio-tools grpcio-health-checking
-    python3 clients/python/generate.py
+    python3 clients/python/generate.py --out /tmp/mip-py
+    PYTHONPATH=/tmp/mip-py python3 -c "import mip_client.crm.v1.crm_pb2"
+
+It needs `grpcio-tools` (protoc and the well-known types) and `mypy-protobuf` (the `.pyi`
+stubs), the same versions the build pins in pyproject.toml.
+
+Layout: `proto/crm/v1/crm.proto` becomes `mip_client/crm/v1/crm_pb2.py` (messages),
+`crm_pb2_grpc.py` (stubs and servicers) and a `.pyi` beside each. protoc writes imports that
+follow the proto paths (`from crm.v1 import crm_pb2`), which would need a top-level `crm`
+package; they are rewritten to `from mip_client.crm.v1 import crm_pb2`, so the package owns
+no top-level name but its own. Descriptor file names stay `crm/v1/crm.proto`, as the servers'
+reflection reports them.
 """
 
+import argparse
 import pathlib
+import pprint
+import re
+import shutil
+import stat
 import sys
-
-import grpc_tools
-from grpc_tools import protoc
+import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
-PROTO_ROOT = HERE.parent.parent / "proto"
-OUT = HERE / "generated"
+PACKAGE = "mip_client"
+SOURCE = HERE / "src" / PACKAGE
+
+# Appended to every generated *_pb2_grpc.py: grpc's stubs create their methods per instance,
+# without docstrings, so `help()` on a stub would show none of the proto comments that the
+# servicer methods carry. mip_client._docs copies them over.
+DOCUMENT_STUBS = f"""
+
+# Added by the {PACKAGE} build: gives each stub method the proto comment of its RPC.
+from {PACKAGE} import _docs as _{PACKAGE}_docs  # noqa: E402
+
+_{PACKAGE}_docs.document_stubs(globals())
+"""
+
+
+# Appended to every generated *_pb2.py: protoc keeps no comments in Python message classes;
+# the build reads them from the descriptor set and mip_client._docs sets them as docstrings.
+DOCUMENT_MESSAGES = f"""
+
+# Added by the {PACKAGE} build: the proto comments of this file's messages and enums.
+from {PACKAGE} import _docs as _{PACKAGE}_docs  # noqa: E402
+
+_{PACKAGE}_docs.document_messages(globals(), {{docs}})
+"""
+
+# Field numbers of the descriptor.proto paths that SourceCodeInfo locations use.
+FILE_MESSAGES, FILE_ENUMS = 4, 5
+MESSAGE_FIELDS, MESSAGE_NESTED, MESSAGE_ENUMS = 2, 3, 4
+ENUM_VALUES = 2
+
+
+def proto_root() -> pathlib.Path:
+    """The contracts: proto/ beside this file in an sdist, else the repository's proto/."""
+    for candidate in (HERE / "proto", HERE.parent.parent / "proto"):
+        if any(candidate.rglob("*.proto")):
+            return candidate
+    raise SystemExit(
+        f"no .proto files in {HERE / 'proto'} or {HERE.parent.parent / 'proto'}: build "
+        "from a checkout of the repository (or from its sdist)"
+    )
+
+
+def include_paths() -> list:
+    """Where protoc finds the protos' imports: grpcio-tools ships google/protobuf/*.proto;
+    googleapis-common-protos ships google/rpc/*.proto, if a contract ever imports those."""
+    import grpc_tools
+
+    paths = [pathlib.Path(grpc_tools.__file__).parent / "_proto"]
+    try:
+        import google.rpc
+
+        rpc = pathlib.Path(next(iter(google.rpc.__path__)))
+        if (rpc / "status.proto").exists():
+            paths.append(rpc.parent.parent)
+    except ImportError:
+        pass
+    return paths
+
+
+def plugin(name: str, scratch: pathlib.Path) -> str:
+    """Path of a protoc plugin executable. mypy-protobuf installs them as console scripts, on
+    PATH in pip's isolated build environment; failing that, a wrapper that runs the plugin
+    with this interpreter."""
+    found = shutil.which(name) or shutil.which(name, path=str(pathlib.Path(sys.executable).parent))
+    if found:
+        return found
+    entry = {"protoc-gen-mypy": "main", "protoc-gen-mypy_grpc": "grpc"}[name]
+    wrapper = scratch / name
+    wrapper.write_text(
+        f"#!{sys.executable}\nfrom mypy_protobuf.main import {entry}\n{entry}()\n"
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    return str(wrapper)
+
+
+def rewrite_imports(text: str, top_level: list) -> str:
+    """Moves protoc's proto-path imports (`from crm.v1 import`, `import crm.v1.x`) under the
+    package. Only import statements are touched: strings such as '/crm.v1.CrmService/...' are
+    method paths on the wire and must stay."""
+    names = "|".join(re.escape(name) for name in top_level)
+    text = re.sub(rf"^(\s*)from ({names})((?:\.\w+)*) import ", rf"\1from {PACKAGE}.\2\3 import ",
+                  text, flags=re.M)
+    return re.sub(rf"^(\s*)import ({names})((?:\.\w+)+)", rf"\1import {PACKAGE}.\2\3", text,
+                  flags=re.M)
+
+
+def tidy(comment: str) -> str:
+    """A proto comment without the space after each `//`."""
+    return "\n".join(line[1:] if line.startswith(" ") else line
+                     for line in comment.splitlines()).strip()
+
+
+def comments(descriptor_set: pathlib.Path) -> dict:
+    """Per proto file, {message or enum full name: (comment, {member: comment})}, read from
+    a descriptor set written with --include_source_info."""
+    from google.protobuf import descriptor_pb2
+
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes()).file
+    result = {}
+    for file in files:
+        located = {
+            tuple(location.path): tidy(location.leading_comments or location.trailing_comments)
+            for location in file.source_code_info.location
+        }
+        docs = {}
+
+        def enum(proto, path, scope):
+            values = {v.name: located.get((*path, ENUM_VALUES, i), "")
+                      for i, v in enumerate(proto.value)}
+            docs[f"{scope}.{proto.name}"] = (located.get(path, ""), values)
+
+        def message(proto, path, scope):
+            full = f"{scope}.{proto.name}"
+            fields = {f.name: located.get((*path, MESSAGE_FIELDS, i), "")
+                      for i, f in enumerate(proto.field)}
+            docs[full] = (located.get(path, ""), fields)
+            for i, nested in enumerate(proto.nested_type):
+                if not nested.options.map_entry:
+                    message(nested, (*path, MESSAGE_NESTED, i), full)
+            for i, nested in enumerate(proto.enum_type):
+                enum(nested, (*path, MESSAGE_ENUMS, i), full)
+
+        for i, proto in enumerate(file.message_type):
+            message(proto, (FILE_MESSAGES, i), file.package)
+        for i, proto in enumerate(file.enum_type):
+            enum(proto, (FILE_ENUMS, i), file.package)
+        result[file.name] = docs
+    return result
+
+
+def generate_stubs(package_dir: pathlib.Path, protos: pathlib.Path = None) -> list:
+    """Writes the generated modules (and their `__init__.py`s) into `package_dir`, the
+    directory of the `mip_client` package. Returns the files written."""
+    from grpc_tools import protoc
+
+    protos = protos or proto_root()
+    files = sorted(str(p.relative_to(protos)) for p in protos.rglob("*.proto"))
+    top_level = sorted({pathlib.PurePath(f).parts[0] for f in files})
+    clash = [name for name in top_level if (SOURCE / name).exists() or (SOURCE / f"{name}.py").exists()]
+    if clash:
+        raise SystemExit(f"proto directories {clash} clash with {PACKAGE}'s own modules")
+    with tempfile.TemporaryDirectory(prefix="mip-protoc-") as scratch:
+        scratch = pathlib.Path(scratch)
+        out = scratch / "out"
+        out.mkdir()
+        args = [
+            "grpc_tools.protoc",
+            f"-I{protos}",
+            *(f"-I{path}" for path in include_paths()),
+            f"--plugin=protoc-gen-mypy={plugin('protoc-gen-mypy', scratch)}",
+            f"--plugin=protoc-gen-mypy_grpc={plugin('protoc-gen-mypy_grpc', scratch)}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            f"--mypy_out={out}",
+            f"--mypy_grpc_out={out}",
+            f"--descriptor_set_out={scratch / 'descriptors.pb'}",
+            "--include_source_info",
+            *files,
+        ]
+        code = protoc.main(args)
+        if code != 0:
+            raise SystemExit(f"protoc failed with exit code {code}")
+        documented = comments(scratch / "descriptors.pb")
+        written = []
+        for source in sorted(out.rglob("*")):
+            if source.is_dir():
+                continue
+            target = package_dir / source.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            text = rewrite_imports(source.read_text(), top_level)
+            if source.name.endswith("_pb2_grpc.py"):
+                text += DOCUMENT_STUBS
+            elif source.name.endswith("_pb2.py"):
+                proto = str(source.relative_to(out))[: -len("_pb2.py")] + ".proto"
+                text += DOCUMENT_MESSAGES.format(docs=pprint.pformat(documented.get(proto, {}), width=96, sort_dicts=False))
+            target.write_text(text)
+            written.append(target)
+        # Every directory of the proto tree becomes a package.
+        for folder in sorted({path.parent for path in written}):
+            while folder != package_dir:
+                init = folder / "__init__.py"
+                if not init.exists():
+                    dotted = ".".join((PACKAGE, *folder.relative_to(package_dir).parts))
+                    init.write_text(f'"""Generated from proto/: {dotted}."""\n')
+                    written.append(init)
+                folder = folder.parent
+    return written
 
 
 def main() -> int:
-    OUT.mkdir(exist_ok=True)
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
-    # grpcio-tools ships the well-known types (google/protobuf/*.proto) next to its module.
-    well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"
-    args = [
-        "grpc_tools.protoc",
-        f"-I{PROTO_ROOT}",
-        f"-I{well_known}",
-        f"--python_out={OUT}",
-        f"--pyi_out={OUT}",
-        f"--grpc_python_out={OUT}",
-        *protos,
-    ]
-    code = protoc.main(args)
-    if code != 0:
-        print(f"protoc failed with exit code {code}", file=sys.stderr)
-        return code
-    # Make every generated package importable (crm/v1/..., inventory/v1/...).
-    for folder in [OUT, *(p for p in OUT.rglob("*") if p.is_dir())]:
-        (folder / "__init__.py").touch()
-    print(f"generated {len(protos)} contracts into {OUT}")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", required=True, type=pathlib.Path,
+        help="directory to write the complete mip_client package into (as OUT/mip_client)",
+    )
+    parser.add_argument(
+        "--proto", type=pathlib.Path, default=None,
+        help="root of the .proto files (default: the repository's proto/)",
+    )
+    args = parser.parse_args()
+    package_dir = args.out.resolve() / PACKAGE
+    if package_dir.exists():
+        shutil.rmtree(package_dir)
+    # The hand-written modules first, so the generated ones can import mip_client._docs.
+    shutil.copytree(SOURCE, package_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    written = generate_stubs(package_dir, args.proto.resolve() if args.proto else None)
+    print(f"wrote {PACKAGE} ({len(written)} generated files) into {args.out}")
     return 0
 
 
