@@ -195,8 +195,8 @@ class CustomerFollower:
         self._live = False
         # Set while a stream opened from polling has not delivered anything yet.
         self._probing = False
-        #: "stream" or "poll": how the feed is being read right now.
-        self.mode = "poll" if mode == "poll" else "stream"
+        # "stream" or "poll": how the loop reads the feed (a probe counts as streaming).
+        self._reading = "poll" if mode == "poll" else "stream"
         #: Counters of what happened so far.
         self.stats = FollowerStats()
         self._items = self._run()
@@ -208,6 +208,13 @@ class CustomerFollower:
         """The resume token to save: everything up to it has been yielded (heartbeats and empty
         polls move it too, so a saved token stays ahead of retention)."""
         return self._token
+
+    @property
+    def mode(self) -> str:
+        """How the feed is being read: "stream" (WatchCustomers) or "poll"
+        (ListCustomerEvents). While polling, a probe of the stream counts as polling until the
+        stream delivers something."""
+        return "poll" if self._probing else self._reading
 
     @property
     def live(self) -> bool:
@@ -248,7 +255,7 @@ class CustomerFollower:
     def _run(self) -> Iterator[FeedItem]:
         last_probe = self._clock()
         while not self._closed.is_set():
-            if self.mode == "stream":
+            if self._reading == "stream":
                 failure = yield from self._stream()
                 if failure is None:
                     return
@@ -256,19 +263,19 @@ class CustomerFollower:
                     # The probe did not get through: keep polling, as the engine does when
                     # it cannot open a stream while polling.
                     self._probing = False
-                    self.mode = "poll"
+                    self._reading = "poll"
                     continue
                 if failure.progressed:
                     self._failures = 0
                 switch = yield from self._on_failure(failure, streaming=True)
                 if switch == "poll":
-                    self.mode = "poll"
+                    self._reading = "poll"
                     self.stats.fallbacks_to_polling += 1
             else:
                 if (self._mode == "auto"
                         and self._clock() - last_probe >= self._probe_interval):
                     last_probe = self._clock()
-                    self.mode = "stream"
+                    self._reading = "stream"
                     self._probing = True
                     self._failures = 0
                     continue
