@@ -4,7 +4,7 @@
 Starts `mip all` (the debug build, or $MIP_BIN) on free loopback ports with a fresh data
 directory, then:
   * runs every grpcurl line of README.md (ports rewritten to the test's), asserting on output;
-  * generates the Python client from proto/ and runs clients/python/demo.py;
+  * installs the Python client (clients/python) into a fresh virtualenv and runs its demo;
   * checks `mip health` exit codes (0 SERVING, 2 unreachable);
   * scrapes the Prometheus metrics and checks the documented series are there;
   * stops the platform with SIGTERM and checks it exits cleanly in bounded time.
@@ -215,10 +215,36 @@ def run_secure_platform(work: str) -> None:
         log.close()
 
 
+# The interpreter of the virtualenv the Python client is installed into (run_python_demo).
+client_python = None
+
+
+def install_python_client(work: str) -> bool:
+    """`pip install ./clients/python` into a fresh virtualenv under `work`, as a user would;
+    the build generates the stubs from proto/."""
+    global client_python
+    venv = os.path.join(work, "venv")
+    made = subprocess.run([sys.executable, "-m", "venv", venv], capture_output=True, text=True,
+                          timeout=120)
+    python = os.path.join(venv, "bin", "python")
+    installed = made.returncode == 0 and subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         str(ROOT / "clients/python")],
+        capture_output=True, text=True, timeout=600,
+    )
+    ok = bool(installed) and installed.returncode == 0
+    report(ok, "Python client installs into a fresh virtualenv (stubs generated from proto/)",
+           (made.stderr + (installed.stdout + installed.stderr if installed else ""))[-2000:])
+    client_python = python if ok else None
+    return ok
+
+
 def run_demo(ports: dict, *extra: str, cwd=None) -> subprocess.CompletedProcess:
     """clients/python/demo.py against the platform on `ports`, with `extra` flags."""
+    if client_python is None:
+        return subprocess.CompletedProcess([], 1, "", "the Python client is not installed")
     return subprocess.run(
-        [sys.executable, str(ROOT / "clients/python/demo.py"),
+        [client_python, str(ROOT / "clients/python/demo.py"),
          "--crm", f"127.0.0.1:{ports['crm']}",
          "--inventory", f"127.0.0.1:{ports['inventory']}",
          "--integration", f"127.0.0.1:{ports['integration']}", *extra],
@@ -226,18 +252,24 @@ def run_demo(ports: dict, *extra: str, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
-def run_python_demo(ports: dict) -> None:
-    generated = subprocess.run(
-        [sys.executable, str(ROOT / "clients/python/generate.py")],
-        capture_output=True, text=True, timeout=120,
+def run_python_demo(ports: dict, work: str) -> None:
+    if not install_python_client(work):
+        return
+    shown = subprocess.run(
+        [client_python, "-c",
+         "import grpc, pydoc; from mip_client.crm.v1 import crm_pb2_grpc; "
+         "stub = crm_pb2_grpc.CrmServiceStub(grpc.insecure_channel('127.0.0.1:1')); "
+         "print(pydoc.render_doc(crm_pb2_grpc.CrmServiceStub, renderer=pydoc.plaintext)); "
+         "print(pydoc.render_doc(stub.CreateCustomer, renderer=pydoc.plaintext))"],
+        capture_output=True, text=True, timeout=60,
     )
-    report(generated.returncode == 0, "Python stubs generate from proto/", generated.stderr)
-    stub = ROOT / "clients/python/generated/crm/v1/crm_pb2_grpc.py"
-    report(stub.exists() and "stores customers and publishes every change" in stub.read_text(),
-           "proto comments reach the generated Python client")
+    report(shown.returncode == 0 and "stores customers and publishes every change" in shown.stdout
+           and "Creates a customer." in shown.stdout,
+           "help() on the Python stub and its methods shows the proto comments",
+           shown.stdout[-1000:] + shown.stderr)
     demo = run_demo(ports)
     report(demo.returncode == 0 and "demo passed" in demo.stdout,
-           "Python demo: health, watch from token, create, package appears",
+           "Python demo: health, follow from token, create, package appears",
            demo.stdout + demo.stderr)
     # A later --crm wins: the first replica listed is down, so the demo must use the second.
     replicas = f"127.0.0.1:{free_port()},127.0.0.1:{ports['crm']}"
@@ -245,6 +277,13 @@ def run_python_demo(ports: dict) -> None:
     report(demo.returncode == 0 and "trying the next replica" in demo.stdout
            and "demo passed" in demo.stdout,
            "Python demo with CRM replicas: skips an unreachable one", demo.stdout + demo.stderr)
+    # Nothing listens: one line with a hint, not grpc's multi-line error dump.
+    closed = f"127.0.0.1:{free_port()}"
+    demo = run_demo({**ports, "crm": closed.rsplit(":", 1)[1]}, "--timeout", "2")
+    lines = demo.stderr.strip().splitlines()
+    report(demo.returncode == 1 and len(lines) == 1
+           and f"is `mip all` running on {closed}?" in demo.stderr,
+           "Python demo against nothing: one line with a hint", demo.stdout + demo.stderr)
 
 
 def run_health_exit_codes(ports: dict) -> None:
@@ -312,7 +351,7 @@ def main() -> int:
     try:
         report(all(wait_healthy(p, 30) for p in ports.values()), "mip all becomes healthy")
         run_readme_lines(ports)
-        run_python_demo(ports)
+        run_python_demo(ports, data)
         run_health_exit_codes(ports)
         run_metrics_checks(metrics_port)
         process.send_signal(signal.SIGTERM)
