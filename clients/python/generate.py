@@ -27,6 +27,7 @@ import shutil
 import stat
 import sys
 import tempfile
+from typing import Optional
 
 HERE = pathlib.Path(__file__).resolve().parent
 PACKAGE = "mip_client"
@@ -110,9 +111,9 @@ def rewrite_imports(text: str, top_level: list) -> str:
     method paths on the wire and must stay."""
     names = "|".join(re.escape(name) for name in top_level)
     text = re.sub(rf"^(\s*)from ({names})((?:\.\w+)*) import ", rf"\1from {PACKAGE}.\2\3 import ",
-                  text, flags=re.M)
+                  text, flags=re.MULTILINE)
     return re.sub(rf"^(\s*)import ({names})((?:\.\w+)+)", rf"\1import {PACKAGE}.\2\3", text,
-                  flags=re.M)
+                  flags=re.MULTILINE)
 
 
 def tidy(comment: str) -> str:
@@ -134,32 +135,32 @@ def comments(descriptor_set: pathlib.Path) -> dict:
             for location in file.source_code_info.location
         }
         docs = {}
-
-        def enum(proto, path, scope):
-            values = {v.name: located.get((*path, ENUM_VALUES, i), "")
-                      for i, v in enumerate(proto.value)}
-            docs[f"{scope}.{proto.name}"] = (located.get(path, ""), values)
-
-        def message(proto, path, scope):
-            full = f"{scope}.{proto.name}"
-            fields = {f.name: located.get((*path, MESSAGE_FIELDS, i), "")
-                      for i, f in enumerate(proto.field)}
-            docs[full] = (located.get(path, ""), fields)
-            for i, nested in enumerate(proto.nested_type):
-                if not nested.options.map_entry:
-                    message(nested, (*path, MESSAGE_NESTED, i), full)
-            for i, nested in enumerate(proto.enum_type):
-                enum(nested, (*path, MESSAGE_ENUMS, i), full)
-
         for i, proto in enumerate(file.message_type):
-            message(proto, (FILE_MESSAGES, i), file.package)
+            document_message(proto, (FILE_MESSAGES, i), file.package, located, docs)
         for i, proto in enumerate(file.enum_type):
-            enum(proto, (FILE_ENUMS, i), file.package)
+            document_enum(proto, (FILE_ENUMS, i), file.package, located, docs)
         result[file.name] = docs
     return result
 
 
-def generate_stubs(package_dir: pathlib.Path, protos: pathlib.Path = None) -> list:
+def document_enum(proto, path: tuple, scope: str, located: dict, docs: dict) -> None:
+    values = {v.name: located.get((*path, ENUM_VALUES, i), "") for i, v in enumerate(proto.value)}
+    docs[f"{scope}.{proto.name}"] = (located.get(path, ""), values)
+
+
+def document_message(proto, path: tuple, scope: str, located: dict, docs: dict) -> None:
+    full = f"{scope}.{proto.name}"
+    fields = {f.name: located.get((*path, MESSAGE_FIELDS, i), "")
+              for i, f in enumerate(proto.field)}
+    docs[full] = (located.get(path, ""), fields)
+    for i, nested in enumerate(proto.nested_type):
+        if not nested.options.map_entry:
+            document_message(nested, (*path, MESSAGE_NESTED, i), full, located, docs)
+    for i, nested in enumerate(proto.enum_type):
+        document_enum(nested, (*path, MESSAGE_ENUMS, i), full, located, docs)
+
+
+def generate_stubs(package_dir: pathlib.Path, protos: Optional[pathlib.Path] = None) -> list:
     """Writes the generated modules (and their `__init__.py`s) into `package_dir`, the
     directory of the `mip_client` package. Returns the files written."""
     from grpc_tools import protoc
@@ -167,7 +168,8 @@ def generate_stubs(package_dir: pathlib.Path, protos: pathlib.Path = None) -> li
     protos = protos or proto_root()
     files = sorted(str(p.relative_to(protos)) for p in protos.rglob("*.proto"))
     top_level = sorted({pathlib.PurePath(f).parts[0] for f in files})
-    clash = [name for name in top_level if (SOURCE / name).exists() or (SOURCE / f"{name}.py").exists()]
+    clash = [name for name in top_level
+             if (SOURCE / name).exists() or (SOURCE / f"{name}.py").exists()]
     if clash:
         raise SystemExit(f"proto directories {clash} clash with {PACKAGE}'s own modules")
     with tempfile.TemporaryDirectory(prefix="mip-protoc-") as scratch:
@@ -203,7 +205,8 @@ def generate_stubs(package_dir: pathlib.Path, protos: pathlib.Path = None) -> li
                 text += DOCUMENT_STUBS
             elif source.name.endswith("_pb2.py"):
                 proto = str(source.relative_to(out))[: -len("_pb2.py")] + ".proto"
-                text += DOCUMENT_MESSAGES.format(docs=pprint.pformat(documented.get(proto, {}), width=96, sort_dicts=False))
+                docs = pprint.pformat(documented.get(proto, {}), width=96, sort_dicts=False)
+                text += DOCUMENT_MESSAGES.format(docs=docs)
             target.write_text(text)
             written.append(target)
         # Every directory of the proto tree becomes a package.

@@ -76,7 +76,8 @@ class Crm:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"mip crm exited with {self.process.returncode}: {self.log()}")
+                    raise RuntimeError(
+                        f"mip crm exited with {self.process.returncode}: {self.log()}")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"mip crm not SERVING after {timeout} s: {self.log()}")

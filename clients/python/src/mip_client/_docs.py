@@ -13,6 +13,7 @@ RPC comments). The build appends one call to each generated module (see generate
 """
 
 import inspect
+from typing import Any
 
 # The multicallable attributes passed through, where the call kind has them.
 _PASSED_THROUGH = ("with_call", "future")
@@ -73,7 +74,7 @@ def document_stubs(module_globals: dict) -> None:
         _patch(stub, stub_name, docs)
 
 
-def _patch(stub: type, stub_name: str, docs: dict) -> None:
+def _patch(stub: Any, stub_name: str, docs: dict) -> None:
     original_init = stub.__init__
     module = stub.__module__
 
@@ -103,10 +104,10 @@ def document_messages(module_globals: dict, docs: dict) -> None:
     descriptor = module_globals.get("DESCRIPTOR")
     if descriptor is None:
         return
-    for name, value in list(module_globals.items()):
+    for value in list(module_globals.values()):
         inner = getattr(value, "DESCRIPTOR", None)
         full_name = getattr(inner, "full_name", None)
-        if full_name in docs:
+        if isinstance(full_name, str) and full_name in docs:
             _document(value, docs, full_name)
 
 
@@ -128,5 +129,5 @@ def _document(value, docs: dict, full_name: str) -> None:
     for nested_name in list(vars(value)) if isinstance(value, type) else []:
         nested = getattr(value, nested_name, None)
         nested_full = getattr(getattr(nested, "DESCRIPTOR", None), "full_name", None)
-        if nested_full in docs and nested_full != full_name:
+        if isinstance(nested_full, str) and nested_full in docs and nested_full != full_name:
             _document(nested, docs, nested_full)

@@ -23,7 +23,7 @@ import queue
 import random
 import threading
 import time
-from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Generator, Iterator, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -159,7 +159,8 @@ class CustomerFollower:
             raise ValueError(f"mode must be auto, stream or poll, not {mode!r}")
         if isinstance(start_position, str):
             if start_position not in _START_POSITIONS:
-                raise ValueError(f"start_position must be earliest or latest, not {start_position!r}")
+                raise ValueError(
+                    f"start_position must be earliest or latest, not {start_position!r}")
             start_position = _START_POSITIONS[start_position]
         for name, value in (("poll_interval", poll_interval), ("idle_timeout", idle_timeout),
                             ("call_timeout", call_timeout), ("initial_backoff", initial_backoff),
@@ -252,7 +253,7 @@ class CustomerFollower:
 
     # The loop, as in the integration service's engine (`follow` and `on_feed_error`).
 
-    def _run(self) -> Iterator[FeedItem]:
+    def _run(self) -> Generator[FeedItem, None, None]:
         last_probe = self._clock()
         while not self._closed.is_set():
             if self._reading == "stream":
@@ -491,7 +492,8 @@ def _caught_up(beat: crm_pb2.Heartbeat) -> bool:
     """Whether a heartbeat says the stream has caught up. Servers whose Heartbeat has no
     `caught_up` field send heartbeats only once caught up, so any heartbeat says so."""
     if "caught_up" in beat.DESCRIPTOR.fields_by_name:
-        return bool(getattr(beat, "caught_up"))
+        # getattr: the field is absent from the typed stubs of older contracts.
+        return bool(getattr(beat, "caught_up"))  # noqa: B009
     return True
 
 
