@@ -51,6 +51,7 @@ at what point of the load, for how long), though not the exact thread interleavi
 """
 
 import argparse
+import atexit
 import collections
 import dataclasses
 import os
@@ -128,20 +129,23 @@ class Interrupted(Exception):
 
 
 def load_stubs():
-    """Generates the Python stubs from proto/ (the documented way) and imports them."""
+    """Generates the Python client's modules from proto/ into a temporary directory
+    (clients/python/generate.py, which installing the package also uses) and imports them."""
+    out = tempfile.mkdtemp(prefix="mip-chaos-stubs-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     result = subprocess.run(
-        [sys.executable, str(ROOT / "clients/python/generate.py")],
+        [sys.executable, str(ROOT / "clients/python/generate.py"), "--out", out, "--skip-pyi"],
         capture_output=True, text=True, timeout=120,
     )
     if result.returncode != 0:
         sys.exit(f"generating the Python stubs failed:\n{result.stdout}{result.stderr}")
-    sys.path.insert(0, str(ROOT / "clients/python/generated"))
+    sys.path.insert(0, out)
     global health_pb2, health_pb2_grpc, crm_pb2, crm_pb2_grpc
     global inventory_pb2, inventory_pb2_grpc, integration_pb2, integration_pb2_grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from crm.v1 import crm_pb2, crm_pb2_grpc
-    from inventory.v1 import inventory_pb2, inventory_pb2_grpc
-    from integration.v1 import integration_pb2, integration_pb2_grpc
+    from mip_client.crm.v1 import crm_pb2, crm_pb2_grpc
+    from mip_client.inventory.v1 import inventory_pb2, inventory_pb2_grpc
+    from mip_client.integration.v1 import integration_pb2, integration_pb2_grpc
 
 
 # ---------------------------------------------------------------------------------------------

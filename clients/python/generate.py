@@ -9,7 +9,9 @@ it, for example to read the generated code:
     PYTHONPATH=/tmp/mip-py python3 -c "import mip_client.crm.v1.crm_pb2"
 
 It needs `grpcio-tools` (protoc and the well-known types) and `mypy-protobuf` (the `.pyi`
-stubs), the same versions the build pins in pyproject.toml.
+stubs; `--skip-pyi` leaves them out), the versions the build pins in pyproject.toml. The
+generated modules need only grpcio and protobuf; `mip_client.follow_customers` also needs
+googleapis-common-protos.
 
 Layout: `proto/crm/v1/crm.proto` becomes `mip_client/crm/v1/crm_pb2.py` (messages),
 `crm_pb2_grpc.py` (stubs and servicers) and a `.pyi` beside each. protoc writes imports that
@@ -106,10 +108,14 @@ def plugin(name: str, scratch: pathlib.Path) -> str:
 
 
 def rewrite_imports(text: str, top_level: list) -> str:
-    """Moves protoc's proto-path imports (`from crm.v1 import`, `import crm.v1.x`) under the
-    package. Only import statements are touched: strings such as '/crm.v1.CrmService/...' are
-    method paths on the wire and must stay."""
+    """Moves protoc's proto-path imports (`from crm.v1 import`, `import crm.v1.x`) and module
+    names under the package. Nothing else is touched: strings such as '/crm.v1.CrmService/...'
+    are method paths on the wire and must stay."""
     names = "|".join(re.escape(name) for name in top_level)
+    # The module name protobuf gives the message classes (their __module__, which pickle uses
+    # to find them again).
+    text = re.sub(rf"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')({names})\.", rf"\1{PACKAGE}.\2.",
+                  text)
     text = re.sub(rf"^(\s*)from ({names})((?:\.\w+)*) import ", rf"\1from {PACKAGE}.\2\3 import ",
                   text, flags=re.MULTILINE)
     return re.sub(rf"^(\s*)import ({names})((?:\.\w+)+)", rf"\1import {PACKAGE}.\2\3", text,
@@ -160,9 +166,11 @@ def document_message(proto, path: tuple, scope: str, located: dict, docs: dict) 
         document_enum(nested, (*path, MESSAGE_ENUMS, i), full, located, docs)
 
 
-def generate_stubs(package_dir: pathlib.Path, protos: Optional[pathlib.Path] = None) -> list:
+def generate_stubs(package_dir: pathlib.Path, protos: Optional[pathlib.Path] = None,
+                   typed: bool = True) -> list:
     """Writes the generated modules (and their `__init__.py`s) into `package_dir`, the
-    directory of the `mip_client` package. Returns the files written."""
+    directory of the `mip_client` package; with `typed`, the `.pyi` stubs too (needs
+    mypy-protobuf). Returns the files written."""
     from grpc_tools import protoc
 
     protos = protos or proto_root()
@@ -176,16 +184,19 @@ def generate_stubs(package_dir: pathlib.Path, protos: Optional[pathlib.Path] = N
         scratch = pathlib.Path(scratch)
         out = scratch / "out"
         out.mkdir()
+        typed_args = [
+            f"--plugin=protoc-gen-mypy={plugin('protoc-gen-mypy', scratch)}",
+            f"--plugin=protoc-gen-mypy_grpc={plugin('protoc-gen-mypy_grpc', scratch)}",
+            f"--mypy_out={out}",
+            f"--mypy_grpc_out={out}",
+        ] if typed else []
         args = [
             "grpc_tools.protoc",
             f"-I{protos}",
             *(f"-I{path}" for path in include_paths()),
-            f"--plugin=protoc-gen-mypy={plugin('protoc-gen-mypy', scratch)}",
-            f"--plugin=protoc-gen-mypy_grpc={plugin('protoc-gen-mypy_grpc', scratch)}",
             f"--python_out={out}",
             f"--grpc_python_out={out}",
-            f"--mypy_out={out}",
-            f"--mypy_grpc_out={out}",
+            *typed_args,
             f"--descriptor_set_out={scratch / 'descriptors.pb'}",
             "--include_source_info",
             *files,
@@ -231,13 +242,18 @@ def main() -> int:
         "--proto", type=pathlib.Path, default=None,
         help="root of the .proto files (default: the repository's proto/)",
     )
+    parser.add_argument(
+        "--skip-pyi", action="store_true",
+        help="leave out the .pyi stubs, so mypy-protobuf need not be installed",
+    )
     args = parser.parse_args()
     package_dir = args.out.resolve() / PACKAGE
     if package_dir.exists():
         shutil.rmtree(package_dir)
     # The hand-written modules first, so the generated ones can import mip_client._docs.
     shutil.copytree(SOURCE, package_dir, ignore=shutil.ignore_patterns("__pycache__"))
-    written = generate_stubs(package_dir, args.proto.resolve() if args.proto else None)
+    written = generate_stubs(package_dir, args.proto.resolve() if args.proto else None,
+                             typed=not args.skip_pyi)
     print(f"wrote {PACKAGE} ({len(written)} generated files) into {args.out}")
     return 0
 

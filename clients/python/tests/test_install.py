@@ -33,6 +33,10 @@ CHECK = textwrap.dedent("""
     assert "stores customers and publishes every change" in text(crm_pb2_grpc.CrmServiceStub)
     assert "Server-assigned identifier" in text(crm_pb2.Customer), text(crm_pb2.Customer)
     assert "The customer was created." in text(crm_pb2.CustomerEventType)
+    import pickle
+    customer = crm_pb2.Customer(id="c1", name="Ada")
+    assert crm_pb2.Customer.__module__ == "mip_client.crm.v1.crm_pb2", crm_pb2.Customer.__module__
+    assert pickle.loads(pickle.dumps(customer)) == customer
     package = pathlib.Path(mip_client.__file__).parent
     for stub_file in ("crm/v1/crm_pb2.pyi", "crm/v1/crm_pb2_grpc.pyi", "py.typed"):
         assert (package / stub_file).exists(), stub_file

@@ -6,17 +6,23 @@ example `RESUME_TOKEN_EXPIRED`: relist, then watch from the listing's token. Mat
 reason, never on the message text, which is for people and may change.
 """
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
+
+if TYPE_CHECKING:
+    from google.rpc import error_details_pb2, status_pb2
 
 # The trailer that carries the serialized google.rpc.Status.
 DETAILS_KEY = "grpc-status-details-bin"
 
 
-def rich_status(error: grpc.RpcError) -> Optional[status_pb2.Status]:
+def rich_status(error: grpc.RpcError) -> Optional["status_pb2.Status"]:
     """The `google.rpc.Status` a failed call carries, or None if it has none."""
+    # Imported here, not at the top: the generated modules (mip_client.crm.v1, ...) stay
+    # importable where googleapis-common-protos is not installed.
+    from google.rpc import status_pb2
+
     trailing = getattr(error, "trailing_metadata", None)
     for key, value in (trailing() if callable(trailing) else None) or ():
         if key == DETAILS_KEY:
@@ -27,8 +33,10 @@ def rich_status(error: grpc.RpcError) -> Optional[status_pb2.Status]:
     return None
 
 
-def error_info(error: grpc.RpcError) -> Optional[error_details_pb2.ErrorInfo]:
+def error_info(error: grpc.RpcError) -> Optional["error_details_pb2.ErrorInfo"]:
     """The first `google.rpc.ErrorInfo` in a failed call's details, or None."""
+    from google.rpc import error_details_pb2
+
     status = rich_status(error)
     for detail in status.details if status else ():
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
