@@ -114,8 +114,8 @@ def rewrite_imports(text: str, top_level: list) -> str:
     names = "|".join(re.escape(name) for name in top_level)
     # The module name protobuf gives the message classes (their __module__, which pickle uses
     # to find them again).
-    text = re.sub(rf"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')({names})\.", rf"\1{PACKAGE}.\2.",
-                  text)
+    text = re.sub(rf"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')({names})\.",
+                  rf"\1{PACKAGE}.\2.", text)
     text = re.sub(rf"^(\s*)from ({names})((?:\.\w+)*) import ", rf"\1from {PACKAGE}.\2\3 import ",
                   text, flags=re.MULTILINE)
     return re.sub(rf"^(\s*)import ({names})((?:\.\w+)+)", rf"\1import {PACKAGE}.\2\3", text,

@@ -168,7 +168,8 @@ class CustomerFollower:
                             ("stream_probe_interval", stream_probe_interval)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, not {value!r}")
-        self._stub = (target if isinstance(target, crm_pb2_grpc.CrmServiceStub)
+        # A stub (or anything shaped like one, such as a test double), else a channel.
+        self._stub = (target if hasattr(target, "WatchCustomers")
                       else crm_pb2_grpc.CrmServiceStub(target))
         self._token = token
         # Highest change-log position passed (yielded, or announced by a heartbeat or a poll),
