@@ -174,7 +174,11 @@ def generate_stubs(package_dir: pathlib.Path, protos: Optional[pathlib.Path] = N
     from grpc_tools import protoc
 
     protos = protos or proto_root()
-    files = sorted(str(p.relative_to(protos)) for p in protos.rglob("*.proto"))
+    # google/... protos (well-known types, google.rpc) come generated with protobuf and
+    # googleapis-common-protos: generating them again would register their descriptors
+    # twice. A copy under proto/ is only read, for imports.
+    files = sorted(str(p.relative_to(protos)) for p in protos.rglob("*.proto")
+                   if p.relative_to(protos).parts[0] != "google")
     top_level = sorted({pathlib.PurePath(f).parts[0] for f in files})
     clash = [name for name in top_level
              if (SOURCE / name).exists() or (SOURCE / f"{name}.py").exists()]
