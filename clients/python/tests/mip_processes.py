@@ -4,6 +4,7 @@ directories, readiness by health check, and every process killed when its test e
 The binary is $MIP_BIN, or the repository's target/debug/mip.
 """
 
+import atexit
 import os
 import pathlib
 import shutil
@@ -33,6 +34,34 @@ FAST_RECONNECT = [
 ]
 
 
+# Every process started here and not yet reaped, and every temporary directory not yet
+# removed: cleaned up at exit, and on SIGTERM (which is how `timeout` ends an overrunning
+# run), so nothing outlives the test run even when a test's own cleanup never gets to run.
+_RUNNING = set()
+_DIRECTORIES = set()
+
+
+def _clean_up() -> None:
+    for process in list(_RUNNING):
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        _RUNNING.discard(process)
+    for directory in list(_DIRECTORIES):
+        shutil.rmtree(directory, ignore_errors=True)
+        _DIRECTORIES.discard(directory)
+
+
+def _on_sigterm(signum, frame):
+    _clean_up()
+    raise KeyboardInterrupt("SIGTERM")
+
+
+atexit.register(_clean_up)
+if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,6 +76,7 @@ class Crm:
         if not os.path.exists(MIP):
             raise unittest.SkipTest(f"no mip binary at {MIP}: build it or set MIP_BIN")
         self.work = tempfile.mkdtemp(prefix="mip-py-test-")
+        _DIRECTORIES.add(self.work)
         test.addCleanup(shutil.rmtree, self.work, ignore_errors=True)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -67,6 +97,7 @@ class Crm:
              *self.flags],
             stdout=log, stderr=subprocess.STDOUT,
         )
+        _RUNNING.add(self.process)
         log.close()
         self.wait_serving(timeout)
 
@@ -97,6 +128,7 @@ class Crm:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+        _RUNNING.discard(self.process)
 
     def stop(self) -> None:
         """SIGTERM, as an orchestrator's stop, then SIGKILL if it lingers."""
@@ -106,6 +138,7 @@ class Crm:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
+        _RUNNING.discard(self.process)
 
     def log(self) -> str:
         path = os.path.join(self.work, f"crm-{self.starts}.log")
