@@ -101,7 +101,7 @@ class FollowerTest(unittest.TestCase):
         self.assert_exactly_once_in_order(consumer.items, writer.ids)
 
     def test_relists_once_when_retention_has_passed_the_token_then_follows_new_events(self):
-        crm = Crm(self, "--event-retention", "2s", "--heartbeat-interval", "1s")
+        crm = Crm(self, "--event-retention", "3s", "--heartbeat-interval", "1s")
         crm.start()
         channel = crm.channel(self)
         stub = crm_pb2_grpc.CrmServiceStub(channel)

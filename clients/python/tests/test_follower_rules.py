@@ -270,6 +270,13 @@ class FollowerRulesTest(unittest.TestCase):
         quiet = self.follow(FakeCrm([[heartbeat(5), heartbeat(6), event(7), HOLD]]))
         self.assertEqual(next(quiet).sequence, 7)
 
+    def test_live_is_signalled_again_once_caught_up_after_a_reconnect(self):
+        unavailable = FakeError(grpc.StatusCode.UNAVAILABLE)
+        crm = FakeCrm([[heartbeat(5), heartbeat(5), unavailable], [heartbeat(5), HOLD]])
+        follower = self.follow(crm, token="t5", live_signals=True)
+        self.assertEqual([i.kind for i in take(follower, 2)], [LIVE, LIVE])
+        self.assertEqual(len(crm.watch_requests), 2)
+
     def test_errors_that_retrying_cannot_fix_are_raised(self):
         for code, reason in ((grpc.StatusCode.OUT_OF_RANGE, ""),
                              (grpc.StatusCode.FAILED_PRECONDITION, "SOMETHING_ELSE"),

@@ -35,7 +35,9 @@ EVENT = "event"
 #: A customer from a relist (`item.customer`; `item.event` is None): the resume token was no
 #: longer usable, so every current customer is listed once, for the user to reconcile.
 RELISTED = "relisted"
-#: The follower has caught up with the log (only with `live_signals=True`).
+#: The follower has caught up with the log: everything committed so far has been yielded
+#: (only with `live_signals=True`). Yielded once caught up after the start, and again after
+#: each reconnect, fallback to polling or relist, once caught up again.
 LIVE = "live"
 
 #: `ErrorInfo.reason`s that mean "relist, then watch from the snapshot".
@@ -272,6 +274,7 @@ class CustomerFollower:
                 switch = yield from self._on_failure(failure, streaming=True)
                 if switch == "poll":
                     self._reading = "poll"
+                    self._live = False
                     self.stats.fallbacks_to_polling += 1
             else:
                 if (self._mode == "auto"
@@ -340,6 +343,8 @@ class CustomerFollower:
         # timeout below bounds how long a dead one can go unnoticed.
         call = self._stub.WatchCustomers(request, metadata=self._metadata)
         self.stats.streams_opened += 1
+        # Caught up again is signalled again after every reconnect.
+        self._live = False
         if not self._track(call):
             call.cancel()
             return None
