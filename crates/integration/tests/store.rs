@@ -186,3 +186,82 @@ async fn first_starts_racing_on_an_empty_database_all_record_the_same_count() {
         started.unwrap().expect("every racing first start succeeds");
     }
 }
+
+/// A takeover that commits while a stale worker's checkpoint write waits for the partition's
+/// row is reported as a refusal: the write decides on the lease it waited for, not on the one
+/// its statement first saw, so the stale worker learns at once that it lost the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_committing_while_a_checkpoint_write_waits_is_reported_as_fenced() {
+    let Some(server) = mip_testkit::postgres::PgServer::shared() else {
+        return;
+    };
+    let url = server.create_database();
+    let store = opened(&Database::from_url(&url, 8).expect("URL parses")).await;
+    store.init_partitions(2).await.unwrap();
+    let taken = store
+        .acquire("a", 10, Duration::from_secs(60), SystemTime::now())
+        .await
+        .unwrap();
+    let a: Vec<(u32, i64)> = taken.iter().map(|l| (l.partition, l.epoch)).collect();
+    assert_eq!(a.len(), 2);
+
+    let (mut raw, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let takeover = raw.transaction().await.unwrap();
+    takeover
+        .execute(
+            "UPDATE integration.partitions SET owner = 'b', epoch = epoch + 1
+             WHERE partition_id = 0",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    let mark = Mark {
+        token: "t7".to_owned(),
+        sequence: 7,
+    };
+    let save = tokio::spawn({
+        let store = std::sync::Arc::clone(&store);
+        let a = a.clone();
+        let mark = mark.clone();
+        async move { store.save_checkpoints("a", &a, &mark, at(1)).await }
+    });
+    // Commit the takeover only once the write is queued behind its row lock.
+    let (observer, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let waiting: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the write never waited for the row"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    takeover.commit().await.unwrap();
+
+    let fenced = tokio::time::timeout(TIMEOUT, save)
+        .await
+        .expect("the write finishes")
+        .unwrap()
+        .unwrap();
+    assert_eq!(fenced, [0], "partition 0 moved to b while the write waited");
+    let saved = store.checkpoints().await.unwrap();
+    assert_eq!(saved, [(0, None), (1, Some(mark))]);
+}

@@ -298,22 +298,30 @@ impl IntegrationStore for PgStore {
         let (partitions, epochs) = split(leases);
         // One statement for every partition: the write lands only where the lease is still
         // this worker's at this epoch; the partitions it refused because the lease moved on
-        // are told apart from those already at or past the mark.
+        // are told apart from those already at or past the mark. The rows are locked first
+        // (`FOR UPDATE` waits for a takeover in flight and then reads the committed lease),
+        // so the write and the refusals are decided on the same, current lease: read from
+        // the statement's snapshot instead, a takeover that commits while the write waits
+        // would be refused by the UPDATE but not reported, and the stale worker would go on
+        // believing it holds the partition.
         let statement = client
             .prepare_cached(
                 "WITH mine AS (
                      SELECT * FROM unnest($2::int[], $3::bigint[]) AS m(partition_id, epoch)),
+                 lease AS (
+                     SELECT p.partition_id, p.owner, p.epoch, p.sequence
+                     FROM integration.partitions p JOIN mine USING (partition_id)
+                     FOR UPDATE OF p),
                  written AS (
                      UPDATE integration.partitions p
                      SET token = $4, sequence = $5, update_time = $6
-                     FROM mine WHERE p.partition_id = mine.partition_id
-                     AND p.owner = $1 AND p.epoch = mine.epoch
-                     AND (p.sequence IS NULL OR p.sequence < $5)
+                     FROM mine JOIN lease USING (partition_id)
+                     WHERE p.partition_id = mine.partition_id
+                     AND lease.owner = $1 AND lease.epoch = mine.epoch
+                     AND (lease.sequence IS NULL OR lease.sequence < $5)
                      RETURNING p.partition_id)
-                 SELECT mine.partition_id FROM mine
-                 JOIN integration.partitions p ON p.partition_id = mine.partition_id
-                 WHERE (p.owner IS DISTINCT FROM $1 OR p.epoch <> mine.epoch)
-                 AND mine.partition_id NOT IN (SELECT partition_id FROM written)",
+                 SELECT mine.partition_id FROM mine JOIN lease USING (partition_id)
+                 WHERE (lease.owner IS DISTINCT FROM $1 OR lease.epoch <> mine.epoch)",
             )
             .await
             .map_err(|e| pg.error(&e))?;
