@@ -298,8 +298,9 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         save_watermark(&self.leases, &self.scope, &self.tracker).await;
     }
 
-    /// Reads CRM's head position and saves it as the first checkpoint; retries until it
-    /// works or shutdown begins (`None`).
+    /// Reads CRM's head position, records it as the cluster's start mark unless another worker
+    /// did first, and saves the recorded mark as the first checkpoint of `missing`; retries
+    /// until it works or shutdown begins (`None`).
     async fn anchor_at_head(&self, missing: &[(u32, i64)]) -> Option<Mark> {
         let mut failures = 0;
         loop {
@@ -334,13 +335,19 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
                     continue;
                 }
             };
-            match self.leases.save(missing, &head).await {
-                Ok(()) => {
+            // The cluster's start mark, recorded by whichever worker got here first: every
+            // partition starts there, however much later it is first leased.
+            let saved = match self.store.start_mark(&head).await {
+                Ok(start) => self.leases.save(missing, &start).await.map(|()| start),
+                Err(e) => Err(e),
+            };
+            match saved {
+                Ok(start) => {
                     info!(
-                        sequence = head.sequence,
-                        "no checkpoint yet; starting at CRM's newest event"
+                        sequence = start.sequence,
+                        "no checkpoint yet; starting at the cluster's start mark (CRM's newest event when the first worker started)"
                     );
-                    return Some(head);
+                    return Some(start);
                 }
                 Err(e) => {
                     error!(error = %e, "cannot save the first checkpoint");

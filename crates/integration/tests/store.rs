@@ -93,6 +93,15 @@ backend_tests! {
         assert!(saved.iter().all(|(_, m)| m.as_ref() == Some(&late)), "{saved:?}");
     }
 
+    async fn the_first_start_mark_recorded_is_the_one_every_worker_gets(db: Database) {
+        let store = opened(&db).await;
+        store.init_partitions(4).await.unwrap();
+        let first = Mark { token: "t5".to_owned(), sequence: 5 };
+        let later = Mark { token: "t9".to_owned(), sequence: 9 };
+        assert_eq!(store.start_mark(&first).await.unwrap(), first);
+        assert_eq!(opened(&db).await.start_mark(&later).await.unwrap(), first);
+    }
+
     async fn workers_are_listed_with_their_partitions_until_they_retire(db: Database) {
         let store = opened(&db).await;
         store.init_partitions(4).await.unwrap();

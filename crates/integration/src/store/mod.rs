@@ -113,6 +113,12 @@ pub trait IntegrationStore: Send + Sync + 'static {
         mark: &Mark,
         now: SystemTime,
     ) -> Result<Vec<u32>, Error>;
+    /// Records `head` as the cluster's start position unless one is recorded already, and
+    /// returns the recorded one. With `--start-position latest`, every partition without a
+    /// checkpoint starts there, whichever worker first leases it and however much later: a
+    /// partition first leased after a pause would otherwise start at the head of that moment
+    /// and skip the customers created in between.
+    async fn start_mark(&self, head: &Mark) -> Result<Mark, Error>;
     /// The saved checkpoint of every partition, in partition order (`None`: none yet).
     async fn checkpoints(&self) -> Result<Vec<(u32, Option<Mark>)>, Error>;
     /// Adds a dead letter, or, if the event is already there, replaces its reason and update

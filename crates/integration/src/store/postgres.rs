@@ -65,6 +65,9 @@ const MIGRATIONS: &[&str] = &[
         worker_id      TEXT PRIMARY KEY,
         last_heartbeat TIMESTAMPTZ NOT NULL
     );",
+    // One start position for the whole cluster (`--start-position latest`).
+    "ALTER TABLE integration.cluster ADD COLUMN start_token TEXT,
+        ADD COLUMN start_sequence BIGINT;",
 ];
 
 /// The PostgreSQL store; usable once connected (calls before fail as UNAVAILABLE).
@@ -343,6 +346,26 @@ impl IntegrationStore for PgStore {
             .into_iter()
             .map(|r| r.get::<_, i32>(0).unsigned_abs())
             .collect())
+    }
+
+    async fn start_mark(&self, head: &Mark) -> Result<Mark, Error> {
+        let (pg, client) = self.client().await?;
+        // A racing worker's UPDATE waits for this row and then re-reads it, so every worker
+        // gets back the mark that was recorded first.
+        let row = client
+            .query_one(
+                "UPDATE integration.cluster
+                 SET start_token = COALESCE(start_token, $1),
+                     start_sequence = COALESCE(start_sequence, $2)
+                 WHERE id = 1 RETURNING start_token, start_sequence",
+                &[&head.token, &head.sequence],
+            )
+            .await
+            .map_err(|e| pg.error(&e))?;
+        Ok(Mark {
+            token: row.get(0),
+            sequence: row.get(1),
+        })
     }
 
     async fn checkpoints(&self) -> Result<Vec<(u32, Option<Mark>)>, Error> {

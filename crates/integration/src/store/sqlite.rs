@@ -20,7 +20,7 @@ pub const DB_FILE: &str = "integration.db";
 
 /// The schema's history, one step per version. Steps are never edited once released, only
 /// added.
-const STEPS: [&str; 4] = [
+const STEPS: [&str; 5] = [
     "CREATE TABLE checkpoint (
         id          BIGINT PRIMARY KEY CHECK (id = 1),
         token       TEXT NOT NULL,
@@ -63,7 +63,15 @@ const STEPS: [&str; 4] = [
         worker_id      TEXT PRIMARY KEY,
         last_heartbeat BIGINT NOT NULL
     );",
+    // One start position for the whole cluster (`--start-position latest`).
+    "ALTER TABLE cluster ADD COLUMN start_token TEXT;
+    ALTER TABLE cluster ADD COLUMN start_sequence BIGINT;",
 ];
+
+/// Records the start position unless one is; returns the recorded one (both backends).
+const START_MARK: &str = "UPDATE cluster SET start_token = COALESCE(start_token, ?1),
+     start_sequence = COALESCE(start_sequence, ?2) WHERE id = 1
+     RETURNING start_token, start_sequence";
 
 fn migrations() -> Migrations<'static> {
     Migrations::new(STEPS.iter().copied().map(M::up).collect())
@@ -313,6 +321,24 @@ impl IntegrationStore for SqliteStore {
                     }
                 }
                 Ok(fenced)
+            })
+            .await
+    }
+
+    async fn start_mark(&self, head: &Mark) -> Result<Mark, Error> {
+        let head = head.clone();
+        self.db
+            .write(move |c| {
+                let mark = c.prepare_cached(START_MARK)?.query_row(
+                    params![head.token, head.sequence],
+                    |r| {
+                        Ok(Mark {
+                            token: r.get(0)?,
+                            sequence: r.get(1)?,
+                        })
+                    },
+                )?;
+                Ok(mark)
             })
             .await
     }
