@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use crate::deliver::{Deliverer, Outcome};
 use crate::lease::{Leases, Owned};
-use crate::store::{DeadLetter, IntegrationStore};
+use crate::store::{DeadLetter, IntegrationStore, Move};
 use crate::tracker::{Mark, Tracker};
 use crate::{Mode, StartPosition, Stats};
 
@@ -338,7 +338,11 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
             // The cluster's start mark, recorded by whichever worker got here first: every
             // partition starts there, however much later it is first leased.
             let saved = match self.store.start_mark(&head).await {
-                Ok(start) => self.leases.save(missing, &start).await.map(|()| start),
+                Ok(start) => self
+                    .leases
+                    .save(missing, &start, Move::Forward)
+                    .await
+                    .map(|()| start),
                 Err(e) => Err(e),
             };
             match saved {
@@ -909,11 +913,15 @@ async fn checkpoint_loop(
 
 /// Saves the watermark to every partition the stream covers, if it moved since the last save.
 async fn save_watermark(leases: &Leases, scope: &Scope, tracker: &Mutex<Tracker>) {
-    let mark = tracker.lock().expect("tracker lock").take();
+    let (mark, how) = {
+        let mut tracker = tracker.lock().expect("tracker lock");
+        let how = tracker.how();
+        (tracker.take(), how)
+    };
     let Some(mark) = mark else { return };
-    if let Err(e) = leases.save(&scope.covered, &mark).await {
+    if let Err(e) = leases.save(&scope.covered, &mark, how).await {
         // Put the mark back so the next round saves it (or a later one).
-        tracker.lock().expect("tracker lock").restore(mark);
+        tracker.lock().expect("tracker lock").restore(mark, how);
         warn!(error = %e, "cannot save checkpoint; will retry");
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use mip_integration::store::{self, DeadLetter, IntegrationStore};
+use mip_integration::store::{self, DeadLetter, IntegrationStore, Move};
 use mip_integration::tracker::Mark;
 use mip_runtime::CancellationToken;
 use mip_runtime::store::Database;
@@ -64,7 +64,7 @@ backend_tests! {
         assert_eq!(taken.iter().map(|l| l.partition).collect::<Vec<_>>(), [0, 1, 2, 3]);
         let a: Vec<(u32, i64)> = taken.iter().map(|l| (l.partition, l.epoch)).collect();
         let first = Mark { token: "t5".to_owned(), sequence: 5 };
-        assert_eq!(store.save_checkpoints("a", &a, &first, at(1)).await.unwrap(), Vec::<u32>::new());
+        assert_eq!(store.save_checkpoints("a", &a, &first, Move::Forward, at(1)).await.unwrap(), Vec::<u32>::new());
         // Nothing is free until the leases run out; then "b" takes them at a higher epoch.
         assert!(store.acquire("b", 10, ttl, SystemTime::now()).await.unwrap().is_empty());
         let deadline = tokio::time::Instant::now() + TIMEOUT;
@@ -81,14 +81,14 @@ backend_tests! {
         assert_eq!(stolen.len(), 4);
         assert!(stolen.iter().all(|l| l.epoch == a[0].1 + 1 && l.checkpoint == Some(first.clone())));
         let late = Mark { token: "t9".to_owned(), sequence: 9 };
-        let mut fenced = store.save_checkpoints("a", &a, &late, at(2)).await.unwrap();
+        let mut fenced = store.save_checkpoints("a", &a, &late, Move::Forward, at(2)).await.unwrap();
         fenced.sort_unstable();
         assert_eq!(fenced, [0, 1, 2, 3]);
         assert!(store.renew("a", &a, ttl, SystemTime::now()).await.unwrap().is_empty());
         let b: Vec<(u32, i64)> = stolen.iter().map(|l| (l.partition, l.epoch)).collect();
         // The successor is not refused, and a checkpoint never moves back.
-        assert_eq!(store.save_checkpoints("b", &b, &late, at(3)).await.unwrap(), Vec::<u32>::new());
-        assert_eq!(store.save_checkpoints("b", &b, &first, at(4)).await.unwrap(), Vec::<u32>::new());
+        assert_eq!(store.save_checkpoints("b", &b, &late, Move::Forward, at(3)).await.unwrap(), Vec::<u32>::new());
+        assert_eq!(store.save_checkpoints("b", &b, &first, Move::Forward, at(4)).await.unwrap(), Vec::<u32>::new());
         let saved = store.checkpoints().await.unwrap();
         assert!(saved.iter().all(|(_, m)| m.as_ref() == Some(&late)), "{saved:?}");
     }
@@ -236,7 +236,11 @@ async fn a_takeover_committing_while_a_checkpoint_write_waits_is_reported_as_fen
         let store = std::sync::Arc::clone(&store);
         let a = a.clone();
         let mark = mark.clone();
-        async move { store.save_checkpoints("a", &a, &mark, at(1)).await }
+        async move {
+            store
+                .save_checkpoints("a", &a, &mark, Move::Forward, at(1))
+                .await
+        }
     });
     // Commit the takeover only once the write is queued behind its row lock.
     let (observer, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use mip_runtime::CancellationToken;
 use mip_runtime::postgres::{Connecting, Pg, PgOptions};
 
-use super::{DeadLetter, IntegrationStore, Lease, Worker};
+use super::{DeadLetter, IntegrationStore, Lease, Move, Worker};
 use crate::error::Error;
 use crate::tracker::Mark;
 
@@ -295,10 +295,12 @@ impl IntegrationStore for PgStore {
         worker: &str,
         leases: &[(u32, i64)],
         mark: &Mark,
+        how: Move,
         now: SystemTime,
     ) -> Result<Vec<u32>, Error> {
         let (pg, client) = self.client().await?;
         let (partitions, epochs) = split(leases);
+        let replace = how == Move::Replace;
         // One statement for every partition: the write lands only where the lease is still
         // this worker's at this epoch; the partitions it refused because the lease moved on
         // are told apart from those already at or past the mark. The rows are locked first
@@ -321,7 +323,7 @@ impl IntegrationStore for PgStore {
                      FROM mine JOIN lease USING (partition_id)
                      WHERE p.partition_id = mine.partition_id
                      AND lease.owner = $1 AND lease.epoch = mine.epoch
-                     AND (lease.sequence IS NULL OR lease.sequence < $5)
+                     AND (lease.sequence IS NULL OR lease.sequence < $5 OR $7)
                      RETURNING p.partition_id)
                  SELECT mine.partition_id FROM mine JOIN lease USING (partition_id)
                  WHERE (lease.owner IS DISTINCT FROM $1 OR lease.epoch <> mine.epoch)",
@@ -338,6 +340,7 @@ impl IntegrationStore for PgStore {
                     &mark.token,
                     &mark.sequence,
                     &now,
+                    &replace,
                 ],
             )
             .await

@@ -11,7 +11,7 @@ use mip_runtime::sqlite::{Db, Durability};
 use rusqlite::params;
 use rusqlite_migration::{M, Migrations};
 
-use super::{DeadLetter, IntegrationStore, Lease, Worker};
+use super::{DeadLetter, IntegrationStore, Lease, Move, Worker};
 use crate::error::Error;
 use crate::tracker::Mark;
 
@@ -288,15 +288,17 @@ impl IntegrationStore for SqliteStore {
         worker: &str,
         leases: &[(u32, i64)],
         mark: &Mark,
+        how: Move,
         now: SystemTime,
     ) -> Result<Vec<u32>, Error> {
         let (worker, leases, mark) = (worker.to_owned(), leases.to_vec(), mark.clone());
+        let replace = how == Move::Replace;
         self.db
             .write(move |c| {
                 let mut update = c.prepare_cached(
                     "UPDATE partitions SET token = ?1, sequence = ?2, update_time = ?3
                      WHERE partition_id = ?4 AND owner = ?5 AND epoch = ?6
-                     AND (sequence IS NULL OR sequence < ?2)",
+                     AND (sequence IS NULL OR sequence < ?2 OR ?7)",
                 )?;
                 let mut held = c.prepare_cached(
                     "SELECT COUNT(*) FROM partitions
@@ -311,7 +313,8 @@ impl IntegrationStore for SqliteStore {
                         to_micros(now),
                         p,
                         worker,
-                        epoch
+                        epoch,
+                        replace
                     ])?;
                     if rows == 0 {
                         let still: i64 = held.query_row(params![p, worker, epoch], |r| r.get(0))?;
