@@ -122,6 +122,7 @@ impl Fixture {
                 redrive: true,
             };
             let leases = Arc::new(mip_integration::lease::Leases::new(
+                "local".to_owned(),
                 Arc::clone(&store),
                 mip_integration::lease::DEFAULT_PARTITIONS,
                 Duration::from_secs(10),

@@ -764,4 +764,43 @@ backend_tests! {
         })
         .await;
     }
+
+    /// A worker that died holding every partition (here: leases taken straight in the store,
+    /// as its process left them) is restarted under the same `--worker-id`: it takes them back
+    /// at once instead of waiting out a lease far longer than the test may take.
+    async fn a_worker_restarted_under_its_name_resumes_without_waiting_for_its_old_leases(db: Database) {
+        bounded(async {
+            let dirs = Dirs::new();
+            let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
+            let mut inventory = common::Inventory::start(&dirs.inventory()).await;
+            let options = mip_integration::IntegrationOptions {
+                worker_id: Some("worker-a".to_owned()),
+                lease_ttl: CONVERGE_TIMEOUT * 2,
+                ..integration_options(crm.addr, inventory.addr, Mode::Stream)
+            };
+            let store = mip_integration::store::open(&db, &CancellationToken::new())
+                .await
+                .expect("store opens");
+            store.ready().await.expect("store ready");
+            store.init_partitions(options.partitions).await.unwrap();
+            store.heartbeat("worker-a", SystemTime::now()).await.unwrap();
+            let held = store
+                .acquire("worker-a", options.partitions, options.lease_ttl, SystemTime::now())
+                .await
+                .unwrap();
+            assert_eq!(held.len(), options.partitions as usize);
+
+            let mut integration = Integration::start(&db, options).await;
+            let ids = create_customers(&crm.client(), 20).await;
+            wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
+            let status = integration.status().await;
+            assert_eq!(status.worker_id, "worker-a");
+            assert_eq!(status.partitions.len(), held.len(), "{status:?}");
+
+            integration.stop().await;
+            inventory.stop().await;
+            crm.stop().await;
+        })
+        .await;
+    }
 }

@@ -102,6 +102,26 @@ backend_tests! {
         assert_eq!(opened(&db).await.start_mark(&later).await.unwrap(), first);
     }
 
+    async fn a_restart_under_the_same_name_takes_its_partitions_back_and_fences_the_old_process(db: Database) {
+        let store = opened(&db).await;
+        store.init_partitions(4).await.unwrap();
+        let ttl = Duration::from_secs(60);
+        let old = store.acquire("a", 2, ttl, SystemTime::now()).await.unwrap();
+        let other = store.acquire("b", 2, ttl, SystemTime::now()).await.unwrap();
+        let old: Vec<(u32, i64)> = old.iter().map(|l| (l.partition, l.epoch)).collect();
+        let back = store.reclaim("a", ttl, SystemTime::now()).await.unwrap();
+        assert_eq!(back.iter().map(|l| l.partition).collect::<Vec<_>>(), [0, 1]);
+        assert!(back.iter().zip(&old).all(|(l, (_, epoch))| l.epoch == epoch + 1), "{back:?}");
+        // The old process's late write is refused; "b"'s partitions were not touched.
+        let late = Mark { token: "t3".to_owned(), sequence: 3 };
+        let mut fenced = store.save_checkpoints("a", &old, &late, Move::Forward, at(1)).await.unwrap();
+        fenced.sort_unstable();
+        assert_eq!(fenced, [0, 1]);
+        let b: Vec<(u32, i64)> = other.iter().map(|l| (l.partition, l.epoch)).collect();
+        assert_eq!(store.save_checkpoints("b", &b, &late, Move::Forward, at(2)).await.unwrap(), Vec::<u32>::new());
+        assert!(store.reclaim("c", ttl, SystemTime::now()).await.unwrap().is_empty());
+    }
+
     async fn workers_are_listed_with_their_partitions_until_they_retire(db: Database) {
         let store = opened(&db).await;
         store.init_partitions(4).await.unwrap();

@@ -1121,8 +1121,18 @@ fn cluster_replicas_publish_distinct_ports_check_their_health_and_workers_call_e
         );
     }
 
+    let mut worker_ids = BTreeSet::new();
     for (name, _) in CLUSTER.iter().filter(|(_, kind)| *kind == "integration") {
         let env = environment(service(&services, name));
+        // A stable name of its own: a restarted worker takes its partitions back at once.
+        let worker_id = env
+            .get("MIP_INTEGRATION_WORKER_ID")
+            .unwrap_or_else(|| panic!("{name} sets MIP_INTEGRATION_WORKER_ID"))
+            .clone();
+        assert!(
+            worker_ids.insert(worker_id.clone()),
+            "{name}'s worker id {worker_id} is another worker's too"
+        );
         for (var, kind) in [("MIP_CRM_ADDR", "crm"), ("MIP_INVENTORY_ADDR", "inventory")] {
             let listed: BTreeSet<(String, u16)> = env
                 .get(var)

@@ -90,6 +90,16 @@ pub trait IntegrationStore: Send + Sync + 'static {
     ) -> Result<Vec<(u32, SystemTime)>, Error>;
     /// Workers with a heartbeat within `ttl`, each with the partitions it holds.
     async fn live_workers(&self, ttl: Duration, now: SystemTime) -> Result<Vec<Worker>, Error>;
+    /// Takes back every partition still leased to `worker`, bumping each one's epoch: called
+    /// once when a worker starts under a name its previous process had (`--worker-id`), so a
+    /// restart after a crash resumes at once instead of waiting for the old leases to run out,
+    /// and anything that old process still writes is refused.
+    async fn reclaim(
+        &self,
+        worker: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<Lease>, Error>;
     /// Takes up to `max` partitions that nobody holds or whose lease expired, bumping each
     /// one's epoch.
     async fn acquire(

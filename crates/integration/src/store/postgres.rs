@@ -212,6 +212,28 @@ impl IntegrationStore for PgStore {
             .collect())
     }
 
+    async fn reclaim(
+        &self,
+        worker: &str,
+        ttl: Duration,
+        _now: SystemTime,
+    ) -> Result<Vec<Lease>, Error> {
+        let (pg, client) = self.client().await?;
+        let rows = client
+            .query(
+                "UPDATE integration.partitions
+                 SET epoch = epoch + 1, lease_expire_time = now() + make_interval(secs => $2)
+                 WHERE owner = $1
+                 RETURNING partition_id, epoch, lease_expire_time, token, sequence",
+                &[&worker, &ttl.as_secs_f64()],
+            )
+            .await
+            .map_err(|e| pg.error(&e))?;
+        let mut taken: Vec<Lease> = rows.into_iter().map(|r| lease(&r)).collect();
+        taken.sort_by_key(|l| l.partition);
+        Ok(taken)
+    }
+
     async fn acquire(
         &self,
         worker: &str,
@@ -240,18 +262,7 @@ impl IntegrationStore for PgStore {
             .query(&statement, &[&worker, &i64::from(max), &ttl.as_secs_f64()])
             .await
             .map_err(|e| pg.error(&e))?;
-        let mut taken: Vec<Lease> = rows
-            .into_iter()
-            .map(|r| Lease {
-                partition: r.get::<_, i32>(0).unsigned_abs(),
-                epoch: r.get(1),
-                expire_time: r.get(2),
-                checkpoint: r
-                    .get::<_, Option<String>>(3)
-                    .zip(r.get::<_, Option<i64>>(4))
-                    .map(|(token, sequence)| Mark { sequence, token }),
-            })
-            .collect();
+        let mut taken: Vec<Lease> = rows.into_iter().map(|r| lease(&r)).collect();
         taken.sort_by_key(|l| l.partition);
         Ok(taken)
     }
@@ -485,6 +496,19 @@ impl IntegrationStore for PgStore {
             .map_err(|e| pg.error(&e))?
             .get(0);
         Ok(n.unsigned_abs())
+    }
+}
+
+/// A lease from a row of (partition_id, epoch, lease_expire_time, token, sequence).
+fn lease(row: &tokio_postgres::Row) -> Lease {
+    Lease {
+        partition: row.get::<_, i32>(0).unsigned_abs(),
+        epoch: row.get(1),
+        expire_time: row.get(2),
+        checkpoint: row
+            .get::<_, Option<String>>(3)
+            .zip(row.get::<_, Option<i64>>(4))
+            .map(|(token, sequence)| Mark { sequence, token }),
     }
 }
 

@@ -201,6 +201,40 @@ impl IntegrationStore for SqliteStore {
             .await
     }
 
+    async fn reclaim(
+        &self,
+        worker: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<Lease>, Error> {
+        let worker = worker.to_owned();
+        let expire = now + ttl;
+        self.db
+            .write(move |c| {
+                let mut take = c.prepare_cached(
+                    "UPDATE partitions SET epoch = epoch + 1, lease_expire_time = ?2
+                     WHERE owner = ?1 RETURNING partition_id, epoch, token, sequence",
+                )?;
+                let mut taken = take
+                    .query_map(params![worker, to_micros(expire)], |r| {
+                        let token: Option<String> = r.get(2)?;
+                        let sequence: Option<i64> = r.get(3)?;
+                        Ok(Lease {
+                            partition: u32::try_from(r.get::<_, i64>(0)?).unwrap_or(u32::MAX),
+                            epoch: r.get(1)?,
+                            expire_time: expire,
+                            checkpoint: token
+                                .zip(sequence)
+                                .map(|(token, sequence)| Mark { sequence, token }),
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                taken.sort_by_key(|l| l.partition);
+                Ok(taken)
+            })
+            .await
+    }
+
     async fn acquire(
         &self,
         worker: &str,
