@@ -531,6 +531,35 @@ mod tests {
     }
 
     #[test]
+    fn a_package_reads_as_already_there_when_shipped_or_created_well_before_the_delivery() {
+        let began = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let package = |status: PackageStatus, created: SystemTime| pb::PackageRequest {
+            status: status.into(),
+            create_time: Some(created.into()),
+            ..pb::PackageRequest::default()
+        };
+        // Created by this delivery (or within the clock allowance of its start).
+        assert!(!existed_before(
+            &package(PackageStatus::Pending, began),
+            began
+        ));
+        let skewed = began - CLOCK_SKEW / 2;
+        assert!(!existed_before(
+            &package(PackageStatus::Pending, skewed),
+            began
+        ));
+        // Created by an earlier run, or already moved on: a replay.
+        let earlier = began - Duration::from_secs(60);
+        assert!(existed_before(
+            &package(PackageStatus::Pending, earlier),
+            began
+        ));
+        for status in [PackageStatus::Shipped, PackageStatus::Cancelled] {
+            assert!(existed_before(&package(status, began), began));
+        }
+    }
+
+    #[test]
     fn backoff_doubles_up_to_the_cap() {
         let policy = RetryPolicy {
             max_attempts: 10,
