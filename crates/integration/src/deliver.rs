@@ -322,21 +322,21 @@ impl Deliverer {
             PackageStatus::Cancelled if moved => {
                 info!(
                     customer_id,
-                    package_request_id, "customer deleted; package request cancelled"
+                    %package_request_id, "customer deleted; package request cancelled"
                 );
                 Ok(Outcome::Withdrawn { now: true })
             }
             PackageStatus::Cancelled => {
                 info!(
                     customer_id,
-                    package_request_id, "customer deleted; package request already cancelled"
+                    %package_request_id, "customer deleted; package request already cancelled"
                 );
                 Ok(Outcome::Withdrawn { now: false })
             }
             status @ (PackageStatus::Shipped | PackageStatus::Delivered) => {
                 info!(
                     customer_id,
-                    package_request_id,
+                    %package_request_id,
                     ?status,
                     "customer deleted; package request already shipped; left as is"
                 );

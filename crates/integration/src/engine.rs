@@ -704,7 +704,7 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         let mut page_token = String::new();
         let mut snapshot = None;
         let mut deliveries = JoinSet::new();
-        // The customers of this worker's partitions that exist, as of the snapshot (about 50
+        // The customers of this worker's partitions that exist, as of the snapshot (under 100
         // bytes each: a million customers fit in tens of megabytes, and relists are rare).
         let mut existing = HashSet::new();
         loop {
