@@ -24,6 +24,8 @@ use common::{
 use mip_crm::CrmOptions;
 use mip_integration::Mode;
 use mip_integration::deliver::PACKAGE_TYPE;
+use mip_proto::crm::v1 as crm;
+use mip_proto::crm::v1::crm_service_server::{CrmService, CrmServiceServer};
 use mip_proto::crm::v1::{DeleteCustomerRequest, ListCustomerEventsRequest};
 use mip_proto::integration::v1::{ListDeadLettersRequest, RetryDeadLettersRequest};
 use mip_proto::inventory::v1 as inventory;
@@ -477,6 +479,223 @@ async fn deletes_redelivered_from_an_old_checkpoint_change_nothing() {
         services.stop().await;
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relist_leaves_the_package_of_a_customer_it_did_not_list_but_crm_still_has() {
+    bounded(async {
+        let clock = ManualClock::new(SystemTime::now());
+        let options = CrmOptions {
+            event_retention: Some(Duration::from_millis(200)),
+            ..crm_options()
+        };
+        let services = Services::start(options, Arc::new(clock.clone())).await;
+        let (crm, inventory) = (services.crm.client(), services.inventory.client());
+        let listing = ListingCrm::start(crm.clone()).await;
+        let mut integration = Integration::start(
+            &services.dirs.integration_db(),
+            integration_options(listing.addr, services.inventory.addr, Mode::Stream),
+        )
+        .await;
+        let ids = create_customers(&crm, 3).await;
+        wait_for_statuses(&inventory, &all(&ids, PackageStatus::Pending)).await;
+        let head = crm_head(&crm).await;
+        let saved = integration.wait_for_checkpoint(head).await.checkpoint;
+        integration.stop().await;
+
+        // The first customer is deleted; the second is left out of the listing, as a customer
+        // created just after the listing's snapshot would be. Then every event expires.
+        delete_customer(&crm, &ids[0]).await;
+        listing.hidden.lock().unwrap().push(ids[1].clone());
+        clock.advance(Duration::from_secs(3600));
+        eventually("the checkpoint to expire", CONVERGE_TIMEOUT, || {
+            let (mut client, saved) = (crm.clone(), saved.clone());
+            async move {
+                let result = client
+                    .list_customer_events(ListCustomerEventsRequest {
+                        resume_token: saved,
+                        start_position: 0,
+                        page_size: 1,
+                        partition_filter: None,
+                    })
+                    .await;
+                matches!(result, Err(status) if status.code() == Code::FailedPrecondition)
+                    .then_some(())
+            }
+        })
+        .await;
+
+        // Neither is listed, but only the deleted one's package is cancelled: CRM still has
+        // the other.
+        integration.restart().await;
+        let expected: HashMap<_, _> = [
+            (ids[0].clone(), PackageStatus::Cancelled),
+            (ids[1].clone(), PackageStatus::Pending),
+            (ids[2].clone(), PackageStatus::Pending),
+        ]
+        .into();
+        wait_for_statuses(&inventory, &expected).await;
+        let head = crm_head(&crm).await;
+        integration.wait_for_checkpoint(head).await;
+        assert_eq!(package_statuses(&inventory).await, expected);
+        assert!(
+            listing.asked.lock().unwrap().contains(&ids[1]),
+            "the relist asked CRM about the customer it did not list"
+        );
+
+        integration.stop().await;
+        listing.stop().await;
+        services.stop().await;
+    })
+    .await;
+}
+
+/// A CRM in front of the real one that leaves some customers out of `ListCustomers` and
+/// records whom `GetCustomer` was asked about; everything else is forwarded as is.
+struct ListingProxy {
+    /// The real CRM.
+    real: CrmClient,
+    /// Customers left out of the listing.
+    hidden: Arc<Mutex<Vec<String>>>,
+    /// Customers `GetCustomer` was asked about.
+    asked: Arc<Mutex<Vec<String>>>,
+}
+
+#[tonic::async_trait]
+impl CrmService for ListingProxy {
+    async fn create_customer(
+        &self,
+        request: Request<crm::CreateCustomerRequest>,
+    ) -> Result<Response<crm::Customer>, Status> {
+        self.real
+            .clone()
+            .create_customer(request.into_inner())
+            .await
+    }
+
+    async fn batch_create_customers(
+        &self,
+        request: Request<crm::BatchCreateCustomersRequest>,
+    ) -> Result<Response<crm::BatchCreateCustomersResponse>, Status> {
+        self.real
+            .clone()
+            .batch_create_customers(request.into_inner())
+            .await
+    }
+
+    async fn get_customer(
+        &self,
+        request: Request<crm::GetCustomerRequest>,
+    ) -> Result<Response<crm::Customer>, Status> {
+        let request = request.into_inner();
+        self.asked.lock().unwrap().push(request.id.clone());
+        self.real.clone().get_customer(request).await
+    }
+
+    async fn update_customer(
+        &self,
+        request: Request<crm::UpdateCustomerRequest>,
+    ) -> Result<Response<crm::Customer>, Status> {
+        self.real
+            .clone()
+            .update_customer(request.into_inner())
+            .await
+    }
+
+    async fn delete_customer(
+        &self,
+        request: Request<crm::DeleteCustomerRequest>,
+    ) -> Result<Response<crm::DeleteCustomerResponse>, Status> {
+        self.real
+            .clone()
+            .delete_customer(request.into_inner())
+            .await
+    }
+
+    async fn list_customers(
+        &self,
+        request: Request<crm::ListCustomersRequest>,
+    ) -> Result<Response<crm::ListCustomersResponse>, Status> {
+        let mut page = self
+            .real
+            .clone()
+            .list_customers(request.into_inner())
+            .await?
+            .into_inner();
+        let hidden = self.hidden.lock().unwrap().clone();
+        page.customers.retain(|c| !hidden.contains(&c.id));
+        Ok(Response::new(page))
+    }
+
+    type WatchCustomersStream = tonic::Streaming<crm::WatchCustomersResponse>;
+
+    async fn watch_customers(
+        &self,
+        request: Request<crm::WatchCustomersRequest>,
+    ) -> Result<Response<Self::WatchCustomersStream>, Status> {
+        self.real
+            .clone()
+            .watch_customers(request.into_inner())
+            .await
+    }
+
+    async fn list_customer_events(
+        &self,
+        request: Request<crm::ListCustomerEventsRequest>,
+    ) -> Result<Response<crm::ListCustomerEventsResponse>, Status> {
+        self.real
+            .clone()
+            .list_customer_events(request.into_inner())
+            .await
+    }
+}
+
+/// A [`ListingProxy`] serving on a loopback port.
+struct ListingCrm {
+    /// Where it listens.
+    addr: std::net::SocketAddr,
+    /// Customers left out of the listing.
+    hidden: Arc<Mutex<Vec<String>>>,
+    /// Customers `GetCustomer` was asked about.
+    asked: Arc<Mutex<Vec<String>>>,
+    /// Stops it.
+    shutdown: CancellationToken,
+    /// The server.
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl ListingCrm {
+    async fn start(real: CrmClient) -> Self {
+        let (hidden, asked) = (Arc::default(), Arc::default());
+        let proxy = ListingProxy {
+            real,
+            hidden: Arc::clone(&hidden),
+            asked: Arc::clone(&asked),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(
+            Server::builder()
+                .add_service(CrmServiceServer::new(proxy))
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener),
+                    shutdown.clone().cancelled_owned(),
+                ),
+        );
+        Self {
+            addr,
+            hidden,
+            asked,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
 }
 
 /// What a [`GatedInventory`] does to the calls it forwards, set by the test.
