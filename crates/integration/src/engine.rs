@@ -38,7 +38,7 @@ use uuid::Uuid;
 
 use crate::deliver::{Action, Deliverer, Outcome, PACKAGE_TYPE, request_id};
 use crate::lease::{Leases, Owned};
-use crate::store::{DeadLetter, IntegrationStore};
+use crate::store::{DeadLetter, IntegrationStore, Move};
 use crate::tracker::{Mark, Tracker};
 use crate::{Mode, StartPosition, Stats};
 
@@ -301,8 +301,9 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         save_watermark(&self.leases, &self.scope, &self.tracker).await;
     }
 
-    /// Reads CRM's head position and saves it as the first checkpoint; retries until it
-    /// works or shutdown begins (`None`).
+    /// Reads CRM's head position, records it as the cluster's start mark unless another worker
+    /// did first, and saves the recorded mark as the first checkpoint of `missing`; retries
+    /// until it works or shutdown begins (`None`).
     async fn anchor_at_head(&self, missing: &[(u32, i64)]) -> Option<Mark> {
         let mut failures = 0;
         loop {
@@ -337,13 +338,23 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
                     continue;
                 }
             };
-            match self.leases.save(missing, &head).await {
-                Ok(()) => {
+            // The cluster's start mark, recorded by whichever worker got here first: every
+            // partition starts there, however much later it is first leased.
+            let saved = match self.store.start_mark(&head).await {
+                Ok(start) => self
+                    .leases
+                    .save(missing, &start, Move::Forward)
+                    .await
+                    .map(|()| start),
+                Err(e) => Err(e),
+            };
+            match saved {
+                Ok(start) => {
                     info!(
-                        sequence = head.sequence,
-                        "no checkpoint yet; starting at CRM's newest event"
+                        sequence = start.sequence,
+                        "no checkpoint yet; starting at the cluster's start mark (CRM's newest event when the first worker started)"
                     );
-                    return Some(head);
+                    return Some(start);
                 }
                 Err(e) => {
                     error!(error = %e, "cannot save the first checkpoint");
@@ -1064,11 +1075,15 @@ async fn checkpoint_loop(
 
 /// Saves the watermark to every partition the stream covers, if it moved since the last save.
 async fn save_watermark(leases: &Leases, scope: &Scope, tracker: &Mutex<Tracker>) {
-    let mark = tracker.lock().expect("tracker lock").take();
+    let (mark, how) = {
+        let mut tracker = tracker.lock().expect("tracker lock");
+        let how = tracker.how();
+        (tracker.take(), how)
+    };
     let Some(mark) = mark else { return };
-    if let Err(e) = leases.save(&scope.covered, &mark).await {
+    if let Err(e) = leases.save(&scope.covered, &mark, how).await {
         // Put the mark back so the next round saves it (or a later one).
-        tracker.lock().expect("tracker lock").restore(mark);
+        tracker.lock().expect("tracker lock").restore(mark, how);
         warn!(error = %e, "cannot save checkpoint; will retry");
     }
 }

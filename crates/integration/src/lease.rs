@@ -36,7 +36,7 @@ use tracing::{info, warn};
 
 use crate::Stats;
 use crate::error::Error;
-use crate::store::{IntegrationStore, Worker};
+use crate::store::{IntegrationStore, Move, Worker};
 use crate::tracker::Mark;
 
 /// Default of `--partitions`.
@@ -218,7 +218,7 @@ impl Leases {
     /// Saves `mark` as the checkpoint of `covered` (partitions and the epochs a stream followed
     /// them at), where this worker still holds them at those epochs. A refusal drops the
     /// partition and is counted.
-    pub async fn save(&self, covered: &[(u32, i64)], mark: &Mark) -> Result<(), Error> {
+    pub async fn save(&self, covered: &[(u32, i64)], mark: &Mark, how: Move) -> Result<(), Error> {
         let still: Vec<(u32, i64)> = {
             let held = self.lock();
             covered
@@ -232,7 +232,7 @@ impl Leases {
         }
         let fenced = self
             .store
-            .save_checkpoints(&self.worker_id, &still, mark, self.clock.now())
+            .save_checkpoints(&self.worker_id, &still, mark, how, self.clock.now())
             .await?;
         {
             let mut held = self.lock();
@@ -241,9 +241,10 @@ impl Leases {
                     continue;
                 }
                 if let Some(h) = held.get_mut(partition).filter(|h| h.epoch == *epoch)
-                    && h.checkpoint
-                        .as_ref()
-                        .is_none_or(|c| c.sequence < mark.sequence)
+                    && (how == Move::Replace
+                        || h.checkpoint
+                            .as_ref()
+                            .is_none_or(|c| c.sequence < mark.sequence))
                 {
                     h.checkpoint = Some(mark.clone());
                 }

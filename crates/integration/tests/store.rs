@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use mip_integration::deliver::Action;
-use mip_integration::store::{self, DeadLetter, IntegrationStore};
+use mip_integration::store::{self, DeadLetter, IntegrationStore, Move};
 use mip_integration::tracker::Mark;
 use mip_runtime::CancellationToken;
 use mip_runtime::store::Database;
@@ -66,7 +66,7 @@ backend_tests! {
         assert_eq!(taken.iter().map(|l| l.partition).collect::<Vec<_>>(), [0, 1, 2, 3]);
         let a: Vec<(u32, i64)> = taken.iter().map(|l| (l.partition, l.epoch)).collect();
         let first = Mark { token: "t5".to_owned(), sequence: 5 };
-        assert_eq!(store.save_checkpoints("a", &a, &first, at(1)).await.unwrap(), Vec::<u32>::new());
+        assert_eq!(store.save_checkpoints("a", &a, &first, Move::Forward, at(1)).await.unwrap(), Vec::<u32>::new());
         // Nothing is free until the leases run out; then "b" takes them at a higher epoch.
         assert!(store.acquire("b", 10, ttl, SystemTime::now()).await.unwrap().is_empty());
         let deadline = tokio::time::Instant::now() + TIMEOUT;
@@ -83,16 +83,25 @@ backend_tests! {
         assert_eq!(stolen.len(), 4);
         assert!(stolen.iter().all(|l| l.epoch == a[0].1 + 1 && l.checkpoint == Some(first.clone())));
         let late = Mark { token: "t9".to_owned(), sequence: 9 };
-        let mut fenced = store.save_checkpoints("a", &a, &late, at(2)).await.unwrap();
+        let mut fenced = store.save_checkpoints("a", &a, &late, Move::Forward, at(2)).await.unwrap();
         fenced.sort_unstable();
         assert_eq!(fenced, [0, 1, 2, 3]);
         assert!(store.renew("a", &a, ttl, SystemTime::now()).await.unwrap().is_empty());
         let b: Vec<(u32, i64)> = stolen.iter().map(|l| (l.partition, l.epoch)).collect();
         // The successor is not refused, and a checkpoint never moves back.
-        assert_eq!(store.save_checkpoints("b", &b, &late, at(3)).await.unwrap(), Vec::<u32>::new());
-        assert_eq!(store.save_checkpoints("b", &b, &first, at(4)).await.unwrap(), Vec::<u32>::new());
+        assert_eq!(store.save_checkpoints("b", &b, &late, Move::Forward, at(3)).await.unwrap(), Vec::<u32>::new());
+        assert_eq!(store.save_checkpoints("b", &b, &first, Move::Forward, at(4)).await.unwrap(), Vec::<u32>::new());
         let saved = store.checkpoints().await.unwrap();
         assert!(saved.iter().all(|(_, m)| m.as_ref() == Some(&late)), "{saved:?}");
+    }
+
+    async fn the_first_start_mark_recorded_is_the_one_every_worker_gets(db: Database) {
+        let store = opened(&db).await;
+        store.init_partitions(4).await.unwrap();
+        let first = Mark { token: "t5".to_owned(), sequence: 5 };
+        let later = Mark { token: "t9".to_owned(), sequence: 9 };
+        assert_eq!(store.start_mark(&first).await.unwrap(), first);
+        assert_eq!(opened(&db).await.start_mark(&later).await.unwrap(), first);
     }
 
     async fn workers_are_listed_with_their_partitions_until_they_retire(db: Database) {
@@ -200,4 +209,87 @@ async fn first_starts_racing_on_an_empty_database_all_record_the_same_count() {
     while let Some(started) = starts.join_next().await {
         started.unwrap().expect("every racing first start succeeds");
     }
+}
+
+/// A takeover that commits while a stale worker's checkpoint write waits for the partition's
+/// row is reported as a refusal: the write decides on the lease it waited for, not on the one
+/// its statement first saw, so the stale worker learns at once that it lost the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_committing_while_a_checkpoint_write_waits_is_reported_as_fenced() {
+    let Some(server) = mip_testkit::postgres::PgServer::shared() else {
+        return;
+    };
+    let url = server.create_database();
+    let store = opened(&Database::from_url(&url, 8).expect("URL parses")).await;
+    store.init_partitions(2).await.unwrap();
+    let taken = store
+        .acquire("a", 10, Duration::from_secs(60), SystemTime::now())
+        .await
+        .unwrap();
+    let a: Vec<(u32, i64)> = taken.iter().map(|l| (l.partition, l.epoch)).collect();
+    assert_eq!(a.len(), 2);
+
+    let (mut raw, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let takeover = raw.transaction().await.unwrap();
+    takeover
+        .execute(
+            "UPDATE integration.partitions SET owner = 'b', epoch = epoch + 1
+             WHERE partition_id = 0",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    let mark = Mark {
+        token: "t7".to_owned(),
+        sequence: 7,
+    };
+    let save = tokio::spawn({
+        let store = std::sync::Arc::clone(&store);
+        let a = a.clone();
+        let mark = mark.clone();
+        async move {
+            store
+                .save_checkpoints("a", &a, &mark, Move::Forward, at(1))
+                .await
+        }
+    });
+    // Commit the takeover only once the write is queued behind its row lock.
+    let (observer, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let waiting: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the write never waited for the row"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    takeover.commit().await.unwrap();
+
+    let fenced = tokio::time::timeout(TIMEOUT, save)
+        .await
+        .expect("the write finishes")
+        .unwrap()
+        .unwrap();
+    assert_eq!(fenced, [0], "partition 0 moved to b while the write waited");
+    let saved = store.checkpoints().await.unwrap();
+    assert_eq!(saved, [(0, None), (1, Some(mark))]);
 }

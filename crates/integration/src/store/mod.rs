@@ -108,16 +108,24 @@ pub trait IntegrationStore: Send + Sync + 'static {
     async fn release(&self, worker: &str, leases: &[(u32, i64)]) -> Result<(), Error>;
     /// Gives up every lease of `worker` and removes it from the workers.
     async fn retire(&self, worker: &str) -> Result<(), Error>;
-    /// Moves each partition's checkpoint forward to `mark`, where `worker` still holds it at
-    /// the given epoch; returns the partitions whose write was refused because the lease was
-    /// lost (a checkpoint already at or past `mark` is not a refusal).
+    /// Moves each partition's checkpoint to `mark` (only forward, or replacing it: `how`),
+    /// where `worker` still holds it at the given epoch; returns the partitions whose write
+    /// was refused because the lease was lost (a checkpoint already at or past `mark` is not
+    /// a refusal).
     async fn save_checkpoints(
         &self,
         worker: &str,
         leases: &[(u32, i64)],
         mark: &Mark,
+        how: Move,
         now: SystemTime,
     ) -> Result<Vec<u32>, Error>;
+    /// Records `head` as the cluster's start position unless one is recorded already, and
+    /// returns the recorded one. With `--start-position latest`, every partition without a
+    /// checkpoint starts there, whichever worker first leases it and however much later: a
+    /// partition first leased after a pause would otherwise start at the head of that moment
+    /// and skip the customers created in between.
+    async fn start_mark(&self, head: &Mark) -> Result<Mark, Error>;
     /// The saved checkpoint of every partition, in partition order (`None`: none yet).
     async fn checkpoints(&self) -> Result<Vec<(u32, Option<Mark>)>, Error>;
     /// Adds a dead letter, or, if the event is already there, replaces its reason and update
@@ -131,6 +139,18 @@ pub trait IntegrationStore: Send + Sync + 'static {
     async fn remove_dead_letter(&self, event_id: &str) -> Result<(), Error>;
     /// How many dead letters there are.
     async fn count_dead_letters(&self) -> Result<u64, Error>;
+}
+
+/// How a checkpoint write treats the checkpoint already saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    /// Only forward: a saved checkpoint at or past the mark stays, so a late write of an
+    /// older mark can never move a partition back.
+    Forward,
+    /// Replace whatever is saved: the mark is a relist's snapshot, which may belong to a new
+    /// change log (CRM's database was replaced) numbered lower than the saved checkpoint of
+    /// the old one.
+    Replace,
 }
 
 /// The store `database` names. SQLite opens (and migrates) here; PostgreSQL connects in the

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use mip_runtime::CancellationToken;
 use mip_runtime::postgres::{Connecting, Pg, PgOptions};
 
-use super::{DeadLetter, IntegrationStore, Lease, Worker};
+use super::{DeadLetter, IntegrationStore, Lease, Move, Worker};
 use crate::deliver::Action;
 use crate::error::Error;
 use crate::tracker::Mark;
@@ -66,6 +66,9 @@ const MIGRATIONS: &[&str] = &[
         worker_id      TEXT PRIMARY KEY,
         last_heartbeat TIMESTAMPTZ NOT NULL
     );",
+    // One start position for the whole cluster (`--start-position latest`).
+    "ALTER TABLE integration.cluster ADD COLUMN start_token TEXT,
+        ADD COLUMN start_sequence BIGINT;",
     // Deleted customers' packages are cancelled through the same dead-letter list: a letter
     // says which it was, so a re-drive does the same. Every earlier letter was a create.
     "ALTER TABLE integration.dead_letters ADD COLUMN action TEXT NOT NULL DEFAULT 'create'
@@ -297,28 +300,38 @@ impl IntegrationStore for PgStore {
         worker: &str,
         leases: &[(u32, i64)],
         mark: &Mark,
+        how: Move,
         now: SystemTime,
     ) -> Result<Vec<u32>, Error> {
         let (pg, client) = self.client().await?;
         let (partitions, epochs) = split(leases);
+        let replace = how == Move::Replace;
         // One statement for every partition: the write lands only where the lease is still
         // this worker's at this epoch; the partitions it refused because the lease moved on
-        // are told apart from those already at or past the mark.
+        // are told apart from those already at or past the mark. The rows are locked first
+        // (`FOR UPDATE` waits for a takeover in flight and then reads the committed lease),
+        // so the write and the refusals are decided on the same, current lease: read from
+        // the statement's snapshot instead, a takeover that commits while the write waits
+        // would be refused by the UPDATE but not reported, and the stale worker would go on
+        // believing it holds the partition.
         let statement = client
             .prepare_cached(
                 "WITH mine AS (
                      SELECT * FROM unnest($2::int[], $3::bigint[]) AS m(partition_id, epoch)),
+                 lease AS (
+                     SELECT p.partition_id, p.owner, p.epoch, p.sequence
+                     FROM integration.partitions p JOIN mine USING (partition_id)
+                     FOR UPDATE OF p),
                  written AS (
                      UPDATE integration.partitions p
                      SET token = $4, sequence = $5, update_time = $6
-                     FROM mine WHERE p.partition_id = mine.partition_id
-                     AND p.owner = $1 AND p.epoch = mine.epoch
-                     AND (p.sequence IS NULL OR p.sequence < $5)
+                     FROM mine JOIN lease USING (partition_id)
+                     WHERE p.partition_id = mine.partition_id
+                     AND lease.owner = $1 AND lease.epoch = mine.epoch
+                     AND (lease.sequence IS NULL OR lease.sequence < $5 OR $7)
                      RETURNING p.partition_id)
-                 SELECT mine.partition_id FROM mine
-                 JOIN integration.partitions p ON p.partition_id = mine.partition_id
-                 WHERE (p.owner IS DISTINCT FROM $1 OR p.epoch <> mine.epoch)
-                 AND mine.partition_id NOT IN (SELECT partition_id FROM written)",
+                 SELECT mine.partition_id FROM mine JOIN lease USING (partition_id)
+                 WHERE (lease.owner IS DISTINCT FROM $1 OR lease.epoch <> mine.epoch)",
             )
             .await
             .map_err(|e| pg.error(&e))?;
@@ -332,6 +345,7 @@ impl IntegrationStore for PgStore {
                     &mark.token,
                     &mark.sequence,
                     &now,
+                    &replace,
                 ],
             )
             .await
@@ -340,6 +354,26 @@ impl IntegrationStore for PgStore {
             .into_iter()
             .map(|r| r.get::<_, i32>(0).unsigned_abs())
             .collect())
+    }
+
+    async fn start_mark(&self, head: &Mark) -> Result<Mark, Error> {
+        let (pg, client) = self.client().await?;
+        // A racing worker's UPDATE waits for this row and then re-reads it, so every worker
+        // gets back the mark that was recorded first.
+        let row = client
+            .query_one(
+                "UPDATE integration.cluster
+                 SET start_token = COALESCE(start_token, $1),
+                     start_sequence = COALESCE(start_sequence, $2)
+                 WHERE id = 1 RETURNING start_token, start_sequence",
+                &[&head.token, &head.sequence],
+            )
+            .await
+            .map_err(|e| pg.error(&e))?;
+        Ok(Mark {
+            token: row.get(0),
+            sequence: row.get(1),
+        })
     }
 
     async fn checkpoints(&self) -> Result<Vec<(u32, Option<Mark>)>, Error> {

@@ -11,7 +11,7 @@ use mip_runtime::sqlite::{Db, Durability};
 use rusqlite::params;
 use rusqlite_migration::{M, Migrations};
 
-use super::{DeadLetter, IntegrationStore, Lease, Worker};
+use super::{DeadLetter, IntegrationStore, Lease, Move, Worker};
 use crate::deliver::Action;
 use crate::error::Error;
 use crate::tracker::Mark;
@@ -21,7 +21,7 @@ pub const DB_FILE: &str = "integration.db";
 
 /// The schema's history, one step per version. Steps are never edited once released, only
 /// added.
-const STEPS: [&str; 5] = [
+const STEPS: [&str; 6] = [
     "CREATE TABLE checkpoint (
         id          BIGINT PRIMARY KEY CHECK (id = 1),
         token       TEXT NOT NULL,
@@ -64,11 +64,19 @@ const STEPS: [&str; 5] = [
         worker_id      TEXT PRIMARY KEY,
         last_heartbeat BIGINT NOT NULL
     );",
+    // One start position for the whole cluster (`--start-position latest`).
+    "ALTER TABLE cluster ADD COLUMN start_token TEXT;
+    ALTER TABLE cluster ADD COLUMN start_sequence BIGINT;",
     // Deleted customers' packages are cancelled through the same dead-letter list: a letter
     // says which it was, so a re-drive does the same. Every earlier letter was a create.
     "ALTER TABLE dead_letters ADD COLUMN action TEXT NOT NULL DEFAULT 'create'
         CHECK (action IN ('create', 'cancel'));",
 ];
+
+/// Records the start position unless one is; returns the recorded one (both backends).
+const START_MARK: &str = "UPDATE cluster SET start_token = COALESCE(start_token, ?1),
+     start_sequence = COALESCE(start_sequence, ?2) WHERE id = 1
+     RETURNING start_token, start_sequence";
 
 fn migrations() -> Migrations<'static> {
     Migrations::new(STEPS.iter().copied().map(M::up).collect())
@@ -285,15 +293,17 @@ impl IntegrationStore for SqliteStore {
         worker: &str,
         leases: &[(u32, i64)],
         mark: &Mark,
+        how: Move,
         now: SystemTime,
     ) -> Result<Vec<u32>, Error> {
         let (worker, leases, mark) = (worker.to_owned(), leases.to_vec(), mark.clone());
+        let replace = how == Move::Replace;
         self.db
             .write(move |c| {
                 let mut update = c.prepare_cached(
                     "UPDATE partitions SET token = ?1, sequence = ?2, update_time = ?3
                      WHERE partition_id = ?4 AND owner = ?5 AND epoch = ?6
-                     AND (sequence IS NULL OR sequence < ?2)",
+                     AND (sequence IS NULL OR sequence < ?2 OR ?7)",
                 )?;
                 let mut held = c.prepare_cached(
                     "SELECT COUNT(*) FROM partitions
@@ -308,7 +318,8 @@ impl IntegrationStore for SqliteStore {
                         to_micros(now),
                         p,
                         worker,
-                        epoch
+                        epoch,
+                        replace
                     ])?;
                     if rows == 0 {
                         let still: i64 = held.query_row(params![p, worker, epoch], |r| r.get(0))?;
@@ -318,6 +329,24 @@ impl IntegrationStore for SqliteStore {
                     }
                 }
                 Ok(fenced)
+            })
+            .await
+    }
+
+    async fn start_mark(&self, head: &Mark) -> Result<Mark, Error> {
+        let head = head.clone();
+        self.db
+            .write(move |c| {
+                let mark = c.prepare_cached(START_MARK)?.query_row(
+                    params![head.token, head.sequence],
+                    |r| {
+                        Ok(Mark {
+                            token: r.get(0)?,
+                            sequence: r.get(1)?,
+                        })
+                    },
+                )?;
+                Ok(mark)
             })
             .await
     }
@@ -480,9 +509,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(DB_FILE);
         {
-            // A database an earlier build left at version 4, with a dead letter.
+            // A database an earlier build left at version 5, with a dead letter.
             let mut conn = rusqlite::Connection::open(&path).unwrap();
-            Migrations::new(STEPS[..4].iter().copied().map(M::up).collect())
+            Migrations::new(STEPS[..5].iter().copied().map(M::up).collect())
                 .to_latest(&mut conn)
                 .unwrap();
             conn.execute(
