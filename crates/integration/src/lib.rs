@@ -1,9 +1,12 @@
 //! The integration service: every customer created in CRM gets exactly one welcome package
-//! request in Inventory.
+//! request in Inventory, and a customer deleted while its package is still PENDING gets it
+//! cancelled.
 //!
-//! - [`engine`]: follows CRM's feed (stream, poll, and back), runs deliveries concurrently, and
-//!   keeps the checkpoint at the low watermark of finished work.
-//! - [`deliver`]: one delivery: derived idempotency key, deadline, status-aware retries.
+//! - [`engine`]: follows CRM's feed (stream, poll, and back), runs deliveries and cancels
+//!   concurrently, and keeps the checkpoint at the low watermark of finished work; after a
+//!   relist, cancels the packages of customers deleted in the events it lost.
+//! - [`deliver`]: one delivery or cancel: derived idempotency key, deadline, status-aware
+//!   retries.
 //! - [`batch`]: the calls underneath, coalesced into `BatchCreatePackageRequests`.
 //! - [`tracker`]: the checkpoint rule.
 //! - [`lease`]: how workers sharing one database split the feed into partitions: leases with
@@ -218,6 +221,11 @@ pub struct Stats {
     pub delivered: AtomicU64,
     /// Retried attempts.
     pub retried: AtomicU64,
+    /// Package requests this service moved to CANCELLED because their customer was deleted
+    /// (not those it found cancelled already).
+    pub cancelled: AtomicU64,
+    /// Cancels that found the package past PENDING (SHIPPED or DELIVERED) and left it as is.
+    pub left_as_is: AtomicU64,
     /// Deliveries that went to the dead-letter list.
     pub dead_lettered: AtomicU64,
     /// Switches between streaming and polling.
@@ -290,6 +298,18 @@ impl Stats {
             metrics::histogram!("mip_integration_end_to_end_delay_seconds")
                 .record(delay.as_secs_f64());
         }
+    }
+
+    /// Counts a package request moved to CANCELLED.
+    fn count_cancelled(&self) {
+        self.cancelled.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mip_integration_cancelled_total").increment(1);
+    }
+
+    /// Counts a cancel that found its package already shipped.
+    fn count_left_as_is(&self) {
+        self.left_as_is.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mip_integration_cancel_left_as_is_total").increment(1);
     }
 
     /// Counts a retried attempt.

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use mip_integration::deliver::Action;
 use mip_integration::store::{self, DeadLetter, IntegrationStore, Move};
 use mip_integration::tracker::Mark;
 use mip_runtime::CancellationToken;
@@ -33,6 +34,7 @@ fn letter(event_id: &str, attempts: u32, seconds: u64) -> DeadLetter {
     DeadLetter {
         event_id: event_id.to_owned(),
         customer_id: format!("customer of {event_id}"),
+        action: Action::Create,
         reason: format!("InvalidArgument: try {seconds}"),
         attempts,
         create_time: at(seconds),
@@ -157,6 +159,19 @@ backend_tests! {
         assert_eq!(again.update_time, at(5));
         assert_eq!(rows[1].1, letter("b", 1, 2));
         assert_eq!(store.count_dead_letters().await.unwrap(), 2);
+    }
+
+    async fn a_dead_letter_keeps_whether_it_was_a_create_or_a_cancel(db: Database) {
+        let store = opened(&db).await;
+        store.put_dead_letter(letter("created", 1, 1)).await.unwrap();
+        let cancel = DeadLetter { action: Action::Cancel, ..letter("deleted", 1, 2) };
+        store.put_dead_letter(cancel.clone()).await.unwrap();
+        // A second failure of the same cancel adds up, and it stays a cancel.
+        store.put_dead_letter(DeadLetter { attempts: 2, ..cancel.clone() }).await.unwrap();
+        let rows = store.dead_letters(0, 10).await.unwrap();
+        let actions: Vec<_> = rows.iter().map(|(_, l)| (l.event_id.as_str(), l.action)).collect();
+        assert_eq!(actions, [("created", Action::Create), ("deleted", Action::Cancel)]);
+        assert_eq!(rows[1].1.attempts, 3);
     }
 
     async fn dead_letters_list_in_insertion_order_page_by_page(db: Database) {

@@ -20,16 +20,21 @@ use mip_runtime::store::Database;
 
 pub use self::postgres::PgStore;
 pub use self::sqlite::{DB_FILE, SqliteStore};
+use crate::deliver::Action;
 use crate::error::Error;
 use crate::tracker::Mark;
 
 /// A delivery that failed for good.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
-    /// The CRM event (or `relist:<customer id>` for a delivery made while relisting).
+    /// The CRM event (or `relist:<customer id>` for a create made while relisting,
+    /// `relist-cancel:<customer id>` for a cancel the relist found missing).
     pub event_id: String,
     /// The customer whose package request failed.
     pub customer_id: String,
+    /// What failed: the create of a new customer's package, or the cancel of a deleted one's.
+    /// A re-drive does the same; letters from before cancels existed are creates.
+    pub action: Action,
     /// Status code and message of the last failure.
     pub reason: String,
     /// Attempts made over every try.

@@ -18,6 +18,7 @@ use mip_runtime::CancellationToken;
 use mip_runtime::postgres::{Connecting, Pg, PgOptions};
 
 use super::{DeadLetter, IntegrationStore, Lease, Move, Worker};
+use crate::deliver::Action;
 use crate::error::Error;
 use crate::tracker::Mark;
 
@@ -68,6 +69,10 @@ const MIGRATIONS: &[&str] = &[
     // One start position for the whole cluster (`--start-position latest`).
     "ALTER TABLE integration.cluster ADD COLUMN start_token TEXT,
         ADD COLUMN start_sequence BIGINT;",
+    // Deleted customers' packages are cancelled through the same dead-letter list: a letter
+    // says which it was, so a re-drive does the same. Every earlier letter was a create.
+    "ALTER TABLE integration.dead_letters ADD COLUMN action TEXT NOT NULL DEFAULT 'create'
+        CHECK (action IN ('create', 'cancel'));",
 ];
 
 /// The PostgreSQL store; usable once connected (calls before fail as UNAVAILABLE).
@@ -412,7 +417,7 @@ impl IntegrationStore for PgStore {
         let statement = client
             .prepare_cached(
                 "INSERT INTO integration.dead_letters AS d (event_id, customer_id, reason,
-                 attempts, create_time, update_time) VALUES ($1, $2, $3, $4, $5, $6)
+                 attempts, create_time, update_time, action) VALUES ($1, $2, $3, $4, $5, $6, $7)
                  ON CONFLICT (event_id) DO UPDATE SET reason = excluded.reason,
                  attempts = d.attempts + excluded.attempts, update_time = excluded.update_time",
             )
@@ -428,6 +433,7 @@ impl IntegrationStore for PgStore {
                     &i64::from(letter.attempts),
                     &letter.create_time,
                     &letter.update_time,
+                    &letter.action.as_str(),
                 ],
             )
             .await
@@ -443,8 +449,8 @@ impl IntegrationStore for PgStore {
         let (pg, client) = self.client().await?;
         let statement = client
             .prepare_cached(
-                "SELECT id, event_id, customer_id, reason, attempts, create_time, update_time
-                 FROM integration.dead_letters WHERE id > $1 ORDER BY id LIMIT $2",
+                "SELECT id, event_id, customer_id, reason, attempts, create_time, update_time,
+                 action FROM integration.dead_letters WHERE id > $1 ORDER BY id LIMIT $2",
             )
             .await
             .map_err(|e| pg.error(&e))?;
@@ -453,22 +459,31 @@ impl IntegrationStore for PgStore {
             .query(&statement, &[&after, &limit])
             .await
             .map_err(|e| pg.error(&e))?;
-        Ok(rows
-            .into_iter()
+        rows.into_iter()
             .map(|r| {
-                (
+                let name: String = r.get(7);
+                // A name this build does not know fails the read rather than re-drive a letter
+                // as something it is not.
+                let action = Action::parse(&name).ok_or_else(|| {
+                    Error::Storage(mip_runtime::store::DbError::Other {
+                        database: pg.name().to_owned(),
+                        reason: format!("unknown dead-letter action {name:?}"),
+                    })
+                })?;
+                Ok((
                     r.get(0),
                     DeadLetter {
                         event_id: r.get(1),
                         customer_id: r.get(2),
+                        action,
                         reason: r.get(3),
                         attempts: u32::try_from(r.get::<_, i64>(4)).unwrap_or(u32::MAX),
                         create_time: r.get(5),
                         update_time: r.get(6),
                     },
-                )
+                ))
             })
-            .collect())
+            .collect()
     }
 
     async fn remove_dead_letter(&self, event_id: &str) -> Result<(), Error> {

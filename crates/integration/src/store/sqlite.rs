@@ -12,6 +12,7 @@ use rusqlite::params;
 use rusqlite_migration::{M, Migrations};
 
 use super::{DeadLetter, IntegrationStore, Lease, Move, Worker};
+use crate::deliver::Action;
 use crate::error::Error;
 use crate::tracker::Mark;
 
@@ -20,7 +21,7 @@ pub const DB_FILE: &str = "integration.db";
 
 /// The schema's history, one step per version. Steps are never edited once released, only
 /// added.
-const STEPS: [&str; 5] = [
+const STEPS: [&str; 6] = [
     "CREATE TABLE checkpoint (
         id          BIGINT PRIMARY KEY CHECK (id = 1),
         token       TEXT NOT NULL,
@@ -66,6 +67,10 @@ const STEPS: [&str; 5] = [
     // One start position for the whole cluster (`--start-position latest`).
     "ALTER TABLE cluster ADD COLUMN start_token TEXT;
     ALTER TABLE cluster ADD COLUMN start_sequence BIGINT;",
+    // Deleted customers' packages are cancelled through the same dead-letter list: a letter
+    // says which it was, so a re-drive does the same. Every earlier letter was a create.
+    "ALTER TABLE dead_letters ADD COLUMN action TEXT NOT NULL DEFAULT 'create'
+        CHECK (action IN ('create', 'cancel'));",
 ];
 
 /// Records the start position unless one is; returns the recorded one (both backends).
@@ -408,8 +413,8 @@ impl IntegrationStore for SqliteStore {
             .write(move |c| {
                 c.prepare_cached(
                     "INSERT INTO dead_letters (event_id, customer_id, reason, attempts,
-                     create_time, update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT
-                     (event_id) DO UPDATE SET reason = excluded.reason, attempts =
+                     create_time, update_time, action) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (event_id) DO UPDATE SET reason = excluded.reason, attempts =
                      dead_letters.attempts + excluded.attempts, update_time =
                      excluded.update_time",
                 )?
@@ -420,6 +425,7 @@ impl IntegrationStore for SqliteStore {
                     i64::from(letter.attempts),
                     to_micros(letter.create_time),
                     to_micros(letter.update_time),
+                    letter.action.as_str(),
                 ])?;
                 Ok(())
             })
@@ -434,8 +440,8 @@ impl IntegrationStore for SqliteStore {
         self.db
             .read(move |c| {
                 let mut statement = c.prepare_cached(
-                    "SELECT id, event_id, customer_id, reason, attempts, create_time, update_time
-                     FROM dead_letters WHERE id > ?1 ORDER BY id LIMIT ?2",
+                    "SELECT id, event_id, customer_id, reason, attempts, create_time, update_time,
+                     action FROM dead_letters WHERE id > ?1 ORDER BY id LIMIT ?2",
                 )?;
                 let rows = statement
                     .query_map(
@@ -451,6 +457,7 @@ impl IntegrationStore for SqliteStore {
                                         .unwrap_or(u32::MAX),
                                     create_time: from_micros(r.get(5)?),
                                     update_time: from_micros(r.get(6)?),
+                                    action: action(r, 7)?,
                                 },
                             ))
                         },
@@ -482,6 +489,19 @@ impl IntegrationStore for SqliteStore {
             })
             .await
     }
+}
+
+/// The action stored in column `index`; a name this build does not know fails the read
+/// rather than re-drive a letter as something it is not.
+fn action(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Action> {
+    let name: String = row.get(index)?;
+    Action::parse(&name).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Text,
+            format!("unknown dead-letter action {name:?}").into(),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -516,5 +536,29 @@ mod tests {
             )
             .unwrap();
         assert_eq!(tables, 0);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_from_before_cancels_read_as_creates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        {
+            // A database an earlier build left at version 5, with a dead letter.
+            let mut conn = rusqlite::Connection::open(&path).unwrap();
+            Migrations::new(STEPS[..5].iter().copied().map(M::up).collect())
+                .to_latest(&mut conn)
+                .unwrap();
+            conn.execute(
+                "INSERT INTO dead_letters (event_id, customer_id, reason, attempts, create_time,
+                 update_time) VALUES ('e1', 'c1', 'InvalidArgument: old', 1, 0, 0)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(dir.path(), Durability::Normal).unwrap();
+        let rows = store.dead_letters(0, 10).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].1.event_id, "e1");
+        assert_eq!(rows[0].1.action, Action::Create);
     }
 }
