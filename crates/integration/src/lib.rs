@@ -300,6 +300,9 @@ impl Stats {
     fn count_dead_lettered(&self) {
         self.dead_lettered.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("mip_integration_dead_lettered_total").increment(1);
+        // Shown at once; the next recount from the store (`publish_dead_letters`) corrects
+        // it if the letter was stored already.
+        metrics::gauge!("mip_integration_dead_letters").increment(1.0);
     }
 
     /// Counts a switch between streaming and polling.
@@ -364,7 +367,12 @@ async fn publish_dead_letters(store: Arc<dyn IntegrationStore>, stop: Cancellati
             _ = every.tick() => {}
             () = stop.cancelled() => return,
         }
-        match store.count_dead_letters().await {
+        // A store that hangs (an unreachable database) must not hold up shutdown.
+        let counted = tokio::select! {
+            counted = store.count_dead_letters() => counted,
+            () = stop.cancelled() => return,
+        };
+        match counted {
             Ok(n) => metrics::gauge!("mip_integration_dead_letters").set(n as f64),
             // The gauge keeps its last value; the store's own failures are reported elsewhere.
             Err(e) => tracing::debug!(error = %e, "cannot count dead letters"),
