@@ -258,6 +258,12 @@ impl Stats {
             FeedState::Poll => 2,
         };
         self.mode.store(code, Ordering::Relaxed);
+        // One series per mode, 1 for the current one: an alert can ask how long `poll` has
+        // been 1, which a counter of switches cannot tell.
+        for (label, mode) in [("stream", FeedState::Stream), ("poll", FeedState::Poll)] {
+            let on = if mode == state { 1.0 } else { 0.0 };
+            metrics::gauge!("mip_integration_feed_mode", "mode" => label).set(on);
+        }
     }
 
     /// After a relist: the head is the snapshot's, even if a replaced log was further on.
@@ -274,6 +280,8 @@ impl Stats {
         let sequence = mark.as_ref().map(|m| m.sequence);
         *self.checkpoint.lock().expect("stats lock") = mark;
         if let Some(sequence) = sequence {
+            // The position itself, so an alert can see it stand still while CRM takes writes.
+            metrics::gauge!("mip_integration_checkpoint_sequence").set(sequence as f64);
             self.saw_head(sequence);
         }
     }
@@ -322,6 +330,9 @@ impl Stats {
     fn count_dead_lettered(&self) {
         self.dead_lettered.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("mip_integration_dead_lettered_total").increment(1);
+        // Shown at once; the next recount from the store (`publish_dead_letters`) corrects
+        // it if the letter was stored already.
+        metrics::gauge!("mip_integration_dead_letters").increment(1.0);
     }
 
     /// Counts a switch between streaming and polling.
@@ -348,6 +359,54 @@ impl Stats {
     pub fn lag(&self) -> i64 {
         let (_, checkpoint) = self.checkpoint();
         (self.head_seen.load(Ordering::Relaxed) - checkpoint).max(0)
+    }
+}
+
+/// How often `mip_integration_dead_letters` is recounted from the store: about one scrape
+/// interval, so the gauge is never much older than the scrape that reads it.
+const DEAD_LETTER_COUNT_EVERY: Duration = Duration::from_secs(15);
+
+/// Records every series the integration service exports at zero, before anything happens:
+/// the exporter prints a series only once it has been recorded, and an alert on dead letters
+/// or fenced checkpoints must read a zero before the first one, not nothing.
+fn export_metrics_at_zero() {
+    for counter in [
+        "mip_integration_delivered_total",
+        "mip_integration_retried_total",
+        "mip_integration_dead_lettered_total",
+        "mip_integration_checkpoint_fenced_total",
+    ] {
+        metrics::counter!(counter).increment(0);
+    }
+    for mode in ["stream", "poll"] {
+        metrics::counter!("mip_integration_mode_switches_total", "to" => mode).increment(0);
+        metrics::gauge!("mip_integration_feed_mode", "mode" => mode).increment(0.0);
+    }
+    metrics::gauge!("mip_integration_checkpoint_lag_events").increment(0.0);
+    metrics::gauge!("mip_integration_dead_letters").increment(0.0);
+}
+
+/// Keeps `mip_integration_dead_letters` at the number of dead letters stored until `stop`.
+/// Counted in the store rather than from this process's own events: workers on one database
+/// share one list, and a re-drive through any of them shortens it for all.
+async fn publish_dead_letters(store: Arc<dyn IntegrationStore>, stop: CancellationToken) {
+    let mut every = tokio::time::interval(DEAD_LETTER_COUNT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        // A store that hangs (an unreachable database) must not hold up shutdown.
+        let counted = tokio::select! {
+            counted = store.count_dead_letters() => counted,
+            () = stop.cancelled() => return,
+        };
+        match counted {
+            Ok(n) => metrics::gauge!("mip_integration_dead_letters").set(n as f64),
+            // The gauge keeps its last value; the store's own failures are reported elsewhere.
+            Err(e) => tracing::debug!(error = %e, "cannot count dead letters"),
+        }
     }
 }
 
@@ -435,6 +494,7 @@ pub async fn serve(
     jitter: Arc<dyn Jitter>,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
+    export_metrics_at_zero();
     let health = Health::new(&[SERVICE_NAME]).await;
     let security = server.security.load()?;
     // A store that fails for good stops serving too, not only the engine.
@@ -565,9 +625,11 @@ async fn start_engine(
         let (leases, renewing) = (Arc::clone(&leases), renewing.clone());
         tokio::spawn(async move { leases.run(renewing).await })
     };
+    let counting = tokio::spawn(publish_dead_letters(Arc::clone(&store), renewing.clone()));
     engine.run().await;
     renewing.cancel();
     let _ = lease_loop.await;
+    let _ = counting.await;
     leases.retire().await;
     Ok(())
 }
