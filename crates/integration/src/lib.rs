@@ -375,6 +375,8 @@ fn export_metrics_at_zero() {
         "mip_integration_retried_total",
         "mip_integration_dead_lettered_total",
         "mip_integration_checkpoint_fenced_total",
+        "mip_integration_cancelled_total",
+        "mip_integration_cancel_left_as_is_total",
     ] {
         metrics::counter!(counter).increment(0);
     }

@@ -64,6 +64,14 @@ fn describe() {
         "mip_integration_dead_lettered_total",
         "Package requests that went to the dead-letter list since start"
     );
+    describe_counter!(
+        "mip_integration_cancelled_total",
+        "Welcome package requests cancelled because their customer was deleted while they were pending"
+    );
+    describe_counter!(
+        "mip_integration_cancel_left_as_is_total",
+        "Cancels that found the deleted customer's package already shipped or delivered, and left it"
+    );
     describe_gauge!(
         "mip_integration_dead_letters",
         "Dead letters stored now, waiting for RetryDeadLetters (shared by all workers on one database)"
