@@ -80,6 +80,9 @@ impl<S: CrmStore + ?Sized> CrmApi<S> {
         clock: SharedClock,
         shutdown: CancellationToken,
     ) -> Self {
+        // Exported from start-up, at zero: the exporter prints a series only once it has been
+        // recorded, and a dashboard should show "no watchers", not "no data".
+        metrics::gauge!("mip_crm_watchers").increment(0.0);
         Self {
             watchers: Arc::new(Semaphore::new(options.max_watchers)),
             store,
