@@ -27,6 +27,7 @@ from typing import Callable, Generator, Iterator, Optional, Sequence, Tuple, Uni
 
 import grpc
 
+from mip_client._reader import read_stream
 from mip_client.crm.v1 import crm_pb2, crm_pb2_grpc
 from mip_client.status import error_reason
 
@@ -350,7 +351,7 @@ class CustomerFollower:
             return None
         messages: queue.Queue = queue.Queue(maxsize=_READ_AHEAD)
         stop = threading.Event()
-        reader = threading.Thread(target=_read_stream, args=(call, messages, stop),
+        reader = threading.Thread(target=read_stream, args=(call, messages, stop),
                                   name="mip-client-watch", daemon=True)
         reader.start()
         progressed = False
@@ -501,29 +502,6 @@ def _caught_up(beat: crm_pb2.Heartbeat) -> bool:
         # getattr: the field is absent from the typed stubs of older contracts.
         return bool(getattr(beat, "caught_up"))  # noqa: B009
     return True
-
-
-def _offer(messages: queue.Queue, item, stop: threading.Event) -> bool:
-    """Puts `item` on the queue unless the follower stops reading first."""
-    while not stop.is_set():
-        try:
-            messages.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def _read_stream(call, messages: queue.Queue, stop: threading.Event) -> None:
-    """Reads one watch stream onto `messages`, ending with ("end", error or None)."""
-    end = None
-    try:
-        for message in call:
-            if not _offer(messages, ("message", message), stop):
-                return
-    except grpc.RpcError as error:
-        end = error
-    _offer(messages, ("end", end), stop)
 
 
 def follow_customers(
