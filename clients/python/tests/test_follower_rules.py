@@ -270,6 +270,16 @@ class FollowerRulesTest(unittest.TestCase):
         quiet = self.follow(FakeCrm([[heartbeat(5), heartbeat(6), event(7), HOLD]]))
         self.assertEqual(next(quiet).sequence, 7)
 
+    def test_a_heartbeat_that_is_not_caught_up_is_no_live_signal(self):
+        if "caught_up" not in crm_pb2.Heartbeat.DESCRIPTOR.fields_by_name:
+            self.skipTest("this contract's Heartbeat has no caught_up field")
+        behind = crm_pb2.WatchCustomersResponse(heartbeat=crm_pb2.Heartbeat(
+            resume_token="t5", sequence=5, caught_up=False))
+        crm = FakeCrm([[behind, event(6), heartbeat(6), HOLD]])
+        follower = self.follow(crm, live_signals=True)
+        self.assertEqual([(i.kind, i.token) for i in take(follower, 2)],
+                         [(EVENT, "t6"), (LIVE, "t6")])
+
     def test_live_is_signalled_again_once_caught_up_after_a_reconnect(self):
         unavailable = FakeError(grpc.StatusCode.UNAVAILABLE)
         crm = FakeCrm([[heartbeat(5), heartbeat(5), unavailable], [heartbeat(5), HOLD]])
