@@ -42,6 +42,7 @@ class FakeError(grpc.RpcError):
 
 
 HOLD = object()  # the stream stays open, silent, until cancelled
+NEVER_OPENS = object()  # as the first step: the server never answers the call
 
 
 class FakeStream:
@@ -51,12 +52,23 @@ class FakeStream:
 
     def __iter__(self):
         for step in self.script:
+            if step is NEVER_OPENS:
+                continue
             if step is HOLD:
                 self.cancelled.wait(10)
                 raise FakeError(grpc.StatusCode.CANCELLED)
             if isinstance(step, Exception):
                 raise step
             yield step
+
+    def initial_metadata(self):
+        if self.script and self.script[0] is NEVER_OPENS:
+            self.cancelled.wait(10)
+        return ()
+
+    def done(self):
+        # A stream whose script starts with an error was refused before it opened.
+        return bool(self.script) and isinstance(self.script[0], Exception)
 
     def cancel(self):
         self.cancelled.set()
@@ -174,6 +186,29 @@ class FollowerRulesTest(unittest.TestCase):
         self.assertEqual(follower.mode, "stream")
         self.assertEqual(follower.stats.returns_to_streaming, 1)
         self.assertEqual(crm.watch_requests[1].resume_token, "t2")
+
+    def test_a_probe_stream_that_opens_ends_polling_before_anything_arrives(self):
+        clock = Clock()
+        crm = FakeCrm([[FakeError(grpc.StatusCode.UNIMPLEMENTED)], [HOLD]],
+                      events=[page(1)])
+        follower = self.follow(crm, clock=clock, stream_probe_interval=10)
+        self.assertEqual(next(follower).sequence, 1)
+        clock.now += 10
+        consumer = threading.Thread(target=lambda: list(follower), daemon=True)
+        consumer.start()
+        while follower.stats.returns_to_streaming == 0 and consumer.is_alive():
+            consumer.join(0.01)
+        self.assertEqual((follower.mode, follower.stats.returns_to_streaming), ("stream", 1))
+        follower.close()
+        consumer.join(5)
+        self.assertFalse(consumer.is_alive())
+
+    def test_a_stream_that_never_opens_fails_at_the_call_deadline(self):
+        crm = FakeCrm([[NEVER_OPENS], [event(1), HOLD]])
+        follower = self.follow(crm, call_timeout=0.05, idle_timeout=5.0)
+        self.assertEqual(next(follower).sequence, 1)
+        self.assertEqual(len(crm.watch_requests), 2)
+        self.assertEqual(follower.stats.retries, 1)
 
     def test_a_probe_that_fails_keeps_polling_without_counting_a_failure(self):
         clock = Clock()

@@ -24,9 +24,15 @@ def _offer(messages: queue.Queue, item, stop: threading.Event) -> bool:
 
 
 def read_stream(call, messages: queue.Queue, stop: threading.Event) -> None:
-    """Reads one watch stream onto `messages`, ending with ("end", error or None)."""
+    """Reads one watch stream onto `messages`: ("open", None) once the server has accepted
+    it, then ("message", each message), ending with ("end", the error or None)."""
     end = None
     try:
+        # Returns once the server has answered: with headers for a stream it accepted, or
+        # with the call already over for one it refused (UNIMPLEMENTED, an expired token).
+        call.initial_metadata()
+        if not call.done() and not _offer(messages, ("open", None), stop):
+            return
         for message in call:
             if not _offer(messages, ("message", message), stop):
                 return

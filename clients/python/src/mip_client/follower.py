@@ -198,7 +198,7 @@ class CustomerFollower:
         self._call = None
         self._failures = 0
         self._live = False
-        # Set while a stream opened from polling has not delivered anything yet.
+        # Set while a stream tried from polling (a probe) has not opened yet.
         self._probing = False
         # "stream" or "poll": how the loop reads the feed (a probe counts as streaming).
         self._reading = "poll" if mode == "poll" else "stream"
@@ -218,7 +218,7 @@ class CustomerFollower:
     def mode(self) -> str:
         """How the feed is being read: "stream" (WatchCustomers) or "poll"
         (ListCustomerEvents). While polling, a probe of the stream counts as polling until the
-        stream delivers something."""
+        stream has opened."""
         return "poll" if self._probing else self._reading
 
     @property
@@ -265,8 +265,8 @@ class CustomerFollower:
                 if failure is None:
                     return
                 if self._probing:
-                    # The probe did not get through: keep polling, as the engine does when
-                    # it cannot open a stream while polling.
+                    # The probe stream did not open: keep polling, as the engine does when it
+                    # cannot open a stream while polling.
                     self._probing = False
                     self._reading = "poll"
                     continue
@@ -340,8 +340,8 @@ class CustomerFollower:
         request = crm_pb2.WatchCustomersRequest(resume_token=self._token)
         if not self._token:
             request.start_position = self._start_position
-        # No deadline on the stream itself, which lives as long as it is followed; the idle
-        # timeout below bounds how long a dead one can go unnoticed.
+        # No deadline on the stream itself, which lives as long as it is followed; the open
+        # deadline and the idle timeout below bound how long a dead one can go unnoticed.
         call = self._stub.WatchCustomers(request, metadata=self._metadata)
         self.stats.streams_opened += 1
         # Caught up again is signalled again after every reconnect.
@@ -354,25 +354,32 @@ class CustomerFollower:
         reader = threading.Thread(target=read_stream, args=(call, messages, stop),
                                   name="mip-client-watch", daemon=True)
         reader.start()
-        progressed = False
+        opened = progressed = False
         try:
             while True:
+                # Opening has the unary calls' deadline, as in the engine; once open, the
+                # stream may be quiet up to the idle timeout (heartbeats come more often).
                 try:
-                    kind, payload = messages.get(timeout=self._idle_timeout)
+                    kind, payload = messages.get(
+                        timeout=self._idle_timeout if opened else self._call_timeout)
                 except queue.Empty:
-                    return _Failure(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"no event or heartbeat for {self._idle_timeout} s",
-                                    progressed=progressed)
+                    why = (f"no event or heartbeat for {self._idle_timeout} s" if opened else
+                           f"opening the watch stream took over {self._call_timeout} s")
+                    return _Failure(grpc.StatusCode.DEADLINE_EXCEEDED, why, progressed=progressed)
                 if self._closed.is_set():
                     return None
+                if kind == "open":
+                    opened = True
+                    if self._probing:
+                        # The engine goes back to streaming as soon as a probe stream opens.
+                        self._probing = False
+                        self.stats.returns_to_streaming += 1
+                    continue
                 if kind == "end":
                     if payload is None:
                         return _Failure(grpc.StatusCode.UNAVAILABLE,
                                         "CRM ended the watch stream", progressed=progressed)
                     return _failure(payload, progressed)
-                if not progressed and self._probing:
-                    self._probing = False
-                    self.stats.returns_to_streaming += 1
                 progressed = True
                 which = payload.WhichOneof("kind")
                 if which == "event":
@@ -532,12 +539,13 @@ def follow_customers(
     mode: "auto" streams (WatchCustomers) and polls (ListCustomerEvents) when the stream is
         UNIMPLEMENTED or fails `stream_failures_before_poll` times in a row without
         delivering anything, trying the stream again every `stream_probe_interval` seconds;
-        "stream" or "poll" use one only.
+        "stream" or "poll" use one only. A probe that opens a stream ends the polling.
     poll_interval: seconds between polls once caught up.
     page_size: events per poll and customers per relist page.
     idle_timeout: a stream silent for this long (no event, no heartbeat) is reconnected;
         keep it above CRM's heartbeat interval (5 s by default).
-    call_timeout: deadline of every unary call (polls, relist pages).
+    call_timeout: deadline of every unary call (polls, relist pages) and of opening the
+        watch stream.
     initial_backoff, max_backoff: reconnect backoff after a failure, doubled per consecutive
         failure up to the cap, each jittered down by up to half.
     live_signals: also yield a LIVE item each time the follower catches up with the log.
