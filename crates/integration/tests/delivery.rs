@@ -323,6 +323,7 @@ impl InventoryService for RejectingInventory {
                                 code: Code::InvalidArgument as i32,
                                 message: "customer_id: rejected by the test".into(),
                                 field_violations: Vec::new(),
+                                reason: "INVALID_FIELD".into(),
                             },
                         )),
                     }
