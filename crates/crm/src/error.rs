@@ -5,9 +5,7 @@
 //! cannot name different reasons.
 
 use mip_proto::crm::v1::ErrorReason;
-use mip_runtime::status::{
-    BUSY_RETRY_DELAY, invalid_field, shutting_down, storage, with_reason, with_retry,
-};
+use mip_runtime::status::{invalid_field, shutting_down, storage, with_reason, with_retry};
 use mip_runtime::store::DbError;
 use tonic::{Code, Status};
 use uuid::Uuid;
@@ -169,8 +167,8 @@ impl From<Error> for Status {
                 with_reason(Code::FailedPrecondition, DOMAIN, reason, message)
             }
             Error::WatchDisabled => with_reason(Code::Unimplemented, DOMAIN, reason, message),
-            // A stream ends within about a heartbeat interval of busy clients; a second is a
-            // floor for their backoff, not a promise.
+            // Watch streams are long-lived, so a slot frees only when some client leaves: a
+            // second keeps refused clients from spinning; their own backoff grows from it.
             Error::TooManyWatchers(_) => with_retry(
                 Code::ResourceExhausted,
                 DOMAIN,
@@ -179,9 +177,8 @@ impl From<Error> for Status {
                 WATCHER_RETRY_DELAY,
             ),
             Error::ShuttingDown => shutting_down(DOMAIN, message),
-            Error::DatabaseLost => {
-                with_retry(Code::Unavailable, DOMAIN, reason, message, BUSY_RETRY_DELAY)
-            }
+            // No RetryInfo: how long the database stays away is not the server's to know.
+            Error::DatabaseLost => with_reason(Code::Unavailable, DOMAIN, reason, message),
             // A unique index refused a write that no domain check caught first (another process
             // won the race): the thing exists, which is what ALREADY_EXISTS says.
             Error::Storage(DbError::UniqueViolation { constraint }) => with_reason(
