@@ -319,6 +319,66 @@ mod tests {
         assert_eq!(grpc_status(&next.await.unwrap().unwrap()), None);
     }
 
+    /// What the gate makes of a response the routes gave with `status`.
+    async fn through_the_gate(status: tonic::Status) -> tonic::Status {
+        let routes = tower::service_fn(move |_request: http::Request<()>| {
+            let response = status.clone().into_http();
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let layer = AdmissionLayer::new(SecurityOptions::default().load().unwrap(), 8, DOMAIN);
+        let response = layer
+            .layer(routes)
+            .oneshot(request("/crm.v1.CrmService/CreateCustomer", None))
+            .await
+            .unwrap();
+        tonic::Status::from_header_map(response.headers()).expect("a trailers-only status")
+    }
+
+    #[tokio::test]
+    async fn only_tonics_oversized_message_refusal_becomes_resource_exhausted() {
+        let oversized = through_the_gate(tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 2000 bytes, the limit is: 1024 bytes",
+        ))
+        .await;
+        assert_eq!(oversized.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            oversized.message().starts_with(
+                "Error, decoded message length too large: found 2000 bytes, the limit is: 1024 bytes"
+            ),
+            "tonic's message is kept: {}",
+            oversized.message()
+        );
+        assert_eq!(
+            crate::status::reason(&oversized).as_deref(),
+            Some(reasons::MESSAGE_TOO_LARGE)
+        );
+        assert_eq!(crate::status::domain(&oversized).as_deref(), Some(DOMAIN));
+
+        let inflated = through_the_gate(tonic::Status::resource_exhausted(
+            "Error decompressing: size limit, of 1024 bytes, exceeded while decompressing message",
+        ))
+        .await;
+        assert_eq!(inflated.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            crate::status::reason(&inflated).as_deref(),
+            Some(reasons::MESSAGE_TOO_LARGE)
+        );
+
+        // A service's own OUT_OF_RANGE (a resume token ahead of the log) passes untouched.
+        let own = crate::status::with_reason(
+            tonic::Code::OutOfRange,
+            "crm.mip.example.com",
+            "RESUME_TOKEN_AHEAD",
+            "resume token is at position 9, ahead of the change log",
+        );
+        let passed = through_the_gate(own).await;
+        assert_eq!(passed.code(), tonic::Code::OutOfRange);
+        assert_eq!(
+            crate::status::reason(&passed).as_deref(),
+            Some("RESUME_TOKEN_AHEAD")
+        );
+    }
+
     #[tokio::test]
     async fn tokens_are_required_except_for_health_and_optionally_reflection() {
         let options = |reflection_public| SecurityOptions {
