@@ -420,6 +420,52 @@ async fn racing_stores_create_each_customer_once() {
     .await;
 }
 
+/// Conditional updates of one customer from two stores (two CRM processes) at once: the
+/// database, not a process, decides, so of each round of updates based on one version exactly
+/// one commits and the others are told which version won.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_stores_apply_one_conditional_update_per_version() {
+    bounded(async {
+        let Some((a, b, _db, _stop)) = two_stores().await else {
+            return;
+        };
+        let ada = a
+            .create_customer(new_customer("Ada", "ada@example.com", None), now())
+            .await
+            .unwrap();
+        let mut version = ada.version;
+        for round in 0..10 {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (side, store) in [(0, &a), (1, &b), (2, &a), (3, &b)] {
+                let store = Arc::clone(store);
+                tasks.spawn(async move {
+                    let patch = CustomerPatch {
+                        name: Some(Name::parse(&format!("Ada {round}.{side}")).unwrap()),
+                        expected_version: Some(version),
+                        ..CustomerPatch::default()
+                    };
+                    store.update_customer(ada.id, patch, now()).await
+                });
+            }
+            let mut won = Vec::new();
+            while let Some(joined) = tasks.join_next().await {
+                match joined.unwrap() {
+                    Ok(customer) => won.push(customer),
+                    Err(Error::VersionMismatch {
+                        expected, current, ..
+                    }) => assert_eq!((expected, current), (version, version + 1)),
+                    Err(other) => panic!("round {round}: {other}"),
+                }
+            }
+            assert_eq!(won.len(), 1, "round {round}: {won:?}");
+            assert_eq!(won[0].version, version + 1);
+            version += 1;
+        }
+        assert_eq!(b.get_customer(ada.id).await.unwrap().version, version);
+    })
+    .await;
+}
+
 /// 20,000 events committed from two stores at once, read by a third as they commit: it sees
 /// each position exactly once, in order, without a gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
