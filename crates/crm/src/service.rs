@@ -27,7 +27,7 @@ use crate::store::CrmStore;
 use crate::validate;
 
 /// Token kind of resume tokens: `[log_id, position]`.
-const RESUME_TOKEN: u8 = 1;
+const RESUME_TOKEN: u8 = token::CRM_RESUME;
 /// Token kind of `ListCustomers` page tokens: `[log_id, snapshot, after_created_seq]`.
 const CUSTOMER_PAGE_TOKEN: u8 = 2;
 
