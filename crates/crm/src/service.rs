@@ -27,7 +27,7 @@ use crate::store::CrmStore;
 use crate::validate;
 
 /// Token kind of resume tokens: `[log_id, position]`.
-const RESUME_TOKEN: u8 = 1;
+const RESUME_TOKEN: u8 = token::CRM_RESUME;
 /// Token kind of `ListCustomers` page tokens: `[log_id, snapshot, after_created_seq]`.
 const CUSTOMER_PAGE_TOKEN: u8 = 2;
 
@@ -81,6 +81,9 @@ impl<S: CrmStore + ?Sized> CrmApi<S> {
         clock: SharedClock,
         shutdown: CancellationToken,
     ) -> Self {
+        // Exported from start-up, at zero: the exporter prints a series only once it has been
+        // recorded, and a dashboard should show "no watchers", not "no data".
+        metrics::gauge!("mip_crm_watchers").increment(0.0);
         Self {
             watchers: Arc::new(Semaphore::new(options.max_watchers)),
             store,

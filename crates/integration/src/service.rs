@@ -171,7 +171,7 @@ impl<S: IntegrationStore + ?Sized> pb::integration_service_server::IntegrationSe
                 }
                 let handled = self
                     .handler
-                    .handle(&letter.event_id, &letter.customer_id, None)
+                    .handle(&letter.event_id, &letter.customer_id, letter.action, None)
                     .await;
                 if handled == Handled::Unfinished {
                     return Err(Error::ShuttingDown.into());
@@ -182,7 +182,7 @@ impl<S: IntegrationStore + ?Sized> pb::integration_service_server::IntegrationSe
                         .remove_dead_letter(&letter.event_id)
                         .await?;
                     delivered += 1;
-                    info!(customer_id = %letter.customer_id, event_id = %letter.event_id, "dead letter re-driven");
+                    info!(customer_id = %letter.customer_id, event_id = %letter.event_id, action = letter.action.as_str(), "dead letter re-driven");
                 } else {
                     still_failing += 1;
                 }

@@ -101,13 +101,18 @@ macro_rules! limited {
 /// Why a server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The listen address could not be bound (in use, not local, no permission).
-    #[error("cannot listen on {addr}: {source}")]
+    /// The listen address could not be bound (in use, not local, no permission). The message
+    /// is one line that says what to do, naming the flag that sets the address; the operating
+    /// system's words are in it only when they say more than the hint (so the error has no
+    /// `source`: printing the chain would repeat them).
+    #[error("{}", bind_message(*addr, flag, error))]
     Bind {
         /// The address asked for.
         addr: SocketAddr,
+        /// The flag that chose it (`--listen`, `--crm-listen`, …), for the hint.
+        flag: &'static str,
         /// What the operating system said.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The transport failed while serving.
     #[error("gRPC server failed: {0}")]
@@ -140,11 +145,30 @@ fn domain_of(descriptor_set: &[u8]) -> String {
     crate::status::domain_of_package(&package)
 }
 
-/// Binds a listener, with an error that names the address.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+/// Binds a listener on `addr`, which the flag `flag` chose; the error names both.
+pub async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| ServeError::Bind { addr, source })
+        .map_err(|error| ServeError::Bind { addr, flag, error })
+}
+
+/// What a failed bind means to whoever started the server, and what to do about it.
+fn bind_message(addr: SocketAddr, flag: &str, error: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match error.kind() {
+        ErrorKind::AddrInUse => format!(
+            "{addr} is already in use; is another mip running? pass {flag} to use another port"
+        ),
+        ErrorKind::AddrNotAvailable => format!(
+            "{addr} is not an address of this machine; pass {flag} with one of its addresses \
+             (127.0.0.1 for this machine only, 0.0.0.0 for every interface)"
+        ),
+        ErrorKind::PermissionDenied => format!(
+            "not allowed to listen on {addr} (ports below 1024 need privileges); pass {flag} \
+             with a port from 1024 up"
+        ),
+        _ => format!("cannot listen on {addr} (set by {flag}): {error}"),
+    }
 }
 
 /// The standard health service of one server: every service it hosts, and the overall `""`.
