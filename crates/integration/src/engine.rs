@@ -292,6 +292,21 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
             Arc::clone(&self.moved),
             self.shutdown.clone(),
         ));
+        let mut checkpoint = checkpoint;
+        if from_several_logs(&owned) {
+            // CRM's database was replaced, and some of these partitions come from a worker
+            // that never relisted onto the new log. Positions of two logs cannot be compared:
+            // following from the lowest could start the old log's partitions past customers
+            // of the new one. A relist covers every partition followed, whichever log it was on.
+            warn!(
+                partitions = owned.len(),
+                "the partitions' checkpoints come from different CRM change logs (was CRM's database replaced?); relisting every customer"
+            );
+            let before = checkpoint.clone();
+            while checkpoint == before && !self.shutdown.is_cancelled() {
+                self.relist(&mut checkpoint).await;
+            }
+        }
         self.follow(checkpoint).await;
         // Deliveries see the same token and return promptly; wait until every slot is back,
         // then save the final watermark.
@@ -1053,6 +1068,16 @@ fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
 }
 
 /// Saves the watermark whenever it moves, at most every [`CHECKPOINT_EVERY`], until shutdown.
+/// Whether the checkpoints of `owned` were issued by more than one CRM change log.
+fn from_several_logs(owned: &[Owned]) -> bool {
+    let mut logs = owned
+        .iter()
+        .filter_map(|o| o.checkpoint.as_ref())
+        .filter_map(|m| mip_runtime::token::crm_resume_log(&m.token));
+    let first = logs.next();
+    logs.any(|log| Some(log) != first)
+}
+
 async fn checkpoint_loop(
     leases: Arc<Leases>,
     scope: Arc<Scope>,

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::engine::{Handled, Handler};
-use crate::error::Error;
+use crate::error::{DOMAIN, Error};
 use crate::lease::Leases;
 use crate::store::IntegrationStore;
 use crate::{FeedState, Stats};
@@ -110,7 +110,7 @@ impl<S: IntegrationStore + ?Sized> pb::integration_service_server::IntegrationSe
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
+        let mut violations = Violations::new(DOMAIN);
         let limit = violations.page_size(request.page_size);
         let mut after = 0i64;
         if !request.page_token.is_empty() {

@@ -330,6 +330,12 @@ fn arbitrary_bytes_as_any_request_are_handled_without_panicking() {
                 };
                 if let Err(status) = result {
                     prop_assert_eq!(status.code(), Code::InvalidArgument, "{}: {:?}", name, status);
+                    let (reason, domain) = (
+                        mip_runtime::status::reason(&status),
+                        mip_runtime::status::domain(&status),
+                    );
+                    prop_assert_eq!(reason.as_deref(), Some("INVALID_FIELD"));
+                    prop_assert_eq!(domain.as_deref(), Some("integration.mip.example.com"));
                 }
             }
         });

@@ -19,6 +19,8 @@ use common::{
 };
 use mip_crm::CrmOptions;
 use mip_integration::Mode;
+use mip_integration::store::Move;
+use mip_integration::tracker::Mark;
 use mip_proto::crm::v1::ListCustomerEventsRequest;
 use mip_proto::integration::v1::{
     FeedMode, ListDeadLettersRequest, ListDeadLettersResponse, RetryDeadLettersRequest,
@@ -323,6 +325,7 @@ impl InventoryService for RejectingInventory {
                                 code: Code::InvalidArgument as i32,
                                 message: "customer_id: rejected by the test".into(),
                                 field_violations: Vec::new(),
+                                reason: "INVALID_FIELD".into(),
                             },
                         )),
                     }
@@ -796,6 +799,81 @@ backend_tests! {
             let status = integration.status().await;
             assert_eq!(status.worker_id, "worker-a");
             assert_eq!(status.partitions.len(), held.len(), "{status:?}");
+
+            integration.stop().await;
+            inventory.stop().await;
+            crm.stop().await;
+        })
+        .await;
+    }
+
+    /// CRM's database was replaced and one worker relisted onto the new log while another,
+    /// down, kept its partitions' checkpoints on the old one. A worker that then follows
+    /// partitions from both logs cannot compare their positions: it relists, so the old
+    /// log's partitions miss none of the new database's customers.
+    async fn partitions_with_checkpoints_from_two_change_logs_are_relisted(db: Database) {
+        bounded(async {
+            let dirs = Dirs::new();
+            let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
+            let mut inventory = common::Inventory::start(&dirs.inventory()).await;
+            let ids = create_customers(&crm.client(), 30).await;
+            let head = crm
+                .client()
+                .list_customer_events(ListCustomerEventsRequest {
+                    resume_token: String::new(),
+                    start_position: mip_proto::crm::v1::StartPosition::Latest.into(),
+                    page_size: 1,
+                    partition_filter: None,
+                })
+                .await
+                .expect("CRM's head")
+                .into_inner();
+            let options = integration_options(crm.addr, inventory.addr, Mode::Stream);
+
+            // Half the partitions are past every customer on this log (as if relisted onto
+            // it); the other half are far ahead on a log this CRM never had.
+            let store = mip_integration::store::open(&db, &CancellationToken::new())
+                .await
+                .expect("store opens");
+            store.ready().await.expect("store ready");
+            store.init_partitions(options.partitions).await.unwrap();
+            let taken = store
+                .acquire("setup", options.partitions, Duration::from_secs(60), SystemTime::now())
+                .await
+                .unwrap();
+            let leases: Vec<(u32, i64)> = taken.iter().map(|l| (l.partition, l.epoch)).collect();
+            let (relisted, old) = leases.split_at(leases.len() / 2);
+            let current = Mark { sequence: head.next_sequence, token: head.next_resume_token };
+            let old_log = mip_runtime::token::crm_resume_log(&current.token).unwrap() + 1;
+            let foreign = Mark {
+                sequence: current.sequence + 1000,
+                token: mip_runtime::token::encode(
+                    mip_runtime::token::CRM_RESUME,
+                    &[old_log, current.sequence.unsigned_abs() + 1000],
+                ),
+            };
+            for (part, mark) in [(relisted, &current), (old, &foreign)] {
+                let fenced = store
+                    .save_checkpoints("setup", part, mark, Move::Forward, SystemTime::now())
+                    .await
+                    .unwrap();
+                assert!(fenced.is_empty());
+            }
+            store.retire("setup").await.unwrap();
+
+            let in_old_log = ids
+                .iter()
+                .filter(|id| {
+                    let id = uuid::Uuid::parse_str(id).expect("a UUID");
+                    let partition = mip_runtime::partition::of(&id, options.partitions);
+                    old.iter().any(|(p, _)| *p == partition)
+                })
+                .count();
+            assert!(in_old_log > 0, "some customers fall in the old log's partitions");
+            let mut integration = Integration::start(&db, options).await;
+            // A relist delivers for every customer; those of the old log's partitions would
+            // get none without it.
+            wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
 
             integration.stop().await;
             inventory.stop().await;

@@ -195,7 +195,23 @@ fn violated_fields(status: &Status) -> Vec<String> {
     let bad = status
         .get_details_bad_request()
         .expect("a BadRequest detail");
+    assert_error_info(status, "INVALID_FIELD");
     bad.field_violations.into_iter().map(|v| v.field).collect()
+}
+
+/// Asserts the status carries an `ErrorInfo` of Inventory's domain with `expected_reason`, a
+/// value of `inventory.v1.ErrorReason`.
+fn assert_error_info(status: &Status, expected_reason: &str) {
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.domain, "inventory.mip.example.com", "{status:?}");
+    assert_eq!(info.reason, expected_reason, "{status:?}");
+    assert!(
+        mip_proto::inventory::v1::ErrorReason::from_str_name(&info.reason).is_some(),
+        "{} is not an inventory.v1.ErrorReason",
+        info.reason
+    );
 }
 
 fn ids(requests: &[PackageRequest]) -> Vec<&str> {
@@ -533,6 +549,7 @@ mip_testkit::backend_tests! {
                     .await
                     .unwrap_err();
                 assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+                assert_error_info(&status, "REQUEST_ID_REUSED");
                 assert!(
                     status.message().contains(&request_id),
                     "{}",
@@ -744,6 +761,7 @@ mip_testkit::backend_tests! {
                 let before = get(client, &package.id).await.unwrap();
                 let status = set_status(client, &package.id, to).await.unwrap_err();
                 assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+                assert_error_info(&status, "STATUS_CHANGE_NOT_ALLOWED");
                 let from = before
                     .status()
                     .as_str_name()
@@ -821,11 +839,13 @@ mip_testkit::backend_tests! {
             let unknown = Uuid::now_v7().to_string();
             let status = get(&mut server.client, &unknown).await.unwrap_err();
             assert_eq!(status.code(), Code::NotFound, "{status:?}");
+            assert_error_info(&status, "PACKAGE_REQUEST_NOT_FOUND");
             assert!(status.message().contains(&unknown), "{}", status.message());
             let status = set_status(&mut server.client, &unknown, PackageStatus::Shipped)
                 .await
                 .unwrap_err();
             assert_eq!(status.code(), Code::NotFound, "{status:?}");
+            assert_error_info(&status, "PACKAGE_REQUEST_NOT_FOUND");
             server.stop().await;
         })
         .await;
@@ -886,7 +906,9 @@ mip_testkit::backend_tests! {
                 .map(|v| v.field.as_str())
                 .collect();
             assert_eq!(fields, ["customer_id", "package_type"]);
+            assert_eq!(invalid.reason, "INVALID_FIELD");
             assert_eq!(error(5).code, Code::AlreadyExists as i32, "{:?}", error(5));
+            assert_eq!(error(5).reason, "REQUEST_ID_REUSED");
 
             // Exactly what the single calls would have created, and readable as usual.
             assert_eq!(count(&mut server.client).await, 3);

@@ -30,8 +30,8 @@ use crate::security::{Security, SecurityError, SecurityOptions};
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerOptions {
     /// Largest gRPC message accepted or sent, in bytes. A larger request is refused by its
-    /// length prefix, before it is read (OUT_OF_RANGE, as tonic reports it; RESOURCE_EXHAUSTED
-    /// for a compressed message that expands past the limit).
+    /// length prefix, before it is read, with RESOURCE_EXHAUSTED (reason MESSAGE_TOO_LARGE), as
+    /// is a compressed message that expands past the limit.
     #[arg(long, env = "MIP_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
@@ -127,6 +127,22 @@ pub enum ServeError {
     /// Reflection could not load the descriptor sets (a build problem).
     #[error("reflection set-up failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// The `ErrorInfo.domain` of the service whose contract is `descriptor_set`: the domain of the
+/// package of its first service (each server hosts one of the platform's services).
+fn domain_of(descriptor_set: &[u8]) -> String {
+    use prost::Message;
+    let package = prost_types::FileDescriptorSet::decode(descriptor_set)
+        .ok()
+        .and_then(|set| {
+            set.file
+                .into_iter()
+                .find(|file| !file.service.is_empty())
+                .map(|file| file.package().to_owned())
+        })
+        .unwrap_or_default();
+    crate::status::domain_of_package(&package)
 }
 
 /// Binds a listener on `addr`, which the flag `flag` chose; the error names both.
@@ -366,6 +382,7 @@ pub async fn serve_secured(
         .layer(AdmissionLayer::new(
             security,
             options.max_concurrent_requests as usize,
+            &domain_of(descriptor_set),
         ))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
@@ -383,4 +400,26 @@ pub async fn serve_secured(
     }
     info!(?addr, "server stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_server_refuses_in_the_domain_of_the_service_it_hosts() {
+        for (set, domain) in [
+            (mip_proto::CRM_DESCRIPTOR_SET, "crm.mip.example.com"),
+            (
+                mip_proto::INVENTORY_DESCRIPTOR_SET,
+                "inventory.mip.example.com",
+            ),
+            (
+                mip_proto::INTEGRATION_DESCRIPTOR_SET,
+                "integration.mip.example.com",
+            ),
+        ] {
+            assert_eq!(domain_of(set), domain);
+        }
+    }
 }
