@@ -3,7 +3,9 @@ made to do on cue (replay events already delivered, fail a stream exactly three 
 relist across a snapshot change). Time and jitter are injected; no network, no processes.
 """
 
+import datetime
 import threading
+import time
 import unittest
 
 import grpc
@@ -19,12 +21,14 @@ FAST = {"poll_interval": 0.01, "initial_backoff": 0.001, "max_backoff": 0.004,
 
 
 class FakeError(grpc.RpcError):
-    """A failed call, with an ErrorInfo reason in its details when given one."""
+    """A failed call, with an ErrorInfo reason and a RetryInfo delay in its details when given
+    them."""
 
-    def __init__(self, code: grpc.StatusCode, reason: str = ""):
+    def __init__(self, code: grpc.StatusCode, reason: str = "", retry_after: float = 0.0):
         super().__init__(code.name)
         self._code = code
         self._reason = reason
+        self._retry_after = retry_after
 
     def code(self):
         return self._code
@@ -33,11 +37,19 @@ class FakeError(grpc.RpcError):
         return f"scripted {self._code.name}"
 
     def trailing_metadata(self):
-        if not self._reason:
+        details = []
+        if self._reason:
+            details.append(any_pb2.Any())
+            details[-1].Pack(error_details_pb2.ErrorInfo(reason=self._reason,
+                                                         domain="crm.mip.example.com"))
+        if self._retry_after:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromTimedelta(datetime.timedelta(seconds=self._retry_after))
+            details.append(any_pb2.Any())
+            details[-1].Pack(retry)
+        if not details:
             return ()
-        detail = any_pb2.Any()
-        detail.Pack(error_details_pb2.ErrorInfo(reason=self._reason, domain="crm.v1"))
-        status = status_pb2.Status(code=self._code.value[0], message="x", details=[detail])
+        status = status_pb2.Status(code=self._code.value[0], message="x", details=details)
         return (("grpc-status-details-bin", status.SerializeToString()),)
 
 
@@ -122,11 +134,12 @@ def event(sequence: int, customer: str = "") -> crm_pb2.WatchCustomersResponse:
         resume_token=f"t{sequence}", sequence=sequence))
 
 
-def heartbeat(sequence: int) -> crm_pb2.WatchCustomersResponse:
-    """A caught-up heartbeat (with `caught_up` set where the contract has the field)."""
+def heartbeat(sequence: int, caught_up: bool = False) -> crm_pb2.WatchCustomersResponse:
+    """A heartbeat; `caught_up` for the one CRM sends once a stream has replayed its backlog
+    (set where the contract has the field: without it, every heartbeat means caught up)."""
     beat = crm_pb2.Heartbeat(resume_token=f"t{sequence}", sequence=sequence)
     if "caught_up" in beat.DESCRIPTOR.fields_by_name:
-        beat.caught_up = True
+        beat.caught_up = caught_up
     return crm_pb2.WatchCustomersResponse(heartbeat=beat)
 
 
@@ -297,27 +310,52 @@ class FollowerRulesTest(unittest.TestCase):
                          [(EVENT, 50), (RELISTED, 2), (EVENT, 3)])
 
     def test_heartbeats_move_the_token_and_yield_only_an_optional_live_signal(self):
-        crm = FakeCrm([[heartbeat(5), heartbeat(6), event(7), heartbeat(7), HOLD]])
-        follower = self.follow(crm, token="t4", live_signals=True)
-        items = take(follower, 3)
+        script = [event(5), heartbeat(5, caught_up=True), heartbeat(6), event(7), heartbeat(7),
+                  event(8), HOLD]
+        follower = self.follow(FakeCrm([list(script)]), token="t4", live_signals=True)
+        items = take(follower, 4)
+        # Live once, where the backlog ends: later events are live too.
         self.assertEqual([(i.kind, i.token) for i in items],
-                         [(LIVE, "t5"), (EVENT, "t7"), (LIVE, "t7")])
-        quiet = self.follow(FakeCrm([[heartbeat(5), heartbeat(6), event(7), HOLD]]))
-        self.assertEqual(next(quiet).sequence, 7)
+                         [(EVENT, "t5"), (LIVE, "t5"), (EVENT, "t7"), (EVENT, "t8")])
+        self.assertTrue(follower.live)
+        quiet = self.follow(FakeCrm([list(script)]))
+        self.assertEqual([i.sequence for i in take(quiet, 3)], [5, 7, 8])
+        self.assertEqual(quiet.token, "t8")
+
+    def test_a_heartbeat_moves_the_token_to_save_without_an_item(self):
+        follower = self.follow(FakeCrm([[event(1), heartbeat(9, caught_up=True), HOLD]]))
+        self.assertEqual(next(follower).token, "t1")
+        consumer = threading.Thread(target=lambda: list(follower), daemon=True)
+        consumer.start()
+        while follower.token != "t9" and consumer.is_alive():
+            consumer.join(0.01)
+        self.assertEqual(follower.token, "t9")
+        follower.close()
+        consumer.join(5)
+
+    def test_a_retry_delay_from_the_server_is_waited_out_before_reconnecting(self):
+        shutting_down = FakeError(grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", retry_after=0.3)
+        crm = FakeCrm([[event(1), shutting_down], [event(2), HOLD]])
+        follower = self.follow(crm)
+        self.assertEqual(next(follower).sequence, 1)
+        started = time.monotonic()
+        self.assertEqual(next(follower).sequence, 2)
+        self.assertGreaterEqual(time.monotonic() - started, 0.3)
 
     def test_a_heartbeat_that_is_not_caught_up_is_no_live_signal(self):
         if "caught_up" not in crm_pb2.Heartbeat.DESCRIPTOR.fields_by_name:
             self.skipTest("this contract's Heartbeat has no caught_up field")
         behind = crm_pb2.WatchCustomersResponse(heartbeat=crm_pb2.Heartbeat(
             resume_token="t5", sequence=5, caught_up=False))
-        crm = FakeCrm([[behind, event(6), heartbeat(6), HOLD]])
+        crm = FakeCrm([[behind, event(6), heartbeat(6, caught_up=True), HOLD]])
         follower = self.follow(crm, live_signals=True)
         self.assertEqual([(i.kind, i.token) for i in take(follower, 2)],
                          [(EVENT, "t6"), (LIVE, "t6")])
 
     def test_live_is_signalled_again_once_caught_up_after_a_reconnect(self):
         unavailable = FakeError(grpc.StatusCode.UNAVAILABLE)
-        crm = FakeCrm([[heartbeat(5), heartbeat(5), unavailable], [heartbeat(5), HOLD]])
+        crm = FakeCrm([[heartbeat(5, caught_up=True), heartbeat(5), unavailable],
+                       [heartbeat(5, caught_up=True), HOLD]])
         follower = self.follow(crm, token="t5", live_signals=True)
         self.assertEqual([i.kind for i in take(follower, 2)], [LIVE, LIVE])
         self.assertEqual(len(crm.watch_requests), 2)

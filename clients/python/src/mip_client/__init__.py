@@ -5,7 +5,8 @@
   each with a `.pyi` for editors and type checkers, and the proto comments as docstrings.
 * `follow_customers`: follows CRM's customer feed for you, resuming, reconnecting, falling
   back to polling and relisting as the platform's own integration service does.
-* `error_reason`: the `google.rpc.ErrorInfo` reason of a failed call.
+* `error_reason`, `retry_delay`: the `google.rpc.ErrorInfo` reason and the
+  `google.rpc.RetryInfo` delay of a failed call.
 """
 
 from mip_client.follower import (
@@ -17,7 +18,7 @@ from mip_client.follower import (
     FollowerStats,
     follow_customers,
 )
-from mip_client.status import error_info, error_reason
+from mip_client.status import error_info, error_reason, retry_delay
 
 __all__ = [
     "EVENT",
@@ -29,4 +30,5 @@ __all__ = [
     "error_info",
     "error_reason",
     "follow_customers",
+    "retry_delay",
 ]

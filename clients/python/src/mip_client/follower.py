@@ -29,16 +29,16 @@ import grpc
 
 from mip_client._reader import read_stream
 from mip_client.crm.v1 import crm_pb2, crm_pb2_grpc
-from mip_client.status import error_reason
+from mip_client.status import error_reason, retry_delay
 
 #: An event from the change log (`item.event`; `item.customer` is its customer).
 EVENT = "event"
 #: A customer from a relist (`item.customer`; `item.event` is None): the resume token was no
 #: longer usable, so every current customer is listed once, for the user to reconcile.
 RELISTED = "relisted"
-#: The follower has caught up with the log: everything committed so far has been yielded
-#: (only with `live_signals=True`). Yielded once caught up after the start, and again after
-#: each reconnect, fallback to polling or relist, once caught up again.
+#: The follower has caught up with the log: everything committed so far has been yielded,
+#: and what follows is live (only with `live_signals=True`). Yielded once caught up after the
+#: start, and again after each reconnect, fallback to polling or relist, once caught up again.
 LIVE = "live"
 
 #: `ErrorInfo.reason`s that mean "relist, then watch from the snapshot".
@@ -60,6 +60,9 @@ _START_POSITIONS = {
     "earliest": crm_pb2.START_POSITION_EARLIEST,
     "latest": crm_pb2.START_POSITION_LATEST,
 }
+
+# The longest wait a server's RetryInfo can impose between two attempts.
+_MAX_RETRY_HINT = 30.0
 
 # Messages the stream reader thread may hold for a slow consumer before HTTP/2 flow control
 # holds the server back.
@@ -119,6 +122,8 @@ class _Failure:
     progressed: bool = False
     #: The original error, raised as-is if the failure is not retryable.
     error: Optional[grpc.RpcError] = None
+    #: Seconds the server asked to wait before retrying (google.rpc.RetryInfo), if it did.
+    retry_delay: float = 0.0
 
 
 class _Closed(Exception):
@@ -128,7 +133,8 @@ class _Closed(Exception):
 def _failure(error: grpc.RpcError, progressed: bool = False) -> _Failure:
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
     details = error.details() if callable(getattr(error, "details", None)) else str(error)
-    return _Failure(code, details or "", error_reason(error), progressed, error)
+    return _Failure(code, details or "", error_reason(error), progressed, error,
+                    retry_delay(error))
 
 
 class CustomerFollower:
@@ -223,7 +229,8 @@ class CustomerFollower:
 
     @property
     def live(self) -> bool:
-        """Whether the follower has caught up with the log and is waiting for new events."""
+        """Whether the follower has caught up with the log since it last (re)connected: the
+        events it yields now are live, not history."""
         return self._live
 
     def __iter__(self) -> Iterator[FeedItem]:
@@ -323,7 +330,10 @@ class CustomerFollower:
         else:
             self._failures += 1
         self.stats.retries += 1
-        self._closed.wait(self._backoff(self._failures))
+        # A server that says when to come back (shutting down, too many watchers) is taken at
+        # its word, within reason; otherwise the backoff decides.
+        hint = min(failure.retry_delay, _MAX_RETRY_HINT)
+        self._closed.wait(max(self._backoff(self._failures), hint))
         return None
 
     def _backoff(self, failures: int) -> float:
@@ -461,7 +471,6 @@ class CustomerFollower:
             return None
         self._token = event.resume_token
         self._sequence = event.sequence
-        self._live = False
         return FeedItem(EVENT, self._token, self._sequence, event=event, customer=event.customer)
 
     def _advance(self, token: str, sequence: int) -> None:
@@ -503,8 +512,10 @@ class CustomerFollower:
 
 
 def _caught_up(beat: crm_pb2.Heartbeat) -> bool:
-    """Whether a heartbeat says the stream has caught up. Servers whose Heartbeat has no
-    `caught_up` field send heartbeats only once caught up, so any heartbeat says so."""
+    """Whether a heartbeat says the stream has caught up: CRM sets `caught_up` on the one it
+    sends as soon as the stream has replayed its backlog (every later event is live). With a
+    contract whose Heartbeat has no such field, heartbeats were sent only once caught up, so
+    any heartbeat says so."""
     if "caught_up" in beat.DESCRIPTOR.fields_by_name:
         # getattr: the field is absent from the typed stubs of older contracts.
         return bool(getattr(beat, "caught_up"))  # noqa: B009

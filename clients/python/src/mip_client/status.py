@@ -50,3 +50,16 @@ def error_reason(error: grpc.RpcError) -> Optional[str]:
     """`ErrorInfo.reason` of a failed call (for example "RESUME_TOKEN_EXPIRED"), or None."""
     info = error_info(error)
     return info.reason if info and info.reason else None
+
+
+def retry_delay(error: grpc.RpcError) -> float:
+    """Seconds a failed call's `google.rpc.RetryInfo` asks to wait before retrying, or 0."""
+    from google.rpc import error_details_pb2
+
+    status = rich_status(error)
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return max(0.0, info.retry_delay.ToTimedelta().total_seconds())
+    return 0.0
