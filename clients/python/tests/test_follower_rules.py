@@ -13,6 +13,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from mip_client import EVENT, LIVE, RELISTED, follow_customers
+from mip_client.follower import RELIST_REASONS
 from mip_client.crm.v1 import crm_pb2
 from mip_processes import bound
 
@@ -359,6 +360,12 @@ class FollowerRulesTest(unittest.TestCase):
         follower = self.follow(crm, token="t5", live_signals=True)
         self.assertEqual([i.kind for i in take(follower, 2)], [LIVE, LIVE])
         self.assertEqual(len(crm.watch_requests), 2)
+
+    def test_the_relist_reasons_are_names_of_crms_error_reason_enum(self):
+        from mip_client.crm.v1 import error_reason_pb2
+
+        names = error_reason_pb2.ErrorReason.keys()
+        self.assertTrue(set(RELIST_REASONS) <= set(names), names)
 
     def test_errors_that_retrying_cannot_fix_are_raised(self):
         for code, reason in ((grpc.StatusCode.OUT_OF_RANGE, ""),
