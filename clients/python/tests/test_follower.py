@@ -10,7 +10,7 @@ import unittest
 
 import grpc
 
-from mip_client import EVENT, RELISTED, error_reason, follow_customers
+from mip_client import EVENT, LIVE, RELISTED, error_reason, follow_customers
 from mip_client.crm.v1 import crm_pb2, crm_pb2_grpc
 from mip_processes import Consumer, Crm, Writer, bound
 
@@ -159,6 +159,22 @@ class FollowerTest(unittest.TestCase):
         consumer = Consumer(self, follow_customers(channel, token=saved, **QUICK))
         consumer.wait_for(lambda items: len(created_ids(items)) >= 11, 30, "the rest")
         self.assert_exactly_once_in_order(consumer.items, writer.ids[4:])
+
+    def test_the_live_signal_comes_once_the_backlog_has_been_yielded(self):
+        crm = Crm(self, "--heartbeat-interval", "1s")
+        crm.start()
+        channel = crm.channel(self)
+        writer = Writer(channel)
+        deadline = time.monotonic() + 60
+        writer.create(10, deadline)
+        follower = follow_customers(channel, live_signals=True, **QUICK)
+        consumer = Consumer(self, follower)
+        consumer.wait_for(lambda items: any(i.kind == LIVE for i in items), 30, "live")
+        self.assertTrue(follower.live)
+        writer.create(3, deadline)
+        consumer.wait_for(lambda items: len(created_ids(items)) >= 13, 30, "3 live events")
+        self.assertEqual([i.kind for i in consumer.items[:14]], [EVENT] * 10 + [LIVE] + [EVENT] * 3)
+        self.assert_exactly_once_in_order(consumer.items, writer.ids)
 
     def test_close_stops_a_follower_waiting_on_an_idle_stream_promptly(self):
         crm = Crm(self, "--heartbeat-interval", "1s")

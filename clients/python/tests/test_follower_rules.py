@@ -343,15 +343,12 @@ class FollowerRulesTest(unittest.TestCase):
         self.assertEqual(next(follower).sequence, 2)
         self.assertGreaterEqual(time.monotonic() - started, 0.3)
 
-    def test_a_heartbeat_that_is_not_caught_up_is_no_live_signal(self):
-        if "caught_up" not in crm_pb2.Heartbeat.DESCRIPTOR.fields_by_name:
-            self.skipTest("this contract's Heartbeat has no caught_up field")
-        behind = crm_pb2.WatchCustomersResponse(heartbeat=crm_pb2.Heartbeat(
-            resume_token="t5", sequence=5, caught_up=False))
-        crm = FakeCrm([[behind, event(6), heartbeat(6, caught_up=True), HOLD]])
+    def test_a_server_older_than_caught_up_is_live_at_its_first_heartbeat(self):
+        # Such a server sent heartbeats only once caught up, and never set the flag.
+        crm = FakeCrm([[event(5), heartbeat(5), event(6), heartbeat(6), HOLD]])
         follower = self.follow(crm, live_signals=True)
-        self.assertEqual([(i.kind, i.token) for i in take(follower, 2)],
-                         [(EVENT, "t6"), (LIVE, "t6")])
+        self.assertEqual([(i.kind, i.token) for i in take(follower, 3)],
+                         [(EVENT, "t5"), (LIVE, "t5"), (EVENT, "t6")])
 
     def test_live_is_signalled_again_once_caught_up_after_a_reconnect(self):
         unavailable = FakeError(grpc.StatusCode.UNAVAILABLE)

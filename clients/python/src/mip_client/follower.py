@@ -365,6 +365,7 @@ class CustomerFollower:
                                   name="mip-client-watch", daemon=True)
         reader.start()
         opened = progressed = False
+        beats = 0
         try:
             while True:
                 # Opening has the unary calls' deadline, as in the engine; once open, the
@@ -399,7 +400,8 @@ class CustomerFollower:
                 elif which == "heartbeat":
                     beat = payload.heartbeat
                     self._advance(beat.resume_token, beat.sequence)
-                    if _caught_up(beat) and not self._live:
+                    first_heartbeat, beats = beats == 0, beats + 1
+                    if _caught_up(beat, first_heartbeat) and not self._live:
                         self._live = True
                         if self._live_signals:
                             yield FeedItem(LIVE, self._token, self._sequence)
@@ -511,15 +513,14 @@ class CustomerFollower:
             self._track(None)
 
 
-def _caught_up(beat: crm_pb2.Heartbeat) -> bool:
-    """Whether a heartbeat says the stream has caught up: CRM sets `caught_up` on the one it
-    sends as soon as the stream has replayed its backlog (every later event is live). With a
-    contract whose Heartbeat has no such field, heartbeats were sent only once caught up, so
-    any heartbeat says so."""
-    if "caught_up" in beat.DESCRIPTOR.fields_by_name:
-        # getattr: the field is absent from the typed stubs of older contracts.
-        return bool(getattr(beat, "caught_up"))  # noqa: B009
-    return True
+def _caught_up(beat: crm_pb2.Heartbeat, first: bool) -> bool:
+    """Whether a heartbeat says the stream has caught up. CRM sets `caught_up` on the one it
+    sends as soon as the stream has replayed its backlog, always the stream's first heartbeat;
+    servers older than the field (or contracts without it) sent heartbeats only once caught
+    up, so a stream's first heartbeat says so whatever its flag."""
+    if "caught_up" in beat.DESCRIPTOR.fields_by_name and getattr(beat, "caught_up"):  # noqa: B009
+        return True
+    return first
 
 
 def follow_customers(
