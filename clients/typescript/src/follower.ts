@@ -96,6 +96,8 @@ export interface FollowOptions {
   signalLive?: boolean;
   /** Jitter source returning [0, 1); injectable for tests. Default Math.random. */
   random?: () => number;
+  /** Called when the follower switches between watching and polling, for logs or metrics. */
+  onModeChange?: (mode: FeedMode) => void;
 }
 
 /** ErrorInfo reasons of FAILED_PRECONDITION that mean: relist, then watch from the snapshot. */
@@ -163,6 +165,7 @@ export class CustomerFollower implements AsyncIterable<FeedItem> {
       pageSize: options.pageSize ?? 1000,
       signalLive: options.signalLive ?? false,
       random: options.random ?? Math.random,
+      onModeChange: options.onModeChange ?? (() => undefined),
     };
     const signal = options.signal;
     if (signal !== undefined) {
@@ -226,9 +229,8 @@ export class CustomerFollower implements AsyncIterable<FeedItem> {
               return;
             }
             if (end.opened) {
-              // Watching works again: from here on, the stream's rules apply.
-              this.#mode = "stream";
-              this.#failures = 0;
+              // Watching worked again (#watch switched the mode when it opened); the stream
+              // has ended since, and its end is handled by the stream's rules.
               yield* this.#onError(end.error);
               continue;
             }
@@ -283,12 +285,23 @@ export class CustomerFollower implements AsyncIterable<FeedItem> {
     );
   }
 
+  /** A watch stream was accepted: while polling, that was a successful probe. */
+  #streamOpened(): void {
+    if (this.#mode === "poll") {
+      this.#mode = "stream";
+      this.#failures = 0;
+      this.#liveDue = true;
+      this.#settings.onModeChange("stream");
+    }
+  }
+
   #switchToPoll(): void {
     this.#mode = "poll";
     this.#failures = 0;
     this.#liveDue = true;
     // The stream just failed: probing it again at once would only fail again.
     this.#lastProbe = Date.now();
+    this.#settings.onModeChange("poll");
   }
 
   /** One watch stream from the current token, until it fails, goes silent or is closed. */
@@ -316,6 +329,7 @@ export class CustomerFollower implements AsyncIterable<FeedItem> {
             // A trailers-only response (an immediate error) carries grpc-status in its headers.
             if (!headers.has("grpc-status")) {
               opened = true;
+              this.#streamOpened();
               arm(this.#settings.idleTimeoutMs, "no event or heartbeat");
             }
           },
@@ -323,7 +337,10 @@ export class CustomerFollower implements AsyncIterable<FeedItem> {
       );
       const idle = `no event or heartbeat for ${this.#settings.idleTimeoutMs} ms`;
       for await (const message of stream) {
-        opened = true;
+        if (!opened) {
+          opened = true;
+          this.#streamOpened();
+        }
         progressed = true;
         // The consumer's time with an item is not the stream's silence.
         clearTimeout(timer);

@@ -1,0 +1,222 @@
+/**
+ * The follower against the real CRM: a restart mid-stream, watching disabled, and a token that
+ * retention has overtaken. Each test compares what the follower handed over with what it
+ * created: nothing missed, nothing repeated.
+ *
+ * @module
+ */
+import assert from "node:assert/strict";
+import { randomUUID } from "node:crypto";
+import { after, test } from "node:test";
+
+import { Code, ConnectError } from "@connectrpc/connect";
+
+import {
+  RESUME_TOKEN_EXPIRED,
+  errorReason,
+  followCustomers,
+  type CrmClient,
+  type FollowOptions,
+} from "../src/index.js";
+import { CustomerEventType, type Customer, type CustomerEvent } from "../src/gen/crm/v1/crm_pb.js";
+import { Collector } from "./support/collect.js";
+import { CrmProcess, tempDataDir } from "./support/platform.js";
+
+/** Per test: generous for a loaded machine, short enough that a hang fails the run. */
+const TEST_TIMEOUT_MS = 90_000;
+/** Per awaited outcome within a test. */
+const WAIT_MS = 20_000;
+
+/** Quick retries, so the tests spend their time on behaviour rather than on backoff. */
+const FAST: FollowOptions = {
+  callTimeoutMs: 3000,
+  initialBackoffMs: 20,
+  maxBackoffMs: 300,
+  pollIntervalMs: 50,
+  streamProbeIntervalMs: 300,
+};
+
+const processes: CrmProcess[] = [];
+after(async () => {
+  await Promise.all(processes.map((crm) => crm.kill()));
+});
+
+async function startCrm(flags: string[], dataDir = tempDataDir(), port = 0): Promise<CrmProcess> {
+  const crm = await CrmProcess.start(flags, dataDir, port);
+  processes.push(crm);
+  return crm;
+}
+
+async function restartCrm(crm: CrmProcess, flags: string[]): Promise<CrmProcess> {
+  await crm.kill();
+  const again = await crm.restart(flags);
+  processes.push(again);
+  return again;
+}
+
+/** Creates `count` customers one after another, so their events are in this order. */
+async function createCustomers(client: CrmClient, count: number, label: string): Promise<Customer[]> {
+  const created: Customer[] = [];
+  for (let index = 0; index < count; index += 1) {
+    created.push(
+      await client.createCustomer(
+        { name: `${label} ${index}`, email: `${label}-${index}-${randomUUID()}@example.com`, requestId: randomUUID() },
+        { timeoutMs: 5000 },
+      ),
+    );
+  }
+  return created;
+}
+
+/** The events are exactly the CREATED events of `customers`, in order, each once. */
+function assertCreatedExactly(events: CustomerEvent[], customers: Customer[]): void {
+  assert.deepEqual(
+    events.map((event) => event.customer?.id),
+    customers.map((customer) => customer.id),
+    "every created customer's event, in order, each once",
+  );
+  for (const event of events) {
+    assert.equal(event.type, CustomerEventType.CREATED);
+  }
+  const sequences = events.map((event) => event.sequence);
+  assert.deepEqual(
+    sequences,
+    [...new Set(sequences)].sort((a, b) => (a < b ? -1 : a > b ? 1 : 0)),
+    "strictly increasing sequences",
+  );
+}
+
+test("follower resumes across a CRM restart mid-stream without missing or repeating an event", { timeout: TEST_TIMEOUT_MS }, async () => {
+  let crm = await startCrm([]);
+  const before = await createCustomers(crm.client(), 3, "before");
+  const follower = followCustomers(crm.client(), FAST);
+  const collector = new Collector(follower);
+  try {
+    await collector.until(() => collector.events().length === 3, WAIT_MS, "the events from before the follower");
+    // Live on the open stream.
+    const live = await createCustomers(crm.client(), 2, "live");
+    await collector.until(() => collector.events().length === 5, WAIT_MS, "the events created while streaming");
+    const tokenBeforeRestart = follower.token;
+
+    crm = await restartCrm(crm, []);
+    const restarted = await createCustomers(crm.client(), 3, "restarted");
+    await collector.until(() => collector.events().length >= 8, WAIT_MS, "the events created after the restart");
+
+    assertCreatedExactly(collector.events(), [...before, ...live, ...restarted]);
+    assert.ok(collector.items.every((item) => item.kind === "event"), "only events: nothing was relisted");
+    assert.notEqual(follower.token, tokenBeforeRestart, "the token moved on");
+    assert.equal(follower.token, collector.items.at(-1)?.token, "the follower's token is its last item's");
+  } finally {
+    follower.close();
+    await collector.done;
+  }
+  assert.equal(collector.error, undefined);
+});
+
+test("follower polls while watching is disabled and returns to the stream when it is back", { timeout: TEST_TIMEOUT_MS }, async () => {
+  let crm = await startCrm(["--disable-watch"]);
+  const modes: string[] = [];
+  const before = await createCustomers(crm.client(), 3, "polled");
+  let collector: Collector | undefined;
+  const follower = followCustomers(crm.client(), {
+    ...FAST,
+    onModeChange: (mode) => {
+      modes.push(mode);
+      collector?.notify();
+    },
+  });
+  collector = new Collector(follower);
+  try {
+    await collector.until(() => collector.events().length === 3, WAIT_MS, "the events, by polling");
+    assert.equal(follower.mode, "poll", "UNIMPLEMENTED switched it to polling");
+    const during = await createCustomers(crm.client(), 2, "during");
+    await collector.until(() => collector.events().length === 5, WAIT_MS, "the events created while polling");
+
+    crm = await restartCrm(crm, []);
+    await collector.until(() => follower.mode === "stream", WAIT_MS, "the follower to watch again");
+    const streamed = await createCustomers(crm.client(), 2, "streamed");
+    await collector.until(() => collector.events().length >= 7, WAIT_MS, "the events created once streaming");
+
+    assertCreatedExactly(collector.events(), [...before, ...during, ...streamed]);
+    assert.deepEqual(modes, ["poll", "stream"]);
+  } finally {
+    follower.close();
+    await collector.done;
+  }
+  assert.equal(collector.error, undefined);
+});
+
+test("follower relists every customer when its token has expired, then continues from the snapshot", { timeout: TEST_TIMEOUT_MS }, async () => {
+  const crm = await startCrm(["--event-retention", "1s"]);
+  const client = crm.client();
+  const old = (await client.listCustomers({ pageSize: 1 }, { timeoutMs: 5000 })).resumeToken;
+  const pruned = await createCustomers(client, 3, "pruned");
+
+  // Retention deletes events a second old, a tenth of that apart: wait until the token is gone.
+  const deadline = Date.now() + WAIT_MS;
+  for (;;) {
+    try {
+      await client.listCustomerEvents({ resumeToken: old }, { timeoutMs: 5000 });
+    } catch (error) {
+      assert.ok(error instanceof ConnectError);
+      assert.equal(error.code, Code.FailedPrecondition);
+      assert.equal(errorReason(error), RESUME_TOKEN_EXPIRED, "ErrorInfo carries the reason");
+      break;
+    }
+    assert.ok(Date.now() < deadline, "retention never deleted the old events");
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  const recent = await createCustomers(client, 2, "recent");
+
+  const follower = followCustomers(client, { ...FAST, token: old });
+  const collector = new Collector(follower);
+  try {
+    await collector.until(() => collector.relisted().length === 5, WAIT_MS, "every customer, relisted");
+    const relistTokens = collector.items.map((item) => item.token);
+    const later = await createCustomers(client, 2, "later");
+    await collector.until(() => collector.events().length >= 2, WAIT_MS, "the events after the relist");
+
+    assert.deepEqual(
+      collector.relisted().map((customer) => customer.id),
+      [...pruned, ...recent].map((customer) => customer.id),
+      "every current customer, once, in creation order",
+    );
+    // Relisted items come first, and none is a CREATED event.
+    assert.deepEqual(
+      collector.items.map((item) => item.kind),
+      ["relisted", "relisted", "relisted", "relisted", "relisted", "event", "event"],
+    );
+    assertCreatedExactly(collector.events(), later);
+    // Until the listing is complete the saved token stays the old one, so a program that
+    // stops part-way relists again rather than skipping customers.
+    assert.deepEqual(relistTokens.slice(0, 4), [old, old, old, old]);
+    assert.notEqual(relistTokens[4], old);
+  } finally {
+    follower.close();
+    await collector.done;
+  }
+  assert.equal(collector.error, undefined);
+});
+
+test("follower hands over a permanent error instead of retrying it forever", { timeout: TEST_TIMEOUT_MS }, async () => {
+  const crm = await startCrm([]);
+  const collector = new Collector(followCustomers(crm.client(), { ...FAST, token: "not-a-token" }));
+  await collector.done;
+  assert.ok(collector.error instanceof ConnectError);
+  assert.equal(collector.error.code, Code.InvalidArgument);
+});
+
+test("closing an idle follower ends its iteration promptly", { timeout: TEST_TIMEOUT_MS }, async () => {
+  const crm = await startCrm([]);
+  const abort = new AbortController();
+  const follower = followCustomers(crm.client(), { ...FAST, signal: abort.signal });
+  const collector = new Collector(follower);
+  await createCustomers(crm.client(), 1, "idle");
+  await collector.until(() => collector.events().length === 1, WAIT_MS, "the one event");
+  const started = Date.now();
+  abort.abort();
+  await collector.done;
+  assert.ok(Date.now() - started < 1000, `ended ${Date.now() - started} ms after the abort`);
+  assert.equal(collector.error, undefined);
+  assert.ok(follower.closed);
+});
