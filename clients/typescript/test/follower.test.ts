@@ -120,6 +120,7 @@ test("follower polls while watching is disabled and returns to the stream when i
   let collector: Collector | undefined;
   const follower = followCustomers(crm.client(), {
     ...FAST,
+    signalLive: true,
     onModeChange: (mode) => {
       modes.push(mode);
       collector?.notify();
@@ -129,6 +130,7 @@ test("follower polls while watching is disabled and returns to the stream when i
   try {
     await collector.until(() => collector.events().length === 3, WAIT_MS, "the events, by polling");
     assert.equal(follower.mode, "poll", "UNIMPLEMENTED switched it to polling");
+    await collector.until(() => collector.items.at(-1)?.kind === "live", WAIT_MS, "the caught-up signal");
     const during = await createCustomers(crm.client(), 2, "during");
     await collector.until(() => collector.events().length === 5, WAIT_MS, "the events created while polling");
 
@@ -191,6 +193,41 @@ test("follower relists every customer when its token has expired, then continues
     // stops part-way relists again rather than skipping customers.
     assert.deepEqual(relistTokens.slice(0, 4), [old, old, old, old]);
     assert.notEqual(relistTokens[4], old);
+  } finally {
+    follower.close();
+    await collector.done;
+  }
+  assert.equal(collector.error, undefined);
+});
+
+test("follower relists when CRM's database is replaced, and follows the new log from its start", { timeout: TEST_TIMEOUT_MS }, async () => {
+  let crm = await startCrm([]);
+  const old = await createCustomers(crm.client(), 5, "old");
+  const follower = followCustomers(crm.client(), FAST);
+  const collector = new Collector(follower);
+  try {
+    await collector.until(() => collector.events().length === 5, WAIT_MS, "the old database's events");
+
+    // Same address, another database: the follower's token names a log this CRM never had.
+    await crm.kill();
+    crm = await startCrm([], tempDataDir(), Number(crm.address.split(":")[1]));
+    const first = await createCustomers(crm.client(), 2, "new");
+    const ids = (customers: Customer[]) => customers.map((customer) => customer.id);
+    const seenNew = () => [
+      ...ids(collector.relisted()),
+      ...collector.events().slice(5).map((event) => event.customer?.id),
+    ];
+    await collector.until(() => seenNew().length >= 2, WAIT_MS, "the new database's customers");
+    const second = await createCustomers(crm.client(), 2, "newer");
+    await collector.until(() => seenNew().length >= 4, WAIT_MS, "the events after the relist");
+
+    assertCreatedExactly(collector.events().slice(0, 5), old);
+    // Whether the follower came back before or after the first two were created, each
+    // customer of the new database arrives once: relisted, or as its event.
+    assert.deepEqual(seenNew().sort(), ids([...first, ...second]).sort());
+    assertCreatedExactly(collector.events().slice(-2), second);
+    // The new log numbers its events from 1 again: not dropped as repeats of the old ones.
+    assert.ok(collector.events().slice(-1)[0]!.sequence < 5n);
   } finally {
     follower.close();
     await collector.done;
