@@ -30,11 +30,19 @@ export const MIP = process.env.MIP_BIN ?? join(ROOT, "target", "debug", "mip");
 const START_TIMEOUT_MS = 20_000;
 
 const running = new Set<ChildProcess>();
-process.on("exit", () => {
+function killAll(): void {
   for (const child of running) {
     child.kill("SIGKILL");
   }
-});
+}
+process.on("exit", killAll);
+// A signal ends the process without "exit" handlers: kill the children first.
+for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+  process.once(signal, () => {
+    killAll();
+    process.exit(128 + (signal === "SIGINT" ? 2 : signal === "SIGTERM" ? 15 : 1));
+  });
+}
 
 /** A fresh data directory, removed when the test process exits. */
 export function tempDataDir(): string {
