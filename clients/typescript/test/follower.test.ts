@@ -170,7 +170,8 @@ test("follower relists every customer when its token has expired, then continues
   }
   const recent = await createCustomers(client, 2, "recent");
 
-  const follower = followCustomers(client, { ...FAST, token: old });
+  // Two customers a page: the listing spans three pages.
+  const follower = followCustomers(client, { ...FAST, token: old, pageSize: 2 });
   const collector = new Collector(follower);
   try {
     await collector.until(() => collector.relisted().length === 5, WAIT_MS, "every customer, relisted");
