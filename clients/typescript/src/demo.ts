@@ -7,7 +7,8 @@
  * 4. Sees its CREATED event, disconnects, creates a second customer, and resumes the watch
  *    from the saved token: the second customer arrives, the first is not repeated.
  * 5. Waits until the integration service has created both welcome packages in Inventory.
- * 6. Sends an invalid customer and decodes the error's BadRequest field violations (and its
+ * 6. Follows the feed with the package's follower from the first token: both CREATED events.
+ * 7. Sends an invalid customer and decodes the error's BadRequest field violations (and its
  *    ErrorInfo, when the server sends one).
  *
  * Run `npm run build` first, with `mip all` running, then `npm run demo`. Exits 0 on success,
@@ -29,6 +30,7 @@ import {
   createInventoryClient,
   createPlatformTransport,
   errorDetails,
+  followCustomers,
   type ConnectOptions,
   type CrmClient,
 } from "./index.js";
@@ -220,8 +222,39 @@ async function main(): Promise<void> {
     await waitForPackage(inventory, customer, timeoutMs);
   }
 
+  await followBoth(crm, snapshot.resumeToken, [first.id, second.id], timeoutMs);
+
   await decodeBadRequest(crm, timeoutMs);
   console.log("demo passed");
+}
+
+/**
+ * The package's follower from the token taken at the start: both customers' CREATED events,
+ * in order, each once; then it is closed.
+ */
+async function followBoth(crm: CrmClient, token: string, ids: string[], timeoutMs: number): Promise<void> {
+  const follower = followCustomers(crm, { token, callTimeoutMs: timeoutMs });
+  const timer = setTimeout(() => follower.close(), timeoutMs);
+  const seen: string[] = [];
+  try {
+    for await (const item of follower) {
+      // Other clients may create customers meanwhile: only these two are checked.
+      const id = item.kind === "event" ? item.event.customer?.id ?? "" : "";
+      if (item.kind === "event" && ids.includes(id) && item.event.type === CustomerEventType.CREATED) {
+        seen.push(id);
+        if (seen.length === ids.length) {
+          break;
+        }
+      }
+    }
+  } finally {
+    clearTimeout(timer);
+    follower.close();
+  }
+  if (JSON.stringify(seen) !== JSON.stringify(ids)) {
+    throw new Error(`the follower handed over ${JSON.stringify(seen)}, expected ${JSON.stringify(ids)}`);
+  }
+  console.log(`follower from the first token handed over both CREATED events; token to save ${follower.token}`);
 }
 
 /** Waits for the integration service's welcome package for `customer`: exactly one. */
