@@ -17,7 +17,9 @@ import {
   CustomerEventSchema,
   CustomerEventType,
   CustomerSchema,
+  HeartbeatSchema,
   ListCustomerEventsResponseSchema,
+  WatchCustomersResponseSchema,
   type CustomerEvent,
   type ListCustomerEventsRequest,
   type ListCustomerEventsResponseSchema as ListCustomerEventsResponseDesc,
@@ -77,8 +79,23 @@ function event(sequence: number): CustomerEvent {
 }
 
 function message(value: CustomerEvent): WatchCustomersResponse {
-  return { $typeName: "crm.v1.WatchCustomersResponse", kind: { case: "event", value } };
+  return create(WatchCustomersResponseSchema, { kind: { case: "event", value } });
 }
+
+/**
+ * A heartbeat at `sequence`; `caughtUp` is set only where the generated Heartbeat has the
+ * field (it is newer than some protos).
+ */
+function heartbeat(sequence: number, caughtUp = false): WatchCustomersResponse {
+  const value = create(HeartbeatSchema, { resumeToken: `beat-${sequence}`, sequence: BigInt(sequence) });
+  if (caughtUp) {
+    Object.assign(value, { caughtUp: true });
+  }
+  return create(WatchCustomersResponseSchema, { kind: { case: "heartbeat", value } });
+}
+
+/** Whether the generated Heartbeat has `caught_up`. */
+const HEARTBEAT_HAS_CAUGHT_UP = HeartbeatSchema.fields.some((field) => field.name === "caught_up");
 
 /** Never ends by itself: the stream stays open until the follower cancels it. */
 async function openUntilCancelled(context: HandlerContext): Promise<never> {
@@ -164,10 +181,7 @@ test("heartbeats move the token on without handing anything over", { timeout: TE
       collector?.notify();
       if (watched.length === 1) {
         yield message(event(1));
-        yield {
-          $typeName: "crm.v1.WatchCustomersResponse",
-          kind: { case: "heartbeat", value: { $typeName: "crm.v1.Heartbeat", resumeToken: "beat-5", sequence: 5n } },
-        };
+        yield heartbeat(5);
         throw new ConnectError("connection reset", Code.Unavailable);
       }
       await openUntilCancelled(context);
@@ -246,3 +260,39 @@ test("three failed streams in a row switch to polling", { timeout: TEST_TIMEOUT_
   assert.equal(watches, 3);
   assert.deepEqual(modes, ["poll"]);
 });
+
+test(
+  "a caught-up heartbeat is handed over as a live signal, once per connection",
+  {
+    timeout: TEST_TIMEOUT_MS,
+    skip: HEARTBEAT_HAS_CAUGHT_UP ? false : "the generated Heartbeat has no caught_up field yet",
+  },
+  async () => {
+    const crm = fakeCrm({
+      watch: async function* (_request, context) {
+        yield message(event(1));
+        yield heartbeat(1, true);
+        yield message(event(2));
+        yield heartbeat(2, true);
+        yield heartbeat(2);
+        await openUntilCancelled(context);
+      },
+    });
+    const follower = followCustomers(crm, { ...QUICK, signalLive: true });
+    const collector = new Collector(follower);
+    try {
+      await collector.until(() => collector.events().length === 2, WAIT_MS, "two events");
+    } finally {
+      follower.close();
+      await collector.done;
+    }
+    assert.deepEqual(
+      collector.items.map((item) => [item.kind, item.token]),
+      [
+        ["event", "token-1"],
+        ["live", "beat-1"],
+        ["event", "token-2"],
+      ],
+    );
+  },
+);
