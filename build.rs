@@ -6,26 +6,42 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-/// Every contract of the platform. Reflection and generated clients see exactly these.
-const PROTOS: &[&str] = &[
-    "proto/crm/v1/crm.proto",
-    "proto/inventory/v1/inventory.proto",
-    "proto/integration/v1/integration.proto",
+/// Every contract of the platform, by service: its API, and the reasons its errors carry.
+/// Reflection and generated clients see exactly these.
+const SERVICES: &[(&str, &[&str])] = &[
+    (
+        "crm",
+        &["proto/crm/v1/crm.proto", "proto/crm/v1/error_reason.proto"],
+    ),
+    (
+        "inventory",
+        &[
+            "proto/inventory/v1/inventory.proto",
+            "proto/inventory/v1/error_reason.proto",
+        ],
+    ),
+    (
+        "integration",
+        &[
+            "proto/integration/v1/integration.proto",
+            "proto/integration/v1/error_reason.proto",
+        ],
+    ),
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     // One set per service, so each server's reflection lists only what it serves.
-    for proto in PROTOS {
-        let name = proto.split('/').nth(1).expect("proto/<service>/v1/<file>");
-        let set = protox::compile([proto], ["proto"])?;
+    for (name, files) in SERVICES {
+        let set = protox::compile(*files, ["proto"])?;
         std::fs::write(
             out_dir.join(format!("{name}_descriptor.bin")),
             set.encode_to_vec(),
         )?;
     }
-    let fds = protox::compile(PROTOS, ["proto"])?;
+    let all = SERVICES.iter().flat_map(|(_, files)| files.iter());
+    let fds = protox::compile(all, ["proto"])?;
     std::fs::write(out_dir.join("mip_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .build_client(true)

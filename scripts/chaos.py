@@ -310,7 +310,10 @@ class Platform:
                 if command == "integration":
                     extra = ["--crm-addr", ",".join(f"127.0.0.1:{ports[n]}" for n in names["crm"]),
                              "--inventory-addr",
-                             ",".join(f"127.0.0.1:{ports[n]}" for n in names["inventory"])]
+                             ",".join(f"127.0.0.1:{ports[n]}" for n in names["inventory"]),
+                             # A stable name: a killed worker's restart takes its partitions
+                             # back at once, fencing whatever its old process left.
+                             "--worker-id", name]
                 self.services[name] = Service(
                     name=name, port=ports[name], data_dir=workdir / "data" / name,
                     log_path=workdir / f"{name}.log", extra_args=extra,

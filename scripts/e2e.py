@@ -4,6 +4,8 @@
 Starts `mip all` (the debug build, or $MIP_BIN) on free loopback ports with a fresh data
 directory, then:
   * runs every grpcurl line of README.md (ports rewritten to the test's), asserting on output;
+  * runs the README's `target/release/mip` lines with the binary under test: `mip health`, and,
+    once `mip all` has stopped, the three services run separately on its data directory;
   * generates the Python client from proto/ and runs clients/python/demo.py;
   * checks `mip health` exit codes (0 SERVING, 2 unreachable);
   * scrapes the Prometheus metrics and checks the documented series are there;
@@ -11,9 +13,11 @@ directory, then:
 Prints one line per check and a final 'N passed, N failed'. Exits non-zero on any failure.
 """
 
+import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -35,17 +39,23 @@ EXPECT = {
     "describe crm.v1.CrmService.CreateCustomer": ["rpc CreateCustomer", "Creates a customer"],
     '"name": "Ada Lovelace"': ['"email": "ada@example.com"', '"id"'],
     "BatchCreateCustomers": ['"results"', '"email": "grace@example.com"', '"email": "edsger@example.com"'],
-    "WatchCustomers": ["CUSTOMER_EVENT_TYPE_CREATED", "resumeToken"],
+    # -max-time 7 outlasts the default 5 s heartbeat interval, so a heartbeat shows.
+    "WatchCustomers": ["CUSTOMER_EVENT_TYPE_CREATED", "resumeToken", '"heartbeat"'],
     "ListPackageRequests": ['"packageType": "welcome_package"'],
     "ListCustomerEvents": ['"events"', "CUSTOMER_EVENT_TYPE_CREATED"],
-    "GetStatus": ['"mode": "FEED_MODE_STREAM"', '"delivered"'],
+    # -emit-defaults shows the zero fields too.
+    "GetStatus": ['"mode": "FEED_MODE_STREAM"', '"delivered"', '"lagEvents": "0"',
+                  '"deadLettered": "0"'],
     "Health/Check": ['"status": "SERVING"'],
-    '"name": ""': ["InvalidArgument", "fieldViolations", '"field":"email"'],
+    '"name": ""': ["InvalidArgument", "fieldViolations", '"field":"email"', '"reason":"INVALID_FIELD"'],
+    '"name": "Ada King"': ['"name": "Ada King"', '"version": "2"'],
+    '"name": "Ada Byron"': ["Aborted", '"reason":"VERSION_MISMATCH"', "is at version 2, not version 1"],
 }
 # Lines whose exit code is not 0 by design.
 EXIT_CODES = {
-    "WatchCustomers": {0, 68},  # -max-time ends the stream with DEADLINE_EXCEEDED
+    "WatchCustomers": {68},  # the stream never ends by itself: -max-time's DEADLINE_EXCEEDED
     '"name": ""': {67},  # INVALID_ARGUMENT
+    '"name": "Ada Byron"': {74},  # ABORTED: the stale-version update
 }
 # Lines that may need the platform a moment to catch up (the package is created asynchronously).
 EVENTUAL = {"ListPackageRequests", "GetStatus"}
@@ -151,6 +161,90 @@ def with_ports(line: str, ports: dict) -> str:
     for readme_port, service in README_PORTS.items():
         line = line.replace(f"127.0.0.1:{readme_port}", f"127.0.0.1:{ports[service]}")
     return line
+
+
+# Where the README runs the built binary; the checks run the one under test ($MIP_BIN or the
+# debug build) instead.
+README_MIP = "target/release/mip "
+
+
+def readme_mip_commands(heading: str) -> list:
+    """The `target/release/mip` commands of a README section, continuation lines joined."""
+    text = readme_sections().get(heading, "").replace("\\\n", " ")
+    return [" ".join(line.split()) for line in sh_lines(text, README_MIP)]
+
+
+def as_built(command: str, ports: dict) -> list:
+    """A README `target/release/mip` command as arguments for the binary under test, on the
+    test's ports, without the trailing `&` that backgrounds it in a shell."""
+    command = with_ports(command, ports).removesuffix("&").strip()
+    return [MIP, *shlex.split(command[len(README_MIP):])]
+
+
+def run_readme_health_lines(ports: dict) -> None:
+    lines = readme_mip_commands("Health checks")
+    report(len(lines) == 1, "README shows a mip health line", f"found {lines}")
+    for line in lines:
+        result = subprocess.run(as_built(line, ports), capture_output=True, text=True, timeout=30)
+        report(result.returncode == 0 and "SERVING" in result.stdout, f"README: {line[:90]}",
+               f"exit {result.returncode} {result.stdout}{result.stderr}")
+
+
+def grpcurl_json(port: int, method: str, request: str) -> dict:
+    result = subprocess.run(
+        ["grpcurl", "-plaintext", "-emit-defaults", "-d", request, f"127.0.0.1:{port}", method],
+        capture_output=True, text=True, timeout=30)
+    return json.loads(result.stdout) if result.returncode == 0 else {"error": result.stderr}
+
+
+def run_readme_separate_services(work: str) -> None:
+    """The README's three `target/release/mip` service lines, from `work`, where `mip all`
+    ran with `./data`: they must find what it stored and carry on from its checkpoint."""
+    lines = readme_mip_commands("Run the services separately")
+    report(len(lines) == 3, "README shows how to run the three services separately",
+           f"found {lines}")
+    ports = {name: free_port() for name in ("crm", "inventory", "integration")}
+    failed_before = failed
+    log = open(os.path.join(work, "separate.log"), "w")
+    processes = [subprocess.Popen(as_built(line, ports), cwd=work, stdout=log,
+                                  stderr=subprocess.STDOUT) for line in lines]
+    try:
+        report(all(wait_healthy(p, 30) for p in ports.values()),
+               "the README's separate services become healthy")
+        customers = grpcurl_json(ports["crm"], "crm.v1.CrmService/ListCustomers",
+                                 '{"page_size": 1000}').get("customers", [])
+        ada = next((c["id"] for c in customers if c["email"] == "ada@example.com"), None)
+        report(ada is not None, "mip crm finds the customer created under mip all",
+               f"customers: {customers}")
+        packages = grpcurl_json(ports["inventory"],
+                                "inventory.v1.InventoryService/ListPackageRequests",
+                                json.dumps({"customer_id": ada or ""}))
+        report(len(packages.get("packageRequests", [])) == 1,
+               "mip inventory finds the package created under mip all", str(packages))
+        deadline = time.monotonic() + 15
+        while True:
+            status = grpcurl_json(ports["integration"],
+                                  "integration.v1.IntegrationService/GetStatus", "{}")
+            ok = (status.get("lagEvents") == "0" and status.get("streamConnected")
+                  and status.get("checkpoint"))
+            if ok or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        report(bool(ok) and status.get("delivered") == "0",
+               "mip integration resumes from mip all's checkpoint without delivering again",
+               str({k: v for k, v in status.items() if k not in ("partitions", "workers")}))
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        codes = [process.wait(timeout=15) for process in processes]
+        report(codes == [0, 0, 0], "SIGTERM stops the separate services cleanly", f"exit {codes}")
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        log.close()
+        if failed > failed_before:
+            print(open(os.path.join(work, "separate.log")).read()[-4000:])
 
 
 def run_secure_platform(work: str) -> None:
@@ -305,7 +399,6 @@ def main() -> int:
          "--crm-listen", f"127.0.0.1:{ports['crm']}",
          "--inventory-listen", f"127.0.0.1:{ports['inventory']}",
          "--integration-listen", f"127.0.0.1:{ports['integration']}",
-         "--heartbeat-interval", "1s",
          "--metrics-addr", f"127.0.0.1:{metrics_port}"],
         stdout=log, stderr=subprocess.STDOUT,
     )
@@ -314,6 +407,7 @@ def main() -> int:
         run_readme_lines(ports)
         run_python_demo(ports)
         run_health_exit_codes(ports)
+        run_readme_health_lines(ports)
         run_metrics_checks(metrics_port)
         process.send_signal(signal.SIGTERM)
         try:
@@ -328,6 +422,7 @@ def main() -> int:
         log.close()
         if failed:
             print(open(os.path.join(data, "mip.log")).read()[-4000:])
+    run_readme_separate_services(data)
     secure = os.path.join(data, "secure")
     os.makedirs(secure)
     failed_before = failed

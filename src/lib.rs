@@ -6,6 +6,9 @@
 //! - [`crm::v1`]: customers and their change feed.
 //! - [`inventory::v1`]: package requests.
 //! - [`integration::v1`]: the integration service's admin API.
+//!
+//! Each package also has an `ErrorReason` enum (`error_reason.proto`): the
+//! `google.rpc.ErrorInfo.reason` strings its service's errors carry are the names of its values.
 //! - [`FILE_DESCRIPTOR_SET`]: every file above (and the well-known types they import), encoded,
 //!   for gRPC reflection.
 #![forbid(unsafe_code)]
@@ -109,6 +112,12 @@ mod tests {
                 })
                 .collect();
             assert_eq!(services, [name]);
+            let package = name.split('.').take(2).collect::<Vec<_>>().join(".");
+            assert!(
+                set.file.iter().any(|f| f.package() == package
+                    && f.enum_type.iter().any(|e| e.name() == "ErrorReason")),
+                "{package}.ErrorReason is in the set, so reflection clients can read the reasons"
+            );
             assert!(
                 set.file
                     .iter()
@@ -124,7 +133,7 @@ mod tests {
         let crm = set
             .file
             .iter()
-            .find(|f| f.package() == "crm.v1")
+            .find(|f| f.name() == "crm/v1/crm.proto")
             .expect("crm.v1 present");
         let info = crm.source_code_info.as_ref().expect("source info kept");
         assert!(

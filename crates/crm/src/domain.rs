@@ -117,6 +117,9 @@ pub struct CustomerPatch {
     pub name: Option<Name>,
     /// New email, if it changes.
     pub email: Option<Email>,
+    /// The version the change was based on (AIP-154): the store applies it only to that
+    /// version, in the same statement that writes it. `None` applies it to any version.
+    pub expected_version: Option<i64>,
 }
 
 /// What happened to a customer.

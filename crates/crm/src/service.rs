@@ -12,7 +12,7 @@ use mip_proto::timestamp;
 use mip_runtime::CancellationToken;
 use mip_runtime::batch;
 use mip_runtime::clock::{SharedClock, from_micros, to_micros};
-use mip_runtime::status::{Violations, field_violations, token_reason};
+use mip_runtime::status::{Violations, field_violations, reason, token_reason};
 use mip_runtime::token::{self, TokenError};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -22,12 +22,12 @@ use tracing::{debug, info};
 
 use crate::CrmOptions;
 use crate::domain::{Customer, CustomerEvent, EventType, LogBounds, Partitions, Position, Start};
-use crate::error::Error;
+use crate::error::{DOMAIN, Error};
 use crate::store::CrmStore;
 use crate::validate;
 
 /// Token kind of resume tokens: `[log_id, position]`.
-const RESUME_TOKEN: u8 = 1;
+const RESUME_TOKEN: u8 = token::CRM_RESUME;
 /// Token kind of `ListCustomers` page tokens: `[log_id, snapshot, after_created_seq]`.
 const CUSTOMER_PAGE_TOKEN: u8 = 2;
 
@@ -43,6 +43,7 @@ fn batch_item_error(status: &Status) -> pb::BatchItemError {
             .into_iter()
             .map(|(field, description)| pb::FieldViolation { field, description })
             .collect(),
+        reason: reason(status).unwrap_or_default(),
     }
 }
 
@@ -80,6 +81,9 @@ impl<S: CrmStore + ?Sized> CrmApi<S> {
         clock: SharedClock,
         shutdown: CancellationToken,
     ) -> Self {
+        // Exported from start-up, at zero: the exporter prints a series only once it has been
+        // recorded, and a dashboard should show "no watchers", not "no data".
+        metrics::gauge!("mip_crm_watchers").increment(0.0);
         Self {
             watchers: Arc::new(Semaphore::new(options.max_watchers)),
             store,
@@ -161,12 +165,12 @@ impl<S: CrmStore + ?Sized> CrmApi<S> {
         if self.options.disable_watch {
             return Err(Error::WatchDisabled.into());
         }
-        let mut violations = Violations::new();
+        let mut violations = Violations::new(DOMAIN);
         let filter = validate::partition_filter(&mut violations, request.partition_filter.as_ref());
         violations.finish()?;
         let health = self.store.health();
         if !*health.borrow() {
-            return Err(lost_database());
+            return Err(Error::DatabaseLost.into());
         }
         let start = self
             .parse_start(&request.resume_token, request.start_position)
@@ -257,11 +261,6 @@ fn resume_token(log_id: u64, position: Position) -> String {
     token::encode(RESUME_TOKEN, &[log_id, position.0])
 }
 
-/// What a watcher or call gets while the store cannot reach its database.
-fn lost_database() -> Status {
-    Status::unavailable("CRM lost its database; retry, and resume from your last token")
-}
-
 fn check_position(position: Position, bounds: &LogBounds) -> Result<(), Error> {
     if position.0 > bounds.head {
         return Err(Error::TokenAhead {
@@ -335,7 +334,7 @@ impl<S: CrmStore + ?Sized> pb::crm_service_server::CrmService for CrmApi<S> {
         request: Request<pb::BatchCreateCustomersRequest>,
     ) -> Result<Response<pb::BatchCreateCustomersResponse>, Status> {
         let requests = request.into_inner().requests;
-        batch::check_size(requests.len(), MAX_BATCH)?;
+        batch::check_size(DOMAIN, requests.len(), MAX_BATCH)?;
         // Every valid request goes to the store in one write, in request order: one commit,
         // and their events in the log in that order. Each checks before it writes, so one
         // refused leaves the others.
@@ -392,7 +391,7 @@ impl<S: CrmStore + ?Sized> pb::crm_service_server::CrmService for CrmApi<S> {
         request: Request<pb::ListCustomersRequest>,
     ) -> Result<Response<pb::ListCustomersResponse>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
+        let mut violations = Violations::new(DOMAIN);
         let limit = violations.page_size(request.page_size);
         let log_id = self.store.bounds()?.log_id;
         let mut cursor = (0, None);
@@ -440,7 +439,7 @@ impl<S: CrmStore + ?Sized> pb::crm_service_server::CrmService for CrmApi<S> {
         request: Request<pb::ListCustomerEventsRequest>,
     ) -> Result<Response<pb::ListCustomerEventsResponse>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
+        let mut violations = Violations::new(DOMAIN);
         let limit = violations.page_size(request.page_size);
         let filter = validate::partition_filter(&mut violations, request.partition_filter.as_ref());
         violations.finish()?;
@@ -571,6 +570,8 @@ impl<S: CrmStore + ?Sized, O: WatchOutput> Watcher<S, O> {
         let progress = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(progress);
         let mut last_progress: Option<tokio::time::Instant> = None;
+        // Whether the `caught_up` heartbeat has been sent.
+        let mut live = false;
         // A store whose health never changes drops its sender; then there is nothing to follow.
         let mut health_follows = true;
         loop {
@@ -603,6 +604,19 @@ impl<S: CrmStore + ?Sized, O: WatchOutput> Watcher<S, O> {
                     cursor = Position(chunk.last().map_or(cursor.0, |e| e.seq));
                 }
             }
+            // The backlog the stream started behind has been sent: say so at once, so the
+            // client knows that what follows is live without waiting a heartbeat interval.
+            if !live {
+                if !self
+                    .send(vec![self.heartbeat(log_id, cursor, true)], &mut shutdown)
+                    .await
+                {
+                    return;
+                }
+                live = true;
+                told = cursor;
+                heartbeat.reset();
+            }
             // Caught up, but the client's token is behind because of events left out: move it,
             // at most once a wake-up and once a `PROGRESS_INTERVAL`.
             let mut progress_owed = false;
@@ -615,7 +629,7 @@ impl<S: CrmStore + ?Sized, O: WatchOutput> Watcher<S, O> {
                     }
                     _ => {
                         if !self
-                            .send(vec![self.heartbeat(log_id, cursor)], &mut shutdown)
+                            .send(vec![self.heartbeat(log_id, cursor, false)], &mut shutdown)
                             .await
                         {
                             return;
@@ -639,7 +653,7 @@ impl<S: CrmStore + ?Sized, O: WatchOutput> Watcher<S, O> {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    if !self.send(vec![self.heartbeat(log_id, cursor)], &mut shutdown).await {
+                    if !self.send(vec![self.heartbeat(log_id, cursor, false)], &mut shutdown).await {
                         return;
                     }
                     told = cursor;
@@ -680,12 +694,13 @@ impl<S: CrmStore + ?Sized, O: WatchOutput> Watcher<S, O> {
         }
     }
 
-    /// A heartbeat at `position`.
-    fn heartbeat(&self, log_id: u64, position: Position) -> O {
+    /// A heartbeat at `position`; `caught_up` on the one that ends the initial backlog.
+    fn heartbeat(&self, log_id: u64, position: Position, caught_up: bool) -> O {
         O::heartbeat(pb::Heartbeat {
             resume_token: resume_token(log_id, position),
             send_time: Some(timestamp(self.clock.now())),
             sequence: seq_i64(position),
+            caught_up,
         })
     }
 
@@ -693,8 +708,8 @@ impl<S: CrmStore + ?Sized, O: WatchOutput> Watcher<S, O> {
     /// unreachable, so the client resumes from its token (here once healthy, or elsewhere), or
     /// the store's own error when it has stopped serving for good.
     async fn lost_database(&self) {
-        let status = match self.store.bounds() {
-            Err(Error::Storage(_)) | Ok(_) => lost_database(),
+        let status: Status = match self.store.bounds() {
+            Err(Error::Storage(_)) | Ok(_) => Error::DatabaseLost.into(),
             Err(e) => e.into(),
         };
         info!(code = ?status.code(), "ending watch stream: the store cannot serve it");
@@ -729,7 +744,7 @@ impl<S: CrmStore + ?Sized, O: WatchOutput> Watcher<S, O> {
         info!("ending watch stream: server shutting down");
         // Waits briefly for room, so a client that is catching up (full buffer) still learns
         // the stream ended because of shutdown and not because the feed is over.
-        let status = Status::unavailable("server is shutting down; resume from your last token");
+        let status = Error::ShuttingDown.into();
         let _ = tokio::time::timeout(END_NOTICE_WAIT, self.sender.send(Err(status))).await;
     }
 }
@@ -770,12 +785,18 @@ mod tests {
             .await
             .unwrap()
             .into_inner();
+        let live = next_heartbeat(&mut stream).await;
+        assert!(
+            live.caught_up,
+            "the first heartbeat says the stream is live"
+        );
+        assert_eq!(started.elapsed(), Duration::ZERO, "and it comes at once");
         for beat in 1..=2u32 {
-            let message = stream.next().await.expect("stream open").expect("no error");
-            let Some(pb::watch_customers_response::Kind::Heartbeat(heartbeat)) = message.kind
-            else {
-                panic!("expected a heartbeat, got {message:?}");
-            };
+            let heartbeat = next_heartbeat(&mut stream).await;
+            assert!(
+                !heartbeat.caught_up,
+                "only the first heartbeat is caught_up"
+            );
             assert_eq!(heartbeat.sequence, 0, "an empty log is at position 0");
             assert!(!heartbeat.resume_token.is_empty());
             let elapsed = started.elapsed();
@@ -785,6 +806,128 @@ mod tests {
                 "heartbeat {beat} after {elapsed:?}"
             );
         }
+    }
+
+    /// The next message of `stream`, which must be a heartbeat.
+    async fn next_heartbeat(stream: &mut WatchStream) -> pb::Heartbeat {
+        let message = stream.next().await.expect("stream open").expect("no error");
+        match message.kind {
+            Some(pb::watch_customers_response::Kind::Heartbeat(heartbeat)) => heartbeat,
+            other => panic!("expected a heartbeat, got {other:?}"),
+        }
+    }
+
+    /// A service over a fresh store with `customers` customers in it, on paused time.
+    async fn api_with_customers(dir: &tempfile::TempDir, customers: usize) -> CrmApi<SqliteStore> {
+        let store = Arc::new(
+            SqliteStore::open(dir.path(), Durability::Normal)
+                .await
+                .unwrap(),
+        );
+        let options = CrmOptions {
+            heartbeat_interval: Duration::from_secs(30),
+            ..CrmOptions::default()
+        };
+        let api = CrmApi::new(
+            store,
+            options,
+            Arc::new(SystemClock),
+            CancellationToken::new(),
+        );
+        for n in 0..customers {
+            api.create_customer(Request::new(pb::CreateCustomerRequest {
+                name: format!("Customer {n}"),
+                email: format!("customer{n}@example.com"),
+                request_id: String::new(),
+            }))
+            .await
+            .unwrap();
+        }
+        api
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_from_earliest_sends_the_whole_backlog_then_says_it_is_caught_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = api_with_customers(&dir, 5).await;
+        let started = tokio::time::Instant::now();
+        let mut stream = api
+            .watch_customers(Request::new(pb::WatchCustomersRequest {
+                start_position: pb::StartPosition::Earliest.into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        for sequence in 1..=5 {
+            let message = stream.next().await.expect("stream open").expect("no error");
+            let Some(pb::watch_customers_response::Kind::Event(event)) = message.kind else {
+                panic!("event {sequence} of the backlog expected, got {message:?}");
+            };
+            assert_eq!(event.sequence, sequence);
+        }
+        let live = next_heartbeat(&mut stream).await;
+        assert!(live.caught_up, "{live:?}");
+        assert_eq!(
+            live.sequence, 5,
+            "at the head, after the last backlog event"
+        );
+        assert_eq!(started.elapsed(), Duration::ZERO, "sent without waiting");
+
+        // Later events are live; the next heartbeat is an ordinary one.
+        api.create_customer(Request::new(pb::CreateCustomerRequest {
+            name: "Later".into(),
+            email: "later@example.com".into(),
+            request_id: String::new(),
+        }))
+        .await
+        .unwrap();
+        // Paused time runs ahead while the store writes on its own thread, so ordinary
+        // heartbeats may come first; none of them is caught_up again.
+        let event = loop {
+            let message = stream.next().await.expect("stream open").expect("no error");
+            match message.kind {
+                Some(pb::watch_customers_response::Kind::Event(event)) => break event,
+                Some(pb::watch_customers_response::Kind::Heartbeat(beat)) => {
+                    assert!(!beat.caught_up, "{beat:?}");
+                }
+                None => panic!("an empty message"),
+            }
+        };
+        assert_eq!(event.sequence, 6);
+        let beat = next_heartbeat(&mut stream).await;
+        assert!(!beat.caught_up, "{beat:?}");
+        assert_eq!(beat.sequence, 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_watch_at_the_head_says_it_is_caught_up_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = api_with_customers(&dir, 3).await;
+        let head = api
+            .list_customers(Request::new(pb::ListCustomersRequest::default()))
+            .await
+            .unwrap()
+            .into_inner()
+            .resume_token;
+        let started = tokio::time::Instant::now();
+        let mut stream = api
+            .watch_customers(Request::new(pb::WatchCustomersRequest {
+                resume_token: head.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let live = next_heartbeat(&mut stream).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "not a heartbeat interval later"
+        );
+        assert!(live.caught_up, "{live:?}");
+        assert_eq!(live.sequence, 3);
+        assert_eq!(live.resume_token, head, "nothing was skipped");
     }
 
     #[tokio::test(start_paused = true)]
@@ -807,9 +950,24 @@ mod tests {
             .await
             .unwrap()
             .into_inner();
+        let live = next_heartbeat(&mut stream).await;
+        assert!(live.caught_up);
         shutdown.cancel();
-        let end = stream.next().await.expect("a final status");
-        assert_eq!(end.unwrap_err().code(), tonic::Code::Unavailable);
+        let end = stream
+            .next()
+            .await
+            .expect("a final status")
+            .expect_err("an error");
+        assert_eq!(end.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            mip_runtime::status::reason(&end).as_deref(),
+            Some("SHUTTING_DOWN")
+        );
+        assert_eq!(
+            mip_runtime::status::retry_delay(&end),
+            Some(mip_runtime::status::SHUTDOWN_RETRY_DELAY),
+            "the client is told when to come back"
+        );
         assert!(
             stream.next().await.is_none(),
             "the stream ends after the status"

@@ -11,6 +11,7 @@ use tonic::Status;
 use uuid::Uuid;
 
 use crate::domain::{CustomerPatch, Email, Name, NewCustomer, PartitionField, Partitions};
+use crate::error::DOMAIN;
 
 /// One field's `(field, description)` violations.
 type Problems = Vec<(String, String)>;
@@ -31,7 +32,7 @@ fn collected(violations: Violations) -> Problems {
 
 /// A required UUID field.
 fn required_id(name: &str, raw: &str) -> Checked<Uuid> {
-    let mut violations = Violations::new();
+    let mut violations = Violations::new(DOMAIN);
     violations
         .id(name, raw)
         .ok_or_else(|| collected(violations))
@@ -39,7 +40,7 @@ fn required_id(name: &str, raw: &str) -> Checked<Uuid> {
 
 /// An optional UUID field: empty means not set.
 fn optional_id(name: &str, raw: &str) -> Checked<Option<Uuid>> {
-    let mut violations = Violations::new();
+    let mut violations = Violations::new(DOMAIN);
     match violations.optional_id(name, raw) {
         Some(id) => Ok(Some(id)),
         None if violations.is_empty() => Ok(None),
@@ -49,7 +50,7 @@ fn optional_id(name: &str, raw: &str) -> Checked<Option<Uuid>> {
 
 /// INVALID_ARGUMENT listing every violation of `fields`, in order.
 fn reject(fields: impl IntoIterator<Item = Option<Problems>>) -> Status {
-    let mut violations = Violations::new();
+    let mut violations = Violations::new(DOMAIN);
     for (field, description) in fields.into_iter().flatten().flatten() {
         violations.add(field, description);
     }
@@ -93,6 +94,14 @@ pub fn update(request: pb::UpdateCustomerRequest) -> Result<(Uuid, CustomerPatch
         .unwrap_or_else(|| vec!["name".into(), "email".into()]);
     let mut patch = CustomerPatch::default();
     let mut problems = Problems::new();
+    match customer.version {
+        0 => {}
+        v if v < 0 => problems.push((
+            "customer.version".to_owned(),
+            "must not be negative (0 updates whatever the current version)".to_owned(),
+        )),
+        v => patch.expected_version = Some(v),
+    }
     for path in &paths {
         let checked = match path.as_str() {
             "name" => field("customer.name", Name::parse(&customer.name)).map(|name| {
@@ -191,7 +200,7 @@ mod tests {
     }
 
     fn filter_fields(count: i32, partitions: &[i32]) -> Vec<String> {
-        let mut violations = Violations::new();
+        let mut violations = Violations::new(DOMAIN);
         let filter = pb::PartitionFilter {
             partition_count: count,
             partitions: partitions.to_vec(),
@@ -222,7 +231,7 @@ mod tests {
             filter_fields(4, &[4, -1, 2]),
             ["partition_filter.partitions", "partition_filter.partitions"]
         );
-        let mut violations = Violations::new();
+        let mut violations = Violations::new(DOMAIN);
         assert_eq!(partition_filter(&mut violations, None), None);
         assert!(violations.is_empty(), "no filter is every event");
     }

@@ -89,6 +89,19 @@ fn start_time() -> SystemTime {
 
 impl Server {
     async fn start(database: &Database, options: CrmOptions, clock: &ManualClock) -> Self {
+        let server = ServerOptions {
+            shutdown_grace: Duration::from_secs(2),
+            ..ServerOptions::default()
+        };
+        Self::start_with(database, options, clock, server).await
+    }
+
+    async fn start_with(
+        database: &Database,
+        options: CrmOptions,
+        clock: &ManualClock,
+        server: ServerOptions,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let shutdown = CancellationToken::new();
@@ -96,13 +109,7 @@ impl Server {
         let clock = Arc::new(clock.clone());
         let task = tokio::spawn({
             let shutdown = shutdown.clone();
-            async move {
-                let server = ServerOptions {
-                    shutdown_grace: Duration::from_secs(2),
-                    ..ServerOptions::default()
-                };
-                mip_crm::serve(listener, &database, options, &server, clock, shutdown).await
-            }
+            async move { mip_crm::serve(listener, &database, options, &server, clock, shutdown).await }
         });
         // The listener is already bound, so connecting right away works.
         let channel = Endpoint::from_shared(format!("http://{addr}"))
@@ -454,6 +461,21 @@ fn assert_precondition(status: &Status, expected_reason: &str) {
     );
 }
 
+/// Asserts the status carries an `ErrorInfo` of CRM's domain with `expected_reason`, a value
+/// of `crm.v1.ErrorReason`.
+fn assert_error_info(status: &Status, expected_reason: &str) {
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.domain, "crm.mip.example.com", "{status:?}");
+    assert_eq!(info.reason, expected_reason, "{status:?}");
+    assert!(
+        mip_proto::crm::v1::ErrorReason::from_str_name(&info.reason).is_some(),
+        "{} is not a crm.v1.ErrorReason",
+        info.reason
+    );
+}
+
 /// A well-formed resume token of the same log as `real`, at `position`.
 fn token_at(real: &str, position: u64) -> String {
     let [log_id, _] = token::decode::<2>(RESUME_TOKEN_KIND, real).expect("a real resume token");
@@ -489,6 +511,8 @@ async fn update_changes_only_masked_fields_and_bumps_version() {
             client,
             Customer {
                 name: String::new(),
+                // Based on the renamed copy: the original's version is stale now.
+                version: renamed.version,
                 ..request
             },
             &["email"],
@@ -954,6 +978,99 @@ async fn disabled_watch_is_unimplemented_and_polling_still_works() {
 }
 
 #[tokio::test]
+async fn bad_fields_and_unknown_ids_carry_reasons_a_program_can_act_on() {
+    bounded(async {
+        let (_dir, _clock, mut server) = fresh().await;
+        let client = &mut server.client;
+        let status = client
+            .create_customer(new_customer("", "not an email"))
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&status), ["name", "email"]);
+        assert_error_info(&status, "INVALID_FIELD");
+
+        let unknown = Uuid::now_v7().to_string();
+        let status = get(client, &unknown).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        assert_error_info(&status, "CUSTOMER_NOT_FOUND");
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_resource_exhausted_with_message_too_large() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let database = Database::Sqlite {
+            dir: dir.path().to_path_buf(),
+            durability: Durability::Normal,
+        };
+        let server_options = ServerOptions {
+            max_message_bytes: 1024,
+            shutdown_grace: Duration::from_secs(2),
+            ..ServerOptions::default()
+        };
+        let clock = ManualClock::new(start_time());
+        let mut server =
+            Server::start_with(&database, CrmOptions::default(), &clock, server_options).await;
+        let status = server
+            .client
+            .create_customer(new_customer(&"x".repeat(2000), "big@example.com"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("the limit is: 1024 bytes"),
+            "{}",
+            status.message()
+        );
+        assert_error_info(&status, "MESSAGE_TOO_LARGE");
+        // A message within the limit still goes through on the same connection.
+        create(&mut server.client, "Small", "small@example.com").await;
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_resumed_watch_says_it_is_caught_up_long_before_a_heartbeat_is_due() {
+    bounded(async {
+        // Heartbeats every 30 s: the caught-up heartbeat cannot be one of them.
+        let (_dir, _clock, mut server) = fresh().await;
+        let client = &mut server.client;
+        create_many(client, "backlog", 3).await;
+        let snapshot = list_page(client, 0, "").await.unwrap();
+        let mut stream = watch(client, watch_after(&snapshot.resume_token))
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let live = next_heartbeat(&mut stream).await;
+        assert!(live.caught_up, "{live:?}");
+        assert_eq!(live.sequence, 3);
+        assert!(
+            started.elapsed() < CrmOptions::default().heartbeat_interval,
+            "sent at once, not after an interval"
+        );
+
+        // From the start of the log: every backlog event first, then the caught-up heartbeat.
+        let mut stream = watch(client, watch_from(StartPosition::Earliest))
+            .await
+            .unwrap();
+        for sequence in 1..=3 {
+            match next_message(&mut stream).await {
+                Kind::Event(event) => assert_eq!(event.sequence, sequence),
+                Kind::Heartbeat(beat) => panic!("heartbeat before the backlog was sent: {beat:?}"),
+            }
+        }
+        let live = next_heartbeat(&mut stream).await;
+        assert!(live.caught_up, "{live:?}");
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn watchers_beyond_the_limit_are_resource_exhausted() {
     bounded(async {
         let (_dir, _clock, mut server) = fresh_with(CrmOptions {
@@ -969,6 +1086,14 @@ async fn watchers_beyond_the_limit_are_resource_exhausted() {
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert_error_info(&status, "TOO_MANY_WATCHERS");
+        assert_eq!(
+            status
+                .get_details_retry_info()
+                .and_then(|info| info.retry_delay),
+            Some(mip_crm::error::WATCHER_RETRY_DELAY),
+            "the client is told how long to wait"
+        );
         // Polling is not limited.
         list_events(client, events_from(StartPosition::Earliest, 0))
             .await
@@ -1161,6 +1286,112 @@ mip_testkit::backend_tests! {
             let recased = update(client, recased, &["email"]).await.unwrap();
             assert_eq!(recased.email, "ADA@example.com");
             assert_eq!(head(client).await, 3, "two creates and one update");
+            server.stop().await;
+        })
+        .await;
+    }
+
+    /// A taken email and a reused `request_id` are both ALREADY_EXISTS; their reasons tell a
+    /// program which one it met, in a single call and in a batch alike.
+    async fn taken_email_and_reused_request_id_have_different_reasons(db: Database) {
+        bounded(async {
+            let (_clock, mut server) = fresh_on(&db, CrmOptions::default()).await;
+            let client = &mut server.client;
+            let request_id = Uuid::new_v4().to_string();
+            client
+                .create_customer(CreateCustomerRequest {
+                    request_id: request_id.clone(),
+                    ..new_customer("Ada", "ada@example.com")
+                })
+                .await
+                .unwrap();
+            let taken = client
+                .create_customer(new_customer("Other Ada", "ada@example.com"))
+                .await
+                .unwrap_err();
+            assert_eq!(taken.code(), Code::AlreadyExists, "{taken:?}");
+            assert_error_info(&taken, "EMAIL_TAKEN");
+            let reused = client
+                .create_customer(CreateCustomerRequest {
+                    request_id,
+                    ..new_customer("Grace", "grace@example.com")
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
+            assert_error_info(&reused, "REQUEST_ID_REUSED");
+
+            let batch = client
+                .batch_create_customers(BatchCreateCustomersRequest {
+                    requests: vec![new_customer("Ada again", "ADA@example.com")],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let Some(Created::Error(error)) = &batch.results[0].result else {
+                panic!("the taken email is refused: {batch:?}");
+            };
+            assert_eq!(error.code, Code::AlreadyExists as i32);
+            assert_eq!(error.reason, "EMAIL_TAKEN");
+            server.stop().await;
+        })
+        .await;
+    }
+
+    /// AIP-154: an update that names the version it was based on applies only to that version.
+    async fn update_with_a_stale_version_is_aborted_and_names_both_versions(db: Database) {
+        bounded(async {
+            let (_clock, mut server) = fresh_on(&db, CrmOptions::default()).await;
+            let client = &mut server.client;
+            let read = create(client, "Ada", "ada@example.com").await;
+            assert_eq!(read.version, 1);
+            let first = update(
+                client,
+                Customer {
+                    name: "Ada King".into(),
+                    ..read.clone()
+                },
+                &["name"],
+            )
+            .await
+            .unwrap();
+            assert_eq!(first.version, 2, "the expected version matched");
+
+            // A second writer still holding version 1.
+            let status = update(
+                client,
+                Customer {
+                    name: "Ada Lovelace".into(),
+                    ..read.clone()
+                },
+                &["name"],
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(status.code(), Code::Aborted, "{status:?}");
+            assert_error_info(&status, "VERSION_MISMATCH");
+            assert!(
+                status.message().contains("version 2") && status.message().contains("version 1"),
+                "{}",
+                status.message()
+            );
+            assert!(status.message().contains("read it again"), "{}", status.message());
+            assert_eq!(get(client, &read.id).await.unwrap(), first, "nothing changed");
+
+            // Version 0 (unset) is unconditional, as before.
+            let unconditional = update(
+                client,
+                Customer {
+                    name: "Ada Lovelace".into(),
+                    version: 0,
+                    ..read.clone()
+                },
+                &["name"],
+            )
+            .await
+            .unwrap();
+            assert_eq!(unconditional.version, 3);
+            assert_eq!(head(client).await, 3, "one create and two updates");
             server.stop().await;
         })
         .await;

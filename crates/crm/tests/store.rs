@@ -50,6 +50,67 @@ fn seqs(events: &[Arc<mip_crm::domain::CustomerEvent>]) -> Vec<u64> {
 }
 
 mip_testkit::backend_tests! {
+    /// AIP-154: updates that name the version they were based on race, and exactly one wins;
+    /// every other is refused with the version that won, however the writes interleave.
+    async fn conditional_updates_of_one_version_let_exactly_one_win(db: Database) {
+        bounded(async {
+            let (store, _stop) = open(&db).await;
+            let ada = store
+                .create_customer(new_customer("Ada", "ada@example.com", None), now())
+                .await
+                .unwrap();
+            let racers = 8;
+            let updates: Vec<_> = (0..racers).map(|n| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let patch = CustomerPatch {
+                        name: Some(Name::parse(&format!("Ada {n}")).unwrap()),
+                        expected_version: Some(ada.version),
+                        ..CustomerPatch::default()
+                    };
+                    store.update_customer(ada.id, patch, now()).await
+                })
+            }).collect();
+            let mut won = Vec::new();
+            for update in updates {
+                match update.await.unwrap() {
+                    Ok(customer) => won.push(customer),
+                    Err(Error::VersionMismatch {
+                        id,
+                        expected,
+                        current,
+                    }) => {
+                        assert_eq!((id, expected, current), (ada.id, ada.version, ada.version + 1));
+                    }
+                    Err(other) => panic!("unexpected error: {other}"),
+                }
+            }
+            assert_eq!(won.len(), 1, "exactly one update of version {}", ada.version);
+            let stored = store.get_customer(ada.id).await.unwrap();
+            assert_eq!(stored, won[0]);
+            assert_eq!(stored.version, ada.version + 1);
+
+            // The winner's version is current now; an unconditional update still applies.
+            let fresh = CustomerPatch {
+                name: Some(Name::parse("Ada Lovelace").unwrap()),
+                expected_version: Some(stored.version),
+                ..CustomerPatch::default()
+            };
+            let updated = store.update_customer(ada.id, fresh, now()).await.unwrap();
+            assert_eq!(updated.version, stored.version + 1);
+            let unconditional = CustomerPatch {
+                name: Some(Name::parse("Ada King").unwrap()),
+                ..CustomerPatch::default()
+            };
+            let updated = store
+                .update_customer(ada.id, unconditional, now())
+                .await
+                .unwrap();
+            assert_eq!(updated.version, stored.version + 2);
+        })
+        .await;
+    }
+
     async fn customers_are_created_read_updated_and_deleted(db: Database) {
         bounded(async {
             let (store, _stop) = open(&db).await;
@@ -65,6 +126,7 @@ mip_testkit::backend_tests! {
             let patch = CustomerPatch {
                 name: Some(Name::parse("Ada King").unwrap()),
                 email: Some(Email::parse("ada.king@example.com").unwrap()),
+                expected_version: None,
             };
             let updated = store.update_customer(ada.id, patch, t1).await.unwrap();
             assert_eq!(updated.name, "Ada King");
@@ -354,6 +416,52 @@ async fn racing_stores_create_each_customer_once() {
         .unwrap();
         let events = b.events_after(Position(0), 1000).await.unwrap();
         assert_eq!(seqs(&events), (1..=2 * KEYS as u64).collect::<Vec<_>>());
+    })
+    .await;
+}
+
+/// Conditional updates of one customer from two stores (two CRM processes) at once: the
+/// database, not a process, decides, so of each round of updates based on one version exactly
+/// one commits and the others are told which version won.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_stores_apply_one_conditional_update_per_version() {
+    bounded(async {
+        let Some((a, b, _db, _stop)) = two_stores().await else {
+            return;
+        };
+        let ada = a
+            .create_customer(new_customer("Ada", "ada@example.com", None), now())
+            .await
+            .unwrap();
+        let mut version = ada.version;
+        for round in 0..10 {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (side, store) in [(0, &a), (1, &b), (2, &a), (3, &b)] {
+                let store = Arc::clone(store);
+                tasks.spawn(async move {
+                    let patch = CustomerPatch {
+                        name: Some(Name::parse(&format!("Ada {round}.{side}")).unwrap()),
+                        expected_version: Some(version),
+                        ..CustomerPatch::default()
+                    };
+                    store.update_customer(ada.id, patch, now()).await
+                });
+            }
+            let mut won = Vec::new();
+            while let Some(joined) = tasks.join_next().await {
+                match joined.unwrap() {
+                    Ok(customer) => won.push(customer),
+                    Err(Error::VersionMismatch {
+                        expected, current, ..
+                    }) => assert_eq!((expected, current), (version, version + 1)),
+                    Err(other) => panic!("round {round}: {other}"),
+                }
+            }
+            assert_eq!(won.len(), 1, "round {round}: {won:?}");
+            assert_eq!(won[0].version, version + 1);
+            version += 1;
+        }
+        assert_eq!(b.get_customer(ada.id).await.unwrap().version, version);
     })
     .await;
 }

@@ -1,4 +1,5 @@
-//! Creating one welcome package request, reliably.
+//! Creating one welcome package request, reliably, and cancelling it when its customer is
+//! deleted.
 //!
 //! The request id is derived from the customer id alone ([`request_id`]), so every attempt,
 //! redelivery, reconnect or relist for the same customer carries the same idempotency key, and
@@ -7,15 +8,26 @@
 //!
 //! Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED) are retried
 //! with capped exponential backoff and jitter; anything else fails at once.
+//!
+//! A cancel first makes sure the package exists, with the very create a delivery sends (same
+//! request id), and then cancels the package that create returned. That is what keeps a
+//! customer's create and delete, which run concurrently, from racing each other into a
+//! PENDING package for a deleted customer: whichever create reaches Inventory first makes the
+//! one package, every other create (the create event's, late or retried) only finds it, and
+//! the cancel runs after a create of its own has returned, so no create can land after it.
+//! The order lives in Inventory's unique request id, not in this process, so it holds across
+//! restarts and workers too.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mip_proto::inventory::v1 as pb;
+use mip_proto::inventory::v1::PackageStatus;
 use mip_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use mip_runtime::CancellationToken;
 use mip_runtime::security::AuthenticatedChannel;
-use tonic::Code;
+use tonic::{Code, Request, Status};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
@@ -55,6 +67,35 @@ pub fn request_id(customer_id: &str) -> Uuid {
     });
     bytes[..6].copy_from_slice(&timestamp);
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// What a delivery does for a customer: what its CRM event asks for, and what a dead letter
+/// records so that a re-drive does the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// A new customer: create its welcome package request.
+    Create,
+    /// A deleted customer: cancel its welcome package request while it is still PENDING.
+    Cancel,
+}
+
+impl Action {
+    /// The name stored with a dead letter.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Cancel => "cancel",
+        }
+    }
+
+    /// The action a stored name stands for; `None` for a name this build does not know.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "create" => Some(Action::Create),
+            "cancel" => Some(Action::Cancel),
+            _ => None,
+        }
+    }
 }
 
 /// How hard to try.
@@ -127,6 +168,18 @@ pub enum Outcome {
         /// When Inventory created it, if it said.
         package_create_time: Option<SystemTime>,
     },
+    /// A cancel: the package request is CANCELLED now; `now` says whether this cancel moved it
+    /// there (it was PENDING) or found it so.
+    Withdrawn {
+        /// Whether this call cancelled it.
+        now: bool,
+    },
+    /// A cancel: the package request had gone past PENDING (SHIPPED or DELIVERED), so it
+    /// cannot be cancelled and is left as it is. Not a failure.
+    LeftAsIs {
+        /// The status it was found in.
+        status: PackageStatus,
+    },
     /// It failed for good: a permanent error, or every attempt failed.
     Failed {
         /// Status code and message of the last attempt.
@@ -135,7 +188,7 @@ pub enum Outcome {
         attempts: u32,
     },
     /// Shutdown began; the event stays unhandled and is delivered after restart.
-    Cancelled,
+    Interrupted,
 }
 
 /// Delivers welcome package requests to Inventory.
@@ -143,6 +196,8 @@ pub enum Outcome {
 pub struct Deliverer {
     /// Sends the creates to Inventory, batching concurrent ones.
     creator: Creator,
+    /// For the calls that are not creates: status changes, look-ups and listings.
+    client: InventoryServiceClient<AuthenticatedChannel>,
     /// Retry policy.
     policy: RetryPolicy,
     /// Jitter source.
@@ -163,7 +218,8 @@ impl Deliverer {
         let client =
             InventoryServiceClient::new(channel).max_decoding_message_size(max_message_bytes);
         Self {
-            creator: Creator::new(client, policy.call_timeout),
+            creator: Creator::new(client.clone(), policy.call_timeout),
+            client,
             policy,
             jitter,
             stats,
@@ -179,38 +235,208 @@ impl Deliverer {
 
     /// Creates the customer's welcome package request, retrying transient failures.
     pub async fn deliver(&self, customer_id: &str, shutdown: &CancellationToken) -> Outcome {
-        let request_id = request_id(customer_id).to_string();
+        self.retrying(customer_id, "package request", shutdown, || async {
+            let package = self.ensure(customer_id).await?;
+            let package_create_time = package
+                .as_ref()
+                .and_then(|p| p.create_time)
+                .and_then(|t| SystemTime::try_from(t).ok());
+            match &package {
+                Some(p) if existed_before(p) => {
+                    info!(customer_id, package_request_id = %p.id, status = ?p.status(), "package request already existed");
+                }
+                Some(p) => info!(customer_id, package_request_id = %p.id, "package request created"),
+                None => info!(customer_id, "package request already existed"),
+            }
+            Ok(Outcome::Delivered {
+                package_create_time,
+            })
+        })
+        .await
+    }
+
+    /// Cancels the deleted customer's welcome package request if it is still PENDING, retrying
+    /// transient failures. A package already CANCELLED is success; one SHIPPED or DELIVERED is
+    /// left as it is.
+    ///
+    /// Each attempt first sends the customer's create (the same request id as its delivery):
+    /// if the create event's delivery is still in flight or retrying, this one either makes
+    /// the package or finds it, and the delivery's create, whenever it lands, finds the
+    /// package this cancel cancelled instead of making a second one. So the cancel cannot
+    /// lose a race with the create, without the two having to wait for each other. The cost:
+    /// a customer deleted before it ever had a package (with `--start-position latest`, one
+    /// created before the first start) gets one, already CANCELLED.
+    pub async fn cancel(&self, customer_id: &str, shutdown: &CancellationToken) -> Outcome {
+        self.retrying(customer_id, "package cancel", shutdown, || {
+            self.try_cancel(customer_id)
+        })
+        .await
+    }
+
+    /// The customer's package request, made if it does not exist yet: `None` when Inventory
+    /// refused the create as ALREADY_EXISTS (the request id used with other parameters: the
+    /// package is there, but not returned).
+    async fn ensure(&self, customer_id: &str) -> Result<Option<pb::PackageRequest>, Status> {
+        let request = pb::CreatePackageRequestRequest {
+            customer_id: customer_id.to_owned(),
+            package_type: PACKAGE_TYPE.to_owned(),
+            request_id: request_id(customer_id).to_string(),
+        };
+        let call = tokio::time::timeout(self.policy.call_timeout, self.creator.create(request));
+        match call.await {
+            Ok(Ok(package)) => Ok(Some(package)),
+            Ok(Err(status)) if status.code() == Code::AlreadyExists => Ok(None),
+            Ok(Err(status)) => Err(status),
+            Err(_) => Err(Status::deadline_exceeded("call timed out")),
+        }
+    }
+
+    /// One cancel attempt: make sure the package exists, then move it to CANCELLED.
+    async fn try_cancel(&self, customer_id: &str) -> Result<Outcome, Status> {
+        let package = match self.ensure(customer_id).await? {
+            Some(package) => package,
+            None => self.find(customer_id).await?,
+        };
+        let (package, moved) = if package.status() == PackageStatus::Pending {
+            match self.set_cancelled(&package.id).await {
+                Ok(cancelled) => (cancelled, true),
+                // It left PENDING between the two calls (shipped meanwhile): read where it is.
+                Err(status) if status.code() == Code::FailedPrecondition => {
+                    (self.get(&package.id).await?, false)
+                }
+                Err(status) => return Err(status),
+            }
+        } else {
+            (package, false)
+        };
+        let package_request_id = package.id.as_str();
+        match package.status() {
+            PackageStatus::Cancelled if moved => {
+                info!(
+                    customer_id,
+                    %package_request_id, "customer deleted; package request cancelled"
+                );
+                Ok(Outcome::Withdrawn { now: true })
+            }
+            PackageStatus::Cancelled => {
+                info!(
+                    customer_id,
+                    %package_request_id, "customer deleted; package request already cancelled"
+                );
+                Ok(Outcome::Withdrawn { now: false })
+            }
+            status @ (PackageStatus::Shipped | PackageStatus::Delivered) => {
+                info!(
+                    customer_id,
+                    %package_request_id,
+                    ?status,
+                    "customer deleted; package request already shipped; left as is"
+                );
+                Ok(Outcome::LeftAsIs { status })
+            }
+            // Still PENDING after a refused move, or a status this build does not know: the
+            // next attempt looks again.
+            status => Err(Status::aborted(format!(
+                "package request {package_request_id} is {status:?} after the cancel"
+            ))),
+        }
+    }
+
+    /// The customer's welcome package request, by its request id, for when the create did not
+    /// return it. NOT_FOUND (permanent) if there is none.
+    async fn find(&self, customer_id: &str) -> Result<pb::PackageRequest, Status> {
+        let key = request_id(customer_id).to_string();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .list_page(pb::ListPackageRequestsRequest {
+                    customer_id: customer_id.to_owned(),
+                    page_size: 1000,
+                    page_token,
+                })
+                .await?;
+            if let Some(package) = page
+                .package_requests
+                .into_iter()
+                .find(|p| p.request_id == key)
+            {
+                return Ok(package);
+            }
+            if page.next_page_token.is_empty() {
+                return Err(Status::not_found(format!(
+                    "Inventory refused the create of request id {key} as ALREADY_EXISTS but lists no package request with it"
+                )));
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// `UpdatePackageRequestStatus` to CANCELLED.
+    async fn set_cancelled(&self, id: &str) -> Result<pb::PackageRequest, Status> {
+        let mut request = Request::new(pb::UpdatePackageRequestStatusRequest {
+            id: id.to_owned(),
+            status: PackageStatus::Cancelled.into(),
+        });
+        request.set_timeout(self.policy.call_timeout);
+        let mut client = self.client.clone();
+        let call = client.update_package_request_status(request);
+        match tokio::time::timeout(self.policy.call_timeout, call).await {
+            Ok(result) => result.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded("call timed out")),
+        }
+    }
+
+    /// `GetPackageRequest`.
+    async fn get(&self, id: &str) -> Result<pb::PackageRequest, Status> {
+        let mut request = Request::new(pb::GetPackageRequestRequest { id: id.to_owned() });
+        request.set_timeout(self.policy.call_timeout);
+        let mut client = self.client.clone();
+        let call = client.get_package_request(request);
+        match tokio::time::timeout(self.policy.call_timeout, call).await {
+            Ok(result) => result.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded("call timed out")),
+        }
+    }
+
+    /// One page of `ListPackageRequests`, once (the caller decides about retries).
+    pub async fn list_page(
+        &self,
+        list: pb::ListPackageRequestsRequest,
+    ) -> Result<pb::ListPackageRequestsResponse, Status> {
+        let mut request = Request::new(list);
+        request.set_timeout(self.policy.call_timeout);
+        let mut client = self.client.clone();
+        let call = client.list_package_requests(request);
+        match tokio::time::timeout(self.policy.call_timeout, call).await {
+            Ok(result) => result.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded("call timed out")),
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, runs out of attempts or shutdown
+    /// begins, backing off between transient failures; `what` names it in the log.
+    async fn retrying<F, Fut>(
+        &self,
+        customer_id: &str,
+        what: &str,
+        shutdown: &CancellationToken,
+        mut attempt: F,
+    ) -> Outcome
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Outcome, Status>>,
+    {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            debug!(customer_id, attempt = attempts, "creating package request");
-            let request = pb::CreatePackageRequestRequest {
-                customer_id: customer_id.to_owned(),
-                package_type: PACKAGE_TYPE.to_owned(),
-                request_id: request_id.clone(),
-            };
-            let call = tokio::time::timeout(self.policy.call_timeout, self.creator.create(request));
+            debug!(customer_id, attempt = attempts, "{what}: calling Inventory");
             let result = tokio::select! {
-                result = call => result,
-                () = shutdown.cancelled() => return Outcome::Cancelled,
+                result = attempt() => result,
+                () = shutdown.cancelled() => return Outcome::Interrupted,
             };
             let status = match result {
-                Ok(Ok(package)) => {
-                    info!(customer_id, package_request_id = %package.id, "package request created");
-                    return Outcome::Delivered {
-                        package_create_time: package
-                            .create_time
-                            .and_then(|t| SystemTime::try_from(t).ok()),
-                    };
-                }
-                Ok(Err(status)) if status.code() == Code::AlreadyExists => {
-                    info!(customer_id, "package request already existed");
-                    return Outcome::Delivered {
-                        package_create_time: None,
-                    };
-                }
-                Ok(Err(status)) => status,
-                Err(_) => tonic::Status::deadline_exceeded("call timed out"),
+                Ok(outcome) => return outcome,
+                Err(status) => status,
             };
             let reason = format!("{:?}: {}", status.code(), status.message());
             if !is_transient(&status) || attempts >= self.policy.max_attempts {
@@ -218,13 +444,19 @@ impl Deliverer {
             }
             let delay = self.jitter.apply(self.policy.backoff(attempts));
             self.stats.count_retried();
-            warn!(customer_id, attempt = attempts, %reason, retry_in = ?delay, "retrying package request");
+            warn!(customer_id, attempt = attempts, %reason, retry_in = ?delay, "retrying {what}");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = shutdown.cancelled() => return Outcome::Cancelled,
+                () = shutdown.cancelled() => return Outcome::Interrupted,
             }
         }
     }
+}
+
+/// Whether `package` was there before this delivery: Inventory says the create was a replay,
+/// or the package has moved on from PENDING.
+fn existed_before(package: &pb::PackageRequest) -> bool {
+    package.replayed || package.status() != PackageStatus::Pending
 }
 
 #[cfg(test)]
@@ -282,6 +514,20 @@ mod tests {
         assert_eq!(odd.get_version_num(), 8);
         assert_eq!(millis(odd), 0);
         assert_ne!(odd, request_id("not-a-uuid-either"));
+    }
+
+    #[test]
+    fn a_package_reads_as_already_there_when_replayed_or_moved_on() {
+        let package = |status: PackageStatus, replayed: bool| pb::PackageRequest {
+            status: status.into(),
+            replayed,
+            ..pb::PackageRequest::default()
+        };
+        assert!(!existed_before(&package(PackageStatus::Pending, false)));
+        assert!(existed_before(&package(PackageStatus::Pending, true)));
+        for status in [PackageStatus::Shipped, PackageStatus::Cancelled] {
+            assert!(existed_before(&package(status, false)));
+        }
     }
 
     #[test]

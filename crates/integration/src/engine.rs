@@ -1,8 +1,10 @@
-//! Following CRM's change feed and turning every CREATED event into a delivery.
+//! Following CRM's change feed and turning every CREATED event into a delivery, and every
+//! DELETED event into a cancel of that customer's package.
 //!
 //! One reader task walks the feed in log order, by streaming (`WatchCustomers`) or by polling
-//! (`ListCustomerEvents`) from the same cursor, and hands each CREATED event to a delivery
-//! task. At most `max_in_flight` deliveries run at once; when all slots are busy the reader
+//! (`ListCustomerEvents`) from the same cursor, and hands each CREATED or DELETED event to a
+//! delivery task (a cancel is a delivery too: same slots, retries, dead letters and checkpoint
+//! rule). At most `max_in_flight` deliveries run at once; when all slots are busy the reader
 //! waits, so a slow Inventory slows the reader instead of filling memory. A checkpoint task
 //! saves the tracker's low watermark, so after any crash the service resumes at or before the
 //! oldest unfinished event. Redelivering the events after it is safe: their request ids make
@@ -16,6 +18,7 @@
 //! flight are cancelled (the watermark never passes them, so they are delivered again), the
 //! watermark is saved, partitions above the fair share are given up, and a new stream starts.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -33,9 +36,9 @@ use tonic::{Code, Request, Status, Streaming};
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
-use crate::deliver::{Deliverer, Outcome};
+use crate::deliver::{Action, Deliverer, Outcome, PACKAGE_TYPE, request_id};
 use crate::lease::{Leases, Owned};
-use crate::store::{DeadLetter, IntegrationStore};
+use crate::store::{DeadLetter, IntegrationStore, Move};
 use crate::tracker::{Mark, Tracker};
 use crate::{Mode, StartPosition, Stats};
 
@@ -289,6 +292,21 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
             Arc::clone(&self.moved),
             self.shutdown.clone(),
         ));
+        let mut checkpoint = checkpoint;
+        if from_several_logs(&owned) {
+            // CRM's database was replaced, and some of these partitions come from a worker
+            // that never relisted onto the new log. Positions of two logs cannot be compared:
+            // following from the lowest could start the old log's partitions past customers
+            // of the new one. A relist covers every partition followed, whichever log it was on.
+            warn!(
+                partitions = owned.len(),
+                "the partitions' checkpoints come from different CRM change logs (was CRM's database replaced?); relisting every customer"
+            );
+            let before = checkpoint.clone();
+            while checkpoint == before && !self.shutdown.is_cancelled() {
+                self.relist(&mut checkpoint).await;
+            }
+        }
         self.follow(checkpoint).await;
         // Deliveries see the same token and return promptly; wait until every slot is back,
         // then save the final watermark.
@@ -298,8 +316,9 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         save_watermark(&self.leases, &self.scope, &self.tracker).await;
     }
 
-    /// Reads CRM's head position and saves it as the first checkpoint; retries until it
-    /// works or shutdown begins (`None`).
+    /// Reads CRM's head position, records it as the cluster's start mark unless another worker
+    /// did first, and saves the recorded mark as the first checkpoint of `missing`; retries
+    /// until it works or shutdown begins (`None`).
     async fn anchor_at_head(&self, missing: &[(u32, i64)]) -> Option<Mark> {
         let mut failures = 0;
         loop {
@@ -334,13 +353,23 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
                     continue;
                 }
             };
-            match self.leases.save(missing, &head).await {
-                Ok(()) => {
+            // The cluster's start mark, recorded by whichever worker got here first: every
+            // partition starts there, however much later it is first leased.
+            let saved = match self.store.start_mark(&head).await {
+                Ok(start) => self
+                    .leases
+                    .save(missing, &start, Move::Forward)
+                    .await
+                    .map(|()| start),
+                Err(e) => Err(e),
+            };
+            match saved {
+                Ok(start) => {
                     info!(
-                        sequence = head.sequence,
-                        "no checkpoint yet; starting at CRM's newest event"
+                        sequence = start.sequence,
+                        "no checkpoint yet; starting at the cluster's start mark (CRM's newest event when the first worker started)"
                     );
-                    return Some(head);
+                    return Some(start);
                 }
                 Err(e) => {
                     error!(error = %e, "cannot save the first checkpoint");
@@ -620,23 +649,34 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         };
         self.stats.saw_head(mark.sequence);
         *cursor = Some(mark.clone());
-        let created = event.r#type() == crm::CustomerEventType::Created;
+        let action = match event.r#type() {
+            crm::CustomerEventType::Created => Some(Action::Create),
+            crm::CustomerEventType::Deleted => Some(Action::Cancel),
+            _ => None,
+        };
         let created_at = event
             .customer
             .as_ref()
             .and_then(|c| c.create_time)
             .and_then(|t| SystemTime::try_from(t).ok());
         let customer_id = event.customer.map(|c| c.id).unwrap_or_default();
-        // Another worker's partition: CRM may not apply the filter, so skip it here too.
-        if !created || customer_id.is_empty() || !self.scope.owns(&customer_id) {
-            let mut tracker = self.tracker.lock().expect("tracker lock");
-            tracker.start(mark.clone());
-            tracker.finish(mark.sequence);
-            drop(tracker);
-            self.moved.notify_one();
-            return;
+        // Nothing to do for an UPDATED event, nor for another worker's partition (CRM may not
+        // apply the filter, so it is skipped here too).
+        let action = match action {
+            Some(action) if !customer_id.is_empty() && self.scope.owns(&customer_id) => action,
+            _ => {
+                let mut tracker = self.tracker.lock().expect("tracker lock");
+                tracker.start(mark.clone());
+                tracker.finish(mark.sequence);
+                drop(tracker);
+                self.moved.notify_one();
+                return;
+            }
+        };
+        match action {
+            Action::Create => info!(customer_id, sequence = mark.sequence, "found new customer"),
+            Action::Cancel => info!(customer_id, sequence = mark.sequence, "customer deleted"),
         }
-        info!(customer_id, sequence = mark.sequence, "found new customer");
         // Tracked before waiting for a slot: if shutdown wins the wait, the event stays
         // pending, so the checkpoint can never pass it and it is delivered after restart.
         self.tracker
@@ -654,7 +694,7 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         tokio::spawn(async move {
             let _slot = slot;
             if handler
-                .handle(&event.event_id, &customer_id, created_at)
+                .handle(&event.event_id, &customer_id, action, created_at)
                 .await
                 .is_done()
             {
@@ -676,7 +716,9 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
     }
 
     /// The resume token is no longer usable: deliver for every existing customer (the request
-    /// ids make repeats harmless), then continue from the listing's snapshot position.
+    /// ids make repeats harmless), cancel the pending packages of customers deleted in the
+    /// events lost with the token ([`Engine::reconcile`]), then continue from the listing's
+    /// snapshot position.
     async fn relist(&self, cursor: &mut Option<Mark>) {
         // Let in-flight deliveries finish so the checkpoint can jump to the snapshot safely.
         while !self.tracker.lock().expect("tracker lock").is_idle() {
@@ -688,7 +730,9 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         let mut page_token = String::new();
         let mut snapshot = None;
         let mut deliveries = JoinSet::new();
-        let mut listed = 0usize;
+        // The customers of this worker's partitions that exist, as of the snapshot (under 100
+        // bytes each: a million customers fit in tens of megabytes, and relists are rare).
+        let mut existing = HashSet::new();
         loop {
             let mut client = self.crm.clone();
             let mut request = Request::new(crm::ListCustomersRequest {
@@ -719,12 +763,17 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
                     slot = Arc::clone(&self.slots).acquire_owned() => slot.expect("slots never close"),
                     () = self.shutdown.cancelled() => return,
                 };
-                listed += 1;
+                existing.insert(customer.id.clone());
                 let handler = self.handler();
                 deliveries.spawn(async move {
                     let _slot = slot;
                     handler
-                        .handle(&format!("relist:{}", customer.id), &customer.id, None)
+                        .handle(
+                            &format!("relist:{}", customer.id),
+                            &customer.id,
+                            Action::Create,
+                            None,
+                        )
                         .await
                         .is_done()
                 });
@@ -740,8 +789,21 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
             return;
         }
         let Some(snapshot) = snapshot else { return };
+        // Before the checkpoint moves to the snapshot: a crash after it would resume with a
+        // valid token, and the deletes lost with the old one would be forgotten for good.
+        let cancelled = match self.reconcile(&existing).await {
+            Ok(Some(cancelled)) => cancelled,
+            // Shutdown, or a cancel left unfinished by it.
+            Ok(None) => return,
+            Err(status) => {
+                warn!(code = ?status.code(), message = %status.message(), "cannot cancel the packages of deleted customers yet; will relist again");
+                self.pause(self.settings.max_backoff).await;
+                return;
+            }
+        };
         info!(
-            customers = listed,
+            customers = existing.len(),
+            deleted = cancelled,
             sequence = snapshot.sequence,
             "relist finished; watching from the snapshot"
         );
@@ -756,10 +818,112 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         self.stats.reset_head(snapshot.sequence);
         *cursor = Some(snapshot);
     }
+
+    /// After a relist: a customer deleted while its events were lost (retention, or another
+    /// CRM database) is not in the listing, and no DELETED event will come for it. So every
+    /// welcome package this service made (its request id is the customer's derived key) that
+    /// is still PENDING, for a customer of this worker's partitions missing from `existing`,
+    /// is a candidate; CRM's `GetCustomer` answering NOT_FOUND confirms it, and it is cancelled
+    /// like a DELETED event would have it (same retries, dead letter `relist-cancel:<id>`).
+    /// The confirmation matters: a customer created after the snapshot is missing from the
+    /// listing too, and may already have its package.
+    ///
+    /// Inventory's listing has no status or type filter, so this reads every package request
+    /// once per relist. Returns how many were confirmed deleted and handled, `None` at
+    /// shutdown (or when a cancel was left unfinished by it), and the error of a listing or
+    /// look-up that failed transiently, after which the relist is tried again.
+    async fn reconcile(&self, existing: &HashSet<String>) -> Result<Option<usize>, Status> {
+        let mut page_token = String::new();
+        let mut cancels = JoinSet::new();
+        loop {
+            let page = match self
+                .deliverer
+                .list_page(mip_proto::inventory::v1::ListPackageRequestsRequest {
+                    customer_id: String::new(),
+                    page_size: 1000,
+                    page_token,
+                })
+                .await
+            {
+                Ok(page) => page,
+                Err(status) => {
+                    cancels.join_all().await;
+                    return Err(status);
+                }
+            };
+            for package in page.package_requests {
+                let orphan = package.package_type == PACKAGE_TYPE
+                    && package.status() == mip_proto::inventory::v1::PackageStatus::Pending
+                    && package.request_id == request_id(&package.customer_id).to_string()
+                    && self.scope.owns(&package.customer_id)
+                    && !existing.contains(&package.customer_id);
+                if !orphan {
+                    continue;
+                }
+                match self.customer_exists(&package.customer_id).await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(status) if crate::deliver::is_transient(&status) => {
+                        cancels.join_all().await;
+                        return Err(status);
+                    }
+                    // Nothing a retry would change: this package stays as it is.
+                    Err(status) => {
+                        warn!(customer_id = %package.customer_id, code = ?status.code(), message = %status.message(), "cannot tell whether the customer still exists; its package is left as is");
+                        continue;
+                    }
+                }
+                info!(customer_id = %package.customer_id, package_request_id = %package.id, "customer deleted while its events were lost; cancelling its package");
+                let slot = tokio::select! {
+                    slot = Arc::clone(&self.slots).acquire_owned() => slot.expect("slots never close"),
+                    () = self.shutdown.cancelled() => return Ok(None),
+                };
+                let handler = self.handler();
+                let customer_id = package.customer_id;
+                cancels.spawn(async move {
+                    let _slot = slot;
+                    handler
+                        .handle(
+                            &format!("relist-cancel:{customer_id}"),
+                            &customer_id,
+                            Action::Cancel,
+                            None,
+                        )
+                        .await
+                        .is_done()
+                });
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        let done = cancels.join_all().await;
+        if self.shutdown.is_cancelled() || done.iter().any(|ok| !ok) {
+            return Ok(None);
+        }
+        Ok(Some(done.len()))
+    }
+
+    /// Whether CRM has the customer: `GetCustomer`, NOT_FOUND meaning no.
+    async fn customer_exists(&self, customer_id: &str) -> Result<bool, Status> {
+        let mut request = Request::new(crm::GetCustomerRequest {
+            id: customer_id.to_owned(),
+        });
+        request.set_timeout(self.settings.call_timeout);
+        let mut client = self.crm.clone();
+        let call = client.get_customer(request);
+        match tokio::time::timeout(self.settings.call_timeout, call).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(status)) if status.code() == Code::NotFound => Ok(false),
+            Ok(Err(status)) => Err(status),
+            Err(_) => Err(Status::deadline_exceeded("GetCustomer timed out")),
+        }
+    }
 }
 
-/// Delivers one customer's package and records the outcome. Shared by the feed, relisting and
-/// dead-letter re-drives.
+/// Delivers (or cancels) one customer's package and records the outcome. Shared by the feed,
+/// relisting and dead-letter re-drives.
 pub struct Handler<S: ?Sized> {
     /// Where dead letters go.
     pub store: Arc<S>,
@@ -794,7 +958,8 @@ impl<S: ?Sized> Clone for Handler<S> {
 /// What became of one delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handled {
-    /// The package request exists.
+    /// It succeeded: for a create, the package request exists; for a cancel, it is CANCELLED,
+    /// or was found past PENDING and left as it is.
     Delivered,
     /// It failed for good and is on the dead-letter list.
     DeadLettered,
@@ -811,15 +976,20 @@ impl Handled {
 }
 
 impl<S: IntegrationStore + ?Sized> Handler<S> {
-    /// Delivers and records the outcome.
-    /// `customer_create_time` feeds the end-to-end delay metric when known.
+    /// Creates (or, for a deleted customer, cancels) the customer's package and records the
+    /// outcome. `customer_create_time` feeds the end-to-end delay metric when known.
     pub async fn handle(
         &self,
         event_id: &str,
         customer_id: &str,
+        action: Action,
         customer_create_time: Option<SystemTime>,
     ) -> Handled {
-        match self.deliverer.deliver(customer_id, &self.shutdown).await {
+        let outcome = match action {
+            Action::Create => self.deliverer.deliver(customer_id, &self.shutdown).await,
+            Action::Cancel => self.deliverer.cancel(customer_id, &self.shutdown).await,
+        };
+        match outcome {
             Outcome::Delivered {
                 package_create_time,
             } => {
@@ -829,12 +999,23 @@ impl<S: IntegrationStore + ?Sized> Handler<S> {
                 self.stats.count_delivered(delay);
                 Handled::Delivered
             }
-            Outcome::Cancelled => Handled::Unfinished,
+            Outcome::Withdrawn { now } => {
+                if now {
+                    self.stats.count_cancelled();
+                }
+                Handled::Delivered
+            }
+            Outcome::LeftAsIs { .. } => {
+                self.stats.count_left_as_is();
+                Handled::Delivered
+            }
+            Outcome::Interrupted => Handled::Unfinished,
             Outcome::Failed { reason, attempts } => {
                 let now = self.clock.now();
                 let letter = DeadLetter {
                     event_id: event_id.to_owned(),
                     customer_id: customer_id.to_owned(),
+                    action,
                     reason: reason.clone(),
                     attempts,
                     create_time: now,
@@ -865,7 +1046,14 @@ impl<S: IntegrationStore + ?Sized> Handler<S> {
                 if !self.redrive {
                     self.stats.count_dead_lettered();
                 }
-                error!(customer_id, event_id, attempts, %reason, "dead-lettered package request");
+                match action {
+                    Action::Create => {
+                        error!(customer_id, event_id, attempts, %reason, "dead-lettered package request")
+                    }
+                    Action::Cancel => {
+                        error!(customer_id, event_id, attempts, %reason, "dead-lettered package cancel")
+                    }
+                }
                 Handled::DeadLettered
             }
         }
@@ -880,6 +1068,16 @@ fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
 }
 
 /// Saves the watermark whenever it moves, at most every [`CHECKPOINT_EVERY`], until shutdown.
+/// Whether the checkpoints of `owned` were issued by more than one CRM change log.
+fn from_several_logs(owned: &[Owned]) -> bool {
+    let mut logs = owned
+        .iter()
+        .filter_map(|o| o.checkpoint.as_ref())
+        .filter_map(|m| mip_runtime::token::crm_resume_log(&m.token));
+    let first = logs.next();
+    logs.any(|log| Some(log) != first)
+}
+
 async fn checkpoint_loop(
     leases: Arc<Leases>,
     scope: Arc<Scope>,
@@ -902,11 +1100,15 @@ async fn checkpoint_loop(
 
 /// Saves the watermark to every partition the stream covers, if it moved since the last save.
 async fn save_watermark(leases: &Leases, scope: &Scope, tracker: &Mutex<Tracker>) {
-    let mark = tracker.lock().expect("tracker lock").take();
+    let (mark, how) = {
+        let mut tracker = tracker.lock().expect("tracker lock");
+        let how = tracker.how();
+        (tracker.take(), how)
+    };
     let Some(mark) = mark else { return };
-    if let Err(e) = leases.save(&scope.covered, &mark).await {
+    if let Err(e) = leases.save(&scope.covered, &mark, how).await {
         // Put the mark back so the next round saves it (or a later one).
-        tracker.lock().expect("tracker lock").restore(mark);
+        tracker.lock().expect("tracker lock").restore(mark, how);
         warn!(error = %e, "cannot save checkpoint; will retry");
     }
 }

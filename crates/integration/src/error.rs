@@ -1,9 +1,17 @@
 //! Every way an integration-service call can fail, and the one place each becomes a gRPC
 //! status.
+//!
+//! Each status carries a `google.rpc.ErrorInfo` in [`DOMAIN`] whose reason is a value of the
+//! contract's `integration.v1.ErrorReason`, taken from the generated enum so that code and
+//! contract cannot name different reasons.
 
-use mip_runtime::status::{invalid_field, storage};
+use mip_proto::integration::v1::ErrorReason;
+use mip_runtime::status::{invalid_field, shutting_down, storage, with_reason};
 use mip_runtime::store::DbError;
-use tonic::Status;
+use tonic::{Code, Status};
+
+/// `ErrorInfo.domain` of every error the integration service returns.
+pub const DOMAIN: &str = "integration.mip.example.com";
 
 /// Integration service errors.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +46,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// The contract's name for this error: the `ErrorInfo.reason` its status carries.
+    pub fn reason(&self) -> ErrorReason {
+        match self {
+            Error::InvalidField { .. } => ErrorReason::InvalidField,
+            Error::ShuttingDown => ErrorReason::ShuttingDown,
+            Error::PartitionCountChanged { .. } => ErrorReason::PartitionCountChanged,
+            Error::Storage(e) if e.is_disk_full() => ErrorReason::StorageFull,
+            Error::Storage(e) if e.is_transient() => ErrorReason::StorageUnavailable,
+            Error::Storage(_) => ErrorReason::StorageError,
+        }
+    }
+
     /// Whether retrying later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -57,19 +77,81 @@ impl From<rusqlite::Error> for Error {
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let message = error.to_string();
+        let reason = error.reason().as_str_name();
         match error {
-            Error::InvalidField { field, reason } => invalid_field(field, reason),
-            Error::ShuttingDown => Status::unavailable(message),
-            Error::PartitionCountChanged { .. } => Status::failed_precondition(message),
-            Error::Storage(e) => storage(&e),
+            Error::InvalidField { field, reason } => invalid_field(DOMAIN, field, reason),
+            Error::ShuttingDown => shutting_down(DOMAIN, message),
+            Error::PartitionCountChanged { .. } => {
+                with_reason(Code::FailedPrecondition, DOMAIN, reason, message)
+            }
+            Error::Storage(e) => storage(DOMAIN, &e),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use mip_runtime::status::{domain, reason, reasons};
+
     use super::*;
-    use tonic::Code;
+
+    /// One error of every kind. The match makes a new variant a compile error here until it is
+    /// added to the list, so the test below covers every error the service can return.
+    fn one_of_each() -> Vec<Error> {
+        let all = vec![
+            Error::InvalidField {
+                field: "event_ids",
+                reason: "must not contain empty ids".into(),
+            },
+            Error::ShuttingDown,
+            Error::PartitionCountChanged {
+                recorded: 4,
+                requested: 8,
+            },
+            Error::Storage(DbError::DiskFull {
+                database: "integration.db".into(),
+                reason: "full".into(),
+            }),
+            Error::Storage(DbError::Closed),
+            Error::Storage(DbError::Other {
+                database: "integration.db".into(),
+                reason: "no such table".into(),
+            }),
+        ];
+        for error in &all {
+            match error {
+                Error::InvalidField { .. }
+                | Error::ShuttingDown
+                | Error::PartitionCountChanged { .. }
+                | Error::Storage(_) => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn every_reason_the_service_emits_is_a_value_of_its_error_reason_enum() {
+        for error in one_of_each() {
+            let shown = format!("{error:?}");
+            let status = Status::from(error);
+            let reason = reason(&status).unwrap_or_else(|| panic!("{shown}: no ErrorInfo"));
+            assert_eq!(domain(&status).as_deref(), Some(DOMAIN), "{shown}");
+            let value = ErrorReason::from_str_name(&reason).unwrap_or_else(|| {
+                panic!("{shown}: {reason} is not an integration.v1.ErrorReason")
+            });
+            assert_ne!(value, ErrorReason::Unspecified, "{shown}");
+        }
+        for shared in reasons::SHARED {
+            assert!(
+                ErrorReason::from_str_name(shared).is_some(),
+                "the runtime's {shared} is missing from integration.v1.ErrorReason"
+            );
+        }
+        assert_eq!(
+            mip_runtime::status::retry_delay(&Status::from(Error::ShuttingDown)),
+            Some(mip_runtime::status::SHUTDOWN_RETRY_DELAY)
+        );
+    }
 
     #[test]
     fn each_error_maps_to_the_status_its_meaning_calls_for() {

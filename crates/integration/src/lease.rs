@@ -36,7 +36,7 @@ use tracing::{info, warn};
 
 use crate::Stats;
 use crate::error::Error;
-use crate::store::{IntegrationStore, Worker};
+use crate::store::{IntegrationStore, Lease, Move, Worker};
 use crate::tracker::Mark;
 
 /// Default of `--partitions`.
@@ -103,8 +103,11 @@ pub struct PartitionView {
 
 /// This worker's leases, shared by the lease loop, the engine and the admin API.
 pub struct Leases {
-    /// Random per process start.
+    /// This worker's name (`--worker-id`).
     worker_id: String,
+    /// Whether the first round has taken back what the previous process under this name
+    /// still held.
+    reclaimed: AtomicBool,
     /// P.
     partition_count: u32,
     /// How long a lease lasts without renewal.
@@ -126,6 +129,7 @@ pub struct Leases {
 impl Leases {
     /// Leases of a new worker, holding nothing yet.
     pub fn new(
+        worker_id: String,
         store: Arc<dyn IntegrationStore>,
         partition_count: u32,
         ttl: Duration,
@@ -134,7 +138,8 @@ impl Leases {
         pause: LeasePause,
     ) -> Self {
         Self {
-            worker_id: uuid::Uuid::new_v4().to_string(),
+            worker_id,
+            reclaimed: AtomicBool::new(false),
             partition_count: partition_count.max(1),
             ttl,
             store,
@@ -218,7 +223,7 @@ impl Leases {
     /// Saves `mark` as the checkpoint of `covered` (partitions and the epochs a stream followed
     /// them at), where this worker still holds them at those epochs. A refusal drops the
     /// partition and is counted.
-    pub async fn save(&self, covered: &[(u32, i64)], mark: &Mark) -> Result<(), Error> {
+    pub async fn save(&self, covered: &[(u32, i64)], mark: &Mark, how: Move) -> Result<(), Error> {
         let still: Vec<(u32, i64)> = {
             let held = self.lock();
             covered
@@ -232,7 +237,7 @@ impl Leases {
         }
         let fenced = self
             .store
-            .save_checkpoints(&self.worker_id, &still, mark, self.clock.now())
+            .save_checkpoints(&self.worker_id, &still, mark, how, self.clock.now())
             .await?;
         {
             let mut held = self.lock();
@@ -241,9 +246,10 @@ impl Leases {
                     continue;
                 }
                 if let Some(h) = held.get_mut(partition).filter(|h| h.epoch == *epoch)
-                    && h.checkpoint
-                        .as_ref()
-                        .is_none_or(|c| c.sequence < mark.sequence)
+                    && (how == Move::Replace
+                        || h.checkpoint
+                            .as_ref()
+                            .is_none_or(|c| c.sequence < mark.sequence))
                 {
                     h.checkpoint = Some(mark.clone());
                 }
@@ -316,6 +322,18 @@ impl Leases {
         // and the engine releases before it starts the next one. Without it such partitions
         // would stay held and renewed, but followed by no stream, for good.
         let mut changed = self.lock().values().any(|h| h.releasing);
+        if !self.reclaimed.load(Ordering::Relaxed) {
+            let taken = self.store.reclaim(&self.worker_id, self.ttl, now).await?;
+            self.reclaimed.store(true, Ordering::Relaxed);
+            if !taken.is_empty() {
+                info!(
+                    count = taken.len(),
+                    "took back the partitions this worker's previous process held"
+                );
+                self.hold(taken);
+                changed = true;
+            }
+        }
         {
             let mut held = self.lock();
             let lost: Vec<u32> = held
@@ -350,18 +368,7 @@ impl Leases {
                 .await?;
             if !taken.is_empty() {
                 info!(count = taken.len(), share, live, "took partitions");
-                let mut held = self.lock();
-                for lease in taken {
-                    held.insert(
-                        lease.partition,
-                        Held {
-                            epoch: lease.epoch,
-                            expire_time: lease.expire_time,
-                            checkpoint: lease.checkpoint,
-                            releasing: false,
-                        },
-                    );
-                }
+                self.hold(taken);
                 changed = true;
             }
         } else if active > share {
@@ -386,6 +393,21 @@ impl Leases {
             self.bump();
         }
         Ok(())
+    }
+
+    fn hold(&self, taken: Vec<Lease>) {
+        let mut held = self.lock();
+        for lease in taken {
+            held.insert(
+                lease.partition,
+                Held {
+                    epoch: lease.epoch,
+                    expire_time: lease.expire_time,
+                    checkpoint: lease.checkpoint,
+                    releasing: false,
+                },
+            );
+        }
     }
 
     /// Runs a round every TTL/3 until `stop`; a failed round is logged and retried next time

@@ -1,9 +1,12 @@
 //! The integration service: every customer created in CRM gets exactly one welcome package
-//! request in Inventory.
+//! request in Inventory, and a customer deleted while its package is still PENDING gets it
+//! cancelled.
 //!
-//! - [`engine`]: follows CRM's feed (stream, poll, and back), runs deliveries concurrently, and
-//!   keeps the checkpoint at the low watermark of finished work.
-//! - [`deliver`]: one delivery: derived idempotency key, deadline, status-aware retries.
+//! - [`engine`]: follows CRM's feed (stream, poll, and back), runs deliveries and cancels
+//!   concurrently, and keeps the checkpoint at the low watermark of finished work; after a
+//!   relist, cancels the packages of customers deleted in the events it lost.
+//! - [`deliver`]: one delivery or cancel: derived idempotency key, deadline, status-aware
+//!   retries.
 //! - [`batch`]: the calls underneath, coalesced into `BatchCreatePackageRequests`.
 //! - [`tracker`]: the checkpoint rule.
 //! - [`lease`]: how workers sharing one database split the feed into partitions: leases with
@@ -173,6 +176,15 @@ pub struct IntegrationOptions {
     #[arg(long, env = "MIP_INTEGRATION_LEASE_TTL", default_value = "10s", value_parser = mip_runtime::parse_positive_duration)]
     pub lease_ttl: Duration,
 
+    /// This worker's name in the cluster. A worker restarted under the name it had takes its
+    /// partitions back at once (fencing anything its old process still writes) instead of
+    /// waiting --lease-ttl for the old leases to run out. Give each worker a stable name of
+    /// its own, such as its pod or host name; two running workers must never share one.
+    /// Default: `local` on SQLite (one process owns the file), a random id per start on
+    /// PostgreSQL.
+    #[arg(long, env = "MIP_INTEGRATION_WORKER_ID", value_parser = parse_worker_id)]
+    pub worker_id: Option<String>,
+
     /// Stops the lease renewals while set (tests use it to stage a stalled worker).
     #[arg(skip)]
     pub lease_pause: LeasePause,
@@ -196,6 +208,7 @@ impl Default for IntegrationOptions {
             retry_max: Duration::from_secs(10),
             partitions: DEFAULT_PARTITIONS,
             lease_ttl: Duration::from_secs(10),
+            worker_id: None,
             lease_pause: LeasePause::default(),
         }
     }
@@ -208,6 +221,11 @@ pub struct Stats {
     pub delivered: AtomicU64,
     /// Retried attempts.
     pub retried: AtomicU64,
+    /// Package requests this service moved to CANCELLED because their customer was deleted
+    /// (not those it found cancelled already).
+    pub cancelled: AtomicU64,
+    /// Cancels that found the package past PENDING (SHIPPED or DELIVERED) and left it as is.
+    pub left_as_is: AtomicU64,
     /// Deliveries that went to the dead-letter list.
     pub dead_lettered: AtomicU64,
     /// Switches between streaming and polling.
@@ -240,6 +258,12 @@ impl Stats {
             FeedState::Poll => 2,
         };
         self.mode.store(code, Ordering::Relaxed);
+        // One series per mode, 1 for the current one: an alert can ask how long `poll` has
+        // been 1, which a counter of switches cannot tell.
+        for (label, mode) in [("stream", FeedState::Stream), ("poll", FeedState::Poll)] {
+            let on = if mode == state { 1.0 } else { 0.0 };
+            metrics::gauge!("mip_integration_feed_mode", "mode" => label).set(on);
+        }
     }
 
     /// After a relist: the head is the snapshot's, even if a replaced log was further on.
@@ -256,6 +280,8 @@ impl Stats {
         let sequence = mark.as_ref().map(|m| m.sequence);
         *self.checkpoint.lock().expect("stats lock") = mark;
         if let Some(sequence) = sequence {
+            // The position itself, so an alert can see it stand still while CRM takes writes.
+            metrics::gauge!("mip_integration_checkpoint_sequence").set(sequence as f64);
             self.saw_head(sequence);
         }
     }
@@ -282,6 +308,18 @@ impl Stats {
         }
     }
 
+    /// Counts a package request moved to CANCELLED.
+    fn count_cancelled(&self) {
+        self.cancelled.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mip_integration_cancelled_total").increment(1);
+    }
+
+    /// Counts a cancel that found its package already shipped.
+    fn count_left_as_is(&self) {
+        self.left_as_is.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("mip_integration_cancel_left_as_is_total").increment(1);
+    }
+
     /// Counts a retried attempt.
     fn count_retried(&self) {
         self.retried.fetch_add(1, Ordering::Relaxed);
@@ -292,6 +330,9 @@ impl Stats {
     fn count_dead_lettered(&self) {
         self.dead_lettered.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("mip_integration_dead_lettered_total").increment(1);
+        // Shown at once; the next recount from the store (`publish_dead_letters`) corrects
+        // it if the letter was stored already.
+        metrics::gauge!("mip_integration_dead_letters").increment(1.0);
     }
 
     /// Counts a switch between streaming and polling.
@@ -318,6 +359,56 @@ impl Stats {
     pub fn lag(&self) -> i64 {
         let (_, checkpoint) = self.checkpoint();
         (self.head_seen.load(Ordering::Relaxed) - checkpoint).max(0)
+    }
+}
+
+/// How often `mip_integration_dead_letters` is recounted from the store: about one scrape
+/// interval, so the gauge is never much older than the scrape that reads it.
+const DEAD_LETTER_COUNT_EVERY: Duration = Duration::from_secs(15);
+
+/// Records every series the integration service exports at zero, before anything happens:
+/// the exporter prints a series only once it has been recorded, and an alert on dead letters
+/// or fenced checkpoints must read a zero before the first one, not nothing.
+fn export_metrics_at_zero() {
+    for counter in [
+        "mip_integration_delivered_total",
+        "mip_integration_retried_total",
+        "mip_integration_dead_lettered_total",
+        "mip_integration_checkpoint_fenced_total",
+        "mip_integration_cancelled_total",
+        "mip_integration_cancel_left_as_is_total",
+    ] {
+        metrics::counter!(counter).increment(0);
+    }
+    for mode in ["stream", "poll"] {
+        metrics::counter!("mip_integration_mode_switches_total", "to" => mode).increment(0);
+        metrics::gauge!("mip_integration_feed_mode", "mode" => mode).increment(0.0);
+    }
+    metrics::gauge!("mip_integration_checkpoint_lag_events").increment(0.0);
+    metrics::gauge!("mip_integration_dead_letters").increment(0.0);
+}
+
+/// Keeps `mip_integration_dead_letters` at the number of dead letters stored until `stop`.
+/// Counted in the store rather than from this process's own events: workers on one database
+/// share one list, and a re-drive through any of them shortens it for all.
+async fn publish_dead_letters(store: Arc<dyn IntegrationStore>, stop: CancellationToken) {
+    let mut every = tokio::time::interval(DEAD_LETTER_COUNT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        // A store that hangs (an unreachable database) must not hold up shutdown.
+        let counted = tokio::select! {
+            counted = store.count_dead_letters() => counted,
+            () = stop.cancelled() => return,
+        };
+        match counted {
+            Ok(n) => metrics::gauge!("mip_integration_dead_letters").set(n as f64),
+            // The gauge keeps its last value; the store's own failures are reported elsewhere.
+            Err(e) => tracing::debug!(error = %e, "cannot count dead letters"),
+        }
     }
 }
 
@@ -379,6 +470,20 @@ fn channel(
     Ok(InterceptedService::new(channel, security.authenticator()))
 }
 
+/// The worker name on SQLite, whose file one process owns: a restart after a crash takes its
+/// partitions back at once.
+const LOCAL_WORKER: &str = "local";
+
+/// A `--worker-id`: printable, no spaces, at most 128 characters.
+fn parse_worker_id(raw: &str) -> Result<String, String> {
+    let ok = !raw.is_empty() && raw.len() <= 128 && raw.chars().all(|c| c.is_ascii_graphic());
+    if ok {
+        Ok(raw.to_owned())
+    } else {
+        Err("must be 1 to 128 printable ASCII characters without spaces".to_owned())
+    }
+}
+
 /// Opens the store `database` names, serves the admin API on `listener`, and follows CRM
 /// until `shutdown` is cancelled.
 #[allow(clippy::too_many_arguments)]
@@ -391,13 +496,19 @@ pub async fn serve(
     jitter: Arc<dyn Jitter>,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
+    export_metrics_at_zero();
     let health = Health::new(&[SERVICE_NAME]).await;
     let security = server.security.load()?;
     // A store that fails for good stops serving too, not only the engine.
     let stop = shutdown.child_token();
     let store = store::open(database, &stop).await?;
     let stats = Arc::new(Stats::default());
+    let worker_id = options.worker_id.clone().unwrap_or_else(|| match database {
+        Database::Sqlite { .. } => LOCAL_WORKER.to_owned(),
+        Database::Postgres(_) => uuid::Uuid::new_v4().to_string(),
+    });
     let leases = Arc::new(Leases::new(
+        worker_id,
         Arc::clone(&store),
         options.partitions,
         options.lease_ttl,
@@ -516,9 +627,11 @@ async fn start_engine(
         let (leases, renewing) = (Arc::clone(&leases), renewing.clone());
         tokio::spawn(async move { leases.run(renewing).await })
     };
+    let counting = tokio::spawn(publish_dead_letters(Arc::clone(&store), renewing.clone()));
     engine.run().await;
     renewing.cancel();
     let _ = lease_loop.await;
+    let _ = counting.await;
     leases.retire().await;
     Ok(())
 }

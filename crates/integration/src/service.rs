@@ -10,8 +10,9 @@ use mip_runtime::token;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use crate::deliver::Action;
 use crate::engine::{Handled, Handler};
-use crate::error::Error;
+use crate::error::{DOMAIN, Error};
 use crate::lease::Leases;
 use crate::store::IntegrationStore;
 use crate::{FeedState, Stats};
@@ -102,6 +103,8 @@ impl<S: IntegrationStore + ?Sized> pb::integration_service_server::IntegrationSe
                 })
                 .collect(),
             checkpoint_writes_fenced: count(stats.checkpoint_fenced.load(Ordering::Relaxed)),
+            cancelled: count(stats.cancelled.load(Ordering::Relaxed)),
+            cancel_left_as_is: count(stats.left_as_is.load(Ordering::Relaxed)),
         }))
     }
 
@@ -110,7 +113,7 @@ impl<S: IntegrationStore + ?Sized> pb::integration_service_server::IntegrationSe
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
+        let mut violations = Violations::new(DOMAIN);
         let limit = violations.page_size(request.page_size);
         let mut after = 0i64;
         if !request.page_token.is_empty() {
@@ -140,6 +143,11 @@ impl<S: IntegrationStore + ?Sized> pb::integration_service_server::IntegrationSe
                     attempts: i32::try_from(letter.attempts).unwrap_or(i32::MAX),
                     create_time: Some(timestamp(letter.create_time)),
                     update_time: Some(timestamp(letter.update_time)),
+                    action: match letter.action {
+                        Action::Create => pb::DeadLetterAction::Create,
+                        Action::Cancel => pb::DeadLetterAction::Cancel,
+                    }
+                    .into(),
                 })
                 .collect(),
             next_page_token,
@@ -171,7 +179,7 @@ impl<S: IntegrationStore + ?Sized> pb::integration_service_server::IntegrationSe
                 }
                 let handled = self
                     .handler
-                    .handle(&letter.event_id, &letter.customer_id, None)
+                    .handle(&letter.event_id, &letter.customer_id, letter.action, None)
                     .await;
                 if handled == Handled::Unfinished {
                     return Err(Error::ShuttingDown.into());
@@ -182,7 +190,7 @@ impl<S: IntegrationStore + ?Sized> pb::integration_service_server::IntegrationSe
                         .remove_dead_letter(&letter.event_id)
                         .await?;
                     delivered += 1;
-                    info!(customer_id = %letter.customer_id, event_id = %letter.event_id, "dead letter re-driven");
+                    info!(customer_id = %letter.customer_id, event_id = %letter.event_id, action = letter.action.as_str(), "dead letter re-driven");
                 } else {
                     still_failing += 1;
                 }

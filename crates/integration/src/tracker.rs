@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::store::Move;
+
 /// A position in CRM's change log, with the opaque token to resume after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mark {
@@ -23,6 +25,10 @@ pub struct Tracker {
     pending: BTreeMap<i64, (String, bool)>,
     /// The newest mark every earlier event is done for, not yet taken by [`Tracker::take`].
     watermark: Option<Mark>,
+    /// Whether the watermark must replace the saved checkpoint rather than only move it
+    /// forward: set by a relist ([`Tracker::reset_to`]), whose snapshot may be numbered lower
+    /// than a checkpoint saved from a replaced change log.
+    replace: bool,
 }
 
 impl Tracker {
@@ -68,6 +74,16 @@ impl Tracker {
     pub fn reset_to(&mut self, mark: Mark) {
         self.pending.clear();
         self.watermark = Some(mark);
+        self.replace = true;
+    }
+
+    /// How the watermark [`Tracker::take`] returns next must be saved.
+    pub fn how(&self) -> Move {
+        if self.replace {
+            Move::Replace
+        } else {
+            Move::Forward
+        }
     }
 
     /// Whether nothing is pending.
@@ -77,7 +93,10 @@ impl Tracker {
 
     /// Puts back a mark that [`Tracker::take`] returned but could not be saved, unless a newer
     /// one has been reached since.
-    pub fn restore(&mut self, mark: Mark) {
+    pub fn restore(&mut self, mark: Mark, how: Move) {
+        // A snapshot that could not replace the saved checkpoint passes that duty on to
+        // whatever mark is saved next.
+        self.replace |= how == Move::Replace;
         if self
             .watermark
             .as_ref()
@@ -89,7 +108,11 @@ impl Tracker {
 
     /// The watermark reached since the last call, if it moved.
     pub fn take(&mut self) -> Option<Mark> {
-        self.watermark.take()
+        let mark = self.watermark.take();
+        if mark.is_some() {
+            self.replace = false;
+        }
+        mark
     }
 }
 
@@ -127,5 +150,21 @@ mod tests {
         t.finish(4);
         t.idle_at(mark(9));
         assert_eq!(t.take(), Some(mark(9)));
+    }
+
+    #[test]
+    fn a_relist_snapshot_replaces_and_a_failed_save_passes_that_on() {
+        let mut t = Tracker::new();
+        t.reset_to(mark(3));
+        assert_eq!(t.how(), Move::Replace);
+        let taken = t.take().unwrap();
+        assert_eq!(t.how(), Move::Forward, "taken with the mark");
+        // The save failed, and a later mark was reached meanwhile: that one replaces.
+        t.start(mark(4));
+        t.finish(4);
+        t.restore(taken, Move::Replace);
+        assert_eq!(t.how(), Move::Replace);
+        assert_eq!(t.take(), Some(mark(4)));
+        assert_eq!(t.how(), Move::Forward);
     }
 }

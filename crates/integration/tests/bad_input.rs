@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mip_integration::Stats;
-use mip_integration::deliver::{Deliverer, RandomJitter, RetryPolicy};
+use mip_integration::deliver::{Action, Deliverer, RandomJitter, RetryPolicy};
 use mip_integration::engine::Handler;
 use mip_integration::service::IntegrationApi;
 use mip_integration::store::{self, DeadLetter, IntegrationStore};
@@ -88,6 +88,7 @@ impl Fixture {
                     .put_dead_letter(DeadLetter {
                         event_id: event_id.to_owned(),
                         customer_id: format!("customer of {event_id}"),
+                        action: Action::Create,
                         reason: "InvalidArgument: seeded".to_owned(),
                         attempts: 1,
                         create_time: now,
@@ -122,6 +123,7 @@ impl Fixture {
                 redrive: true,
             };
             let leases = Arc::new(mip_integration::lease::Leases::new(
+                "local".to_owned(),
                 Arc::clone(&store),
                 mip_integration::lease::DEFAULT_PARTITIONS,
                 Duration::from_secs(10),
@@ -328,6 +330,12 @@ fn arbitrary_bytes_as_any_request_are_handled_without_panicking() {
                 };
                 if let Err(status) = result {
                     prop_assert_eq!(status.code(), Code::InvalidArgument, "{}: {:?}", name, status);
+                    let (reason, domain) = (
+                        mip_runtime::status::reason(&status),
+                        mip_runtime::status::domain(&status),
+                    );
+                    prop_assert_eq!(reason.as_deref(), Some("INVALID_FIELD"));
+                    prop_assert_eq!(domain.as_deref(), Some("integration.mip.example.com"));
                 }
             }
         });

@@ -7,14 +7,15 @@
 #[allow(dead_code)]
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use common::{
-    CONVERGE_TIMEOUT, Crm, Dirs, Integration, Inventory, Load, bounded, crm_options, eventually,
-    integration_options, system_clock, wait_for_exactly_one_package_each, wait_for_split,
+    CONVERGE_TIMEOUT, Crm, Dirs, Integration, Inventory, Load, bounded, create_customers,
+    crm_options, eventually, integration_options, system_clock, wait_for_exactly_one_package_each,
+    wait_for_split,
 };
 use mip_integration::deliver::RandomJitter;
-use mip_integration::{IntegrationOptions, Mode};
+use mip_integration::{IntegrationOptions, Mode, StartPosition};
 use mip_runtime::CancellationToken;
 use mip_runtime::server::ServerOptions;
 use mip_testkit::backend_tests;
@@ -187,4 +188,66 @@ backend_tests! {
         })
         .await;
     }
+}
+
+/// With `--start-position latest`, a partition first leased long after the first worker
+/// started (here: while a worker that has since vanished still counted as live) starts at the
+/// cluster's start mark, not at the head of the moment it is leased: the customers created in
+/// between still get their package, and those from before the start do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_leased_late_starts_at_the_clusters_start_mark() {
+    let Some(database) = mip_testkit::postgres_database() else {
+        return;
+    };
+    bounded(async {
+        let dirs = Dirs::new();
+        let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
+        let mut inventory = Inventory::start(&dirs.inventory()).await;
+        let before = create_customers(&crm.client(), 20).await;
+        assert_eq!(before.len(), 20);
+
+        // A worker that heartbeat once and died: it counts as live for one lease TTL, so the
+        // first real worker takes only its fair share of the partitions at first.
+        let options = IntegrationOptions {
+            start_position: StartPosition::Latest,
+            lease_ttl: Duration::from_secs(3),
+            ..cluster_options(&crm, &inventory)
+        };
+        let store = mip_integration::store::open(&database, &CancellationToken::new())
+            .await
+            .expect("store opens");
+        store.ready().await.expect("store ready");
+        store.init_partitions(options.partitions).await.unwrap();
+        store
+            .heartbeat("vanished", SystemTime::now())
+            .await
+            .unwrap();
+
+        let mut worker = Integration::start(&database, options).await;
+        let half = eventually(
+            "the worker to start its share of the partitions",
+            CONVERGE_TIMEOUT,
+            || async {
+                let status = worker.status().await;
+                let started = status.partitions.iter().all(|p| p.checkpoint_sequence > 0);
+                (status.partitions.len() == 8 && started).then_some(status)
+            },
+        )
+        .await;
+        assert_eq!(half.workers.len(), 2, "{half:?}");
+
+        let after = create_customers(&crm.client(), 40).await;
+        eventually(
+            "the worker to take the vanished worker's partitions",
+            CONVERGE_TIMEOUT,
+            || async { (worker.status().await.partitions.len() == 16).then_some(()) },
+        )
+        .await;
+        wait_for_exactly_one_package_each(&inventory.client(), &after, CONVERGE_TIMEOUT).await;
+
+        worker.stop().await;
+        inventory.stop().await;
+        crm.stop().await;
+    })
+    .await;
 }

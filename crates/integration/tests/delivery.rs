@@ -19,6 +19,8 @@ use common::{
 };
 use mip_crm::CrmOptions;
 use mip_integration::Mode;
+use mip_integration::store::Move;
+use mip_integration::tracker::Mark;
 use mip_proto::crm::v1::ListCustomerEventsRequest;
 use mip_proto::integration::v1::{
     FeedMode, ListDeadLettersRequest, ListDeadLettersResponse, RetryDeadLettersRequest,
@@ -323,6 +325,7 @@ impl InventoryService for RejectingInventory {
                                 code: Code::InvalidArgument as i32,
                                 message: "customer_id: rejected by the test".into(),
                                 field_violations: Vec::new(),
+                                reason: "INVALID_FIELD".into(),
                             },
                         )),
                     }
@@ -710,4 +713,172 @@ async fn start_position_latest_skips_existing_customers(database: &Database) {
     integration.stop().await;
     inventory.stop().await;
     crm.stop().await;
+}
+
+backend_tests! {
+    /// CRM's database is replaced by an empty one (a new change log, numbered from 1 again):
+    /// the integration service relists, and the snapshot replaces its checkpoint although the
+    /// old log's checkpoint is numbered higher. A checkpoint left on the old log would make
+    /// every restart relist again, and the new log's positions would not be saved until they
+    /// passed the old ones.
+    async fn a_replaced_crm_database_moves_the_checkpoint_onto_the_new_log(db: Database) {
+        bounded(async {
+            let dirs = Dirs::new();
+            let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
+            let mut inventory = common::Inventory::start(&dirs.inventory()).await;
+            let mut integration = Integration::start(
+                &db,
+                integration_options(crm.addr, inventory.addr, Mode::Stream),
+            )
+            .await;
+            let mut ids = create_customers(&crm.client(), 30).await;
+            let old_head = crm_head(&crm.client()).await;
+            integration.wait_for_checkpoint(old_head).await;
+
+            crm.stop().await;
+            std::fs::remove_dir_all(dirs.crm()).expect("remove CRM's data");
+            std::fs::create_dir_all(dirs.crm()).expect("recreate CRM's data directory");
+            crm.restart().await;
+            ids.extend(create_customers(&crm.client(), 5).await);
+            wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
+            let new_head = crm_head(&crm.client()).await;
+            assert!(new_head < old_head, "the new log starts again from 1");
+            let status = eventually(
+                "the checkpoint to move onto the new log",
+                CONVERGE_TIMEOUT,
+                || async {
+                    let status = integration.status().await;
+                    (status.checkpoint_sequence == new_head).then_some(status)
+                },
+            )
+            .await;
+            assert_eq!(status.dead_lettered, 0, "{status:?}");
+
+            // After a restart it resumes on the new log, and follows it on.
+            integration.stop().await;
+            integration.restart().await;
+            ids.extend(create_customers(&crm.client(), 5).await);
+            wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
+            integration.wait_for_checkpoint(new_head + 5).await;
+
+            integration.stop().await;
+            inventory.stop().await;
+            crm.stop().await;
+        })
+        .await;
+    }
+
+    /// A worker that died holding every partition (here: leases taken straight in the store,
+    /// as its process left them) is restarted under the same `--worker-id`: it takes them back
+    /// at once instead of waiting out a lease far longer than the test may take.
+    async fn a_worker_restarted_under_its_name_resumes_without_waiting_for_its_old_leases(db: Database) {
+        bounded(async {
+            let dirs = Dirs::new();
+            let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
+            let mut inventory = common::Inventory::start(&dirs.inventory()).await;
+            let options = mip_integration::IntegrationOptions {
+                worker_id: Some("worker-a".to_owned()),
+                lease_ttl: CONVERGE_TIMEOUT * 2,
+                ..integration_options(crm.addr, inventory.addr, Mode::Stream)
+            };
+            let store = mip_integration::store::open(&db, &CancellationToken::new())
+                .await
+                .expect("store opens");
+            store.ready().await.expect("store ready");
+            store.init_partitions(options.partitions).await.unwrap();
+            store.heartbeat("worker-a", SystemTime::now()).await.unwrap();
+            let held = store
+                .acquire("worker-a", options.partitions, options.lease_ttl, SystemTime::now())
+                .await
+                .unwrap();
+            assert_eq!(held.len(), options.partitions as usize);
+
+            let mut integration = Integration::start(&db, options).await;
+            let ids = create_customers(&crm.client(), 20).await;
+            wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
+            let status = integration.status().await;
+            assert_eq!(status.worker_id, "worker-a");
+            assert_eq!(status.partitions.len(), held.len(), "{status:?}");
+
+            integration.stop().await;
+            inventory.stop().await;
+            crm.stop().await;
+        })
+        .await;
+    }
+
+    /// CRM's database was replaced and one worker relisted onto the new log while another,
+    /// down, kept its partitions' checkpoints on the old one. A worker that then follows
+    /// partitions from both logs cannot compare their positions: it relists, so the old
+    /// log's partitions miss none of the new database's customers.
+    async fn partitions_with_checkpoints_from_two_change_logs_are_relisted(db: Database) {
+        bounded(async {
+            let dirs = Dirs::new();
+            let mut crm = Crm::start(&dirs.crm(), crm_options(), system_clock()).await;
+            let mut inventory = common::Inventory::start(&dirs.inventory()).await;
+            let ids = create_customers(&crm.client(), 30).await;
+            let head = crm
+                .client()
+                .list_customer_events(ListCustomerEventsRequest {
+                    resume_token: String::new(),
+                    start_position: mip_proto::crm::v1::StartPosition::Latest.into(),
+                    page_size: 1,
+                    partition_filter: None,
+                })
+                .await
+                .expect("CRM's head")
+                .into_inner();
+            let options = integration_options(crm.addr, inventory.addr, Mode::Stream);
+
+            // Half the partitions are past every customer on this log (as if relisted onto
+            // it); the other half are far ahead on a log this CRM never had.
+            let store = mip_integration::store::open(&db, &CancellationToken::new())
+                .await
+                .expect("store opens");
+            store.ready().await.expect("store ready");
+            store.init_partitions(options.partitions).await.unwrap();
+            let taken = store
+                .acquire("setup", options.partitions, Duration::from_secs(60), SystemTime::now())
+                .await
+                .unwrap();
+            let leases: Vec<(u32, i64)> = taken.iter().map(|l| (l.partition, l.epoch)).collect();
+            let (relisted, old) = leases.split_at(leases.len() / 2);
+            let current = Mark { sequence: head.next_sequence, token: head.next_resume_token };
+            let old_log = mip_runtime::token::crm_resume_log(&current.token).unwrap() + 1;
+            let foreign = Mark {
+                sequence: current.sequence + 1000,
+                token: mip_runtime::token::encode(
+                    mip_runtime::token::CRM_RESUME,
+                    &[old_log, current.sequence.unsigned_abs() + 1000],
+                ),
+            };
+            for (part, mark) in [(relisted, &current), (old, &foreign)] {
+                let fenced = store
+                    .save_checkpoints("setup", part, mark, Move::Forward, SystemTime::now())
+                    .await
+                    .unwrap();
+                assert!(fenced.is_empty());
+            }
+            store.retire("setup").await.unwrap();
+
+            let in_old_log = ids
+                .iter()
+                .filter(|id| {
+                    let id = uuid::Uuid::parse_str(id).expect("a UUID");
+                    let partition = mip_runtime::partition::of(&id, options.partitions);
+                    old.iter().any(|(p, _)| *p == partition)
+                })
+                .count();
+            assert!(in_old_log > 0, "some customers fall in the old log's partitions");
+            let mut integration = Integration::start(&db, options).await;
+            // A relist delivers for every customer; those of the old log's partitions would
+            // get none without it.
+            wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
+
+            integration.stop().await;
+            inventory.stop().await;
+            crm.stop().await;
+        })
+        .await;
+    }
 }

@@ -3,7 +3,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use mip_integration::store::{self, DeadLetter, IntegrationStore};
+use mip_integration::deliver::Action;
+use mip_integration::store::{self, DeadLetter, IntegrationStore, Move};
 use mip_integration::tracker::Mark;
 use mip_runtime::CancellationToken;
 use mip_runtime::store::Database;
@@ -33,6 +34,7 @@ fn letter(event_id: &str, attempts: u32, seconds: u64) -> DeadLetter {
     DeadLetter {
         event_id: event_id.to_owned(),
         customer_id: format!("customer of {event_id}"),
+        action: Action::Create,
         reason: format!("InvalidArgument: try {seconds}"),
         attempts,
         create_time: at(seconds),
@@ -64,7 +66,7 @@ backend_tests! {
         assert_eq!(taken.iter().map(|l| l.partition).collect::<Vec<_>>(), [0, 1, 2, 3]);
         let a: Vec<(u32, i64)> = taken.iter().map(|l| (l.partition, l.epoch)).collect();
         let first = Mark { token: "t5".to_owned(), sequence: 5 };
-        assert_eq!(store.save_checkpoints("a", &a, &first, at(1)).await.unwrap(), Vec::<u32>::new());
+        assert_eq!(store.save_checkpoints("a", &a, &first, Move::Forward, at(1)).await.unwrap(), Vec::<u32>::new());
         // Nothing is free until the leases run out; then "b" takes them at a higher epoch.
         assert!(store.acquire("b", 10, ttl, SystemTime::now()).await.unwrap().is_empty());
         let deadline = tokio::time::Instant::now() + TIMEOUT;
@@ -81,16 +83,45 @@ backend_tests! {
         assert_eq!(stolen.len(), 4);
         assert!(stolen.iter().all(|l| l.epoch == a[0].1 + 1 && l.checkpoint == Some(first.clone())));
         let late = Mark { token: "t9".to_owned(), sequence: 9 };
-        let mut fenced = store.save_checkpoints("a", &a, &late, at(2)).await.unwrap();
+        let mut fenced = store.save_checkpoints("a", &a, &late, Move::Forward, at(2)).await.unwrap();
         fenced.sort_unstable();
         assert_eq!(fenced, [0, 1, 2, 3]);
         assert!(store.renew("a", &a, ttl, SystemTime::now()).await.unwrap().is_empty());
         let b: Vec<(u32, i64)> = stolen.iter().map(|l| (l.partition, l.epoch)).collect();
         // The successor is not refused, and a checkpoint never moves back.
-        assert_eq!(store.save_checkpoints("b", &b, &late, at(3)).await.unwrap(), Vec::<u32>::new());
-        assert_eq!(store.save_checkpoints("b", &b, &first, at(4)).await.unwrap(), Vec::<u32>::new());
+        assert_eq!(store.save_checkpoints("b", &b, &late, Move::Forward, at(3)).await.unwrap(), Vec::<u32>::new());
+        assert_eq!(store.save_checkpoints("b", &b, &first, Move::Forward, at(4)).await.unwrap(), Vec::<u32>::new());
         let saved = store.checkpoints().await.unwrap();
         assert!(saved.iter().all(|(_, m)| m.as_ref() == Some(&late)), "{saved:?}");
+    }
+
+    async fn the_first_start_mark_recorded_is_the_one_every_worker_gets(db: Database) {
+        let store = opened(&db).await;
+        store.init_partitions(4).await.unwrap();
+        let first = Mark { token: "t5".to_owned(), sequence: 5 };
+        let later = Mark { token: "t9".to_owned(), sequence: 9 };
+        assert_eq!(store.start_mark(&first).await.unwrap(), first);
+        assert_eq!(opened(&db).await.start_mark(&later).await.unwrap(), first);
+    }
+
+    async fn a_restart_under_the_same_name_takes_its_partitions_back_and_fences_the_old_process(db: Database) {
+        let store = opened(&db).await;
+        store.init_partitions(4).await.unwrap();
+        let ttl = Duration::from_secs(60);
+        let old = store.acquire("a", 2, ttl, SystemTime::now()).await.unwrap();
+        let other = store.acquire("b", 2, ttl, SystemTime::now()).await.unwrap();
+        let old: Vec<(u32, i64)> = old.iter().map(|l| (l.partition, l.epoch)).collect();
+        let back = store.reclaim("a", ttl, SystemTime::now()).await.unwrap();
+        assert_eq!(back.iter().map(|l| l.partition).collect::<Vec<_>>(), [0, 1]);
+        assert!(back.iter().zip(&old).all(|(l, (_, epoch))| l.epoch == epoch + 1), "{back:?}");
+        // The old process's late write is refused; "b"'s partitions were not touched.
+        let late = Mark { token: "t3".to_owned(), sequence: 3 };
+        let mut fenced = store.save_checkpoints("a", &old, &late, Move::Forward, at(1)).await.unwrap();
+        fenced.sort_unstable();
+        assert_eq!(fenced, [0, 1]);
+        let b: Vec<(u32, i64)> = other.iter().map(|l| (l.partition, l.epoch)).collect();
+        assert_eq!(store.save_checkpoints("b", &b, &late, Move::Forward, at(2)).await.unwrap(), Vec::<u32>::new());
+        assert!(store.reclaim("c", ttl, SystemTime::now()).await.unwrap().is_empty());
     }
 
     async fn workers_are_listed_with_their_partitions_until_they_retire(db: Database) {
@@ -128,6 +159,19 @@ backend_tests! {
         assert_eq!(again.update_time, at(5));
         assert_eq!(rows[1].1, letter("b", 1, 2));
         assert_eq!(store.count_dead_letters().await.unwrap(), 2);
+    }
+
+    async fn a_dead_letter_keeps_whether_it_was_a_create_or_a_cancel(db: Database) {
+        let store = opened(&db).await;
+        store.put_dead_letter(letter("created", 1, 1)).await.unwrap();
+        let cancel = DeadLetter { action: Action::Cancel, ..letter("deleted", 1, 2) };
+        store.put_dead_letter(cancel.clone()).await.unwrap();
+        // A second failure of the same cancel adds up, and it stays a cancel.
+        store.put_dead_letter(DeadLetter { attempts: 2, ..cancel.clone() }).await.unwrap();
+        let rows = store.dead_letters(0, 10).await.unwrap();
+        let actions: Vec<_> = rows.iter().map(|(_, l)| (l.event_id.as_str(), l.action)).collect();
+        assert_eq!(actions, [("created", Action::Create), ("deleted", Action::Cancel)]);
+        assert_eq!(rows[1].1.attempts, 3);
     }
 
     async fn dead_letters_list_in_insertion_order_page_by_page(db: Database) {
@@ -185,4 +229,87 @@ async fn first_starts_racing_on_an_empty_database_all_record_the_same_count() {
     while let Some(started) = starts.join_next().await {
         started.unwrap().expect("every racing first start succeeds");
     }
+}
+
+/// A takeover that commits while a stale worker's checkpoint write waits for the partition's
+/// row is reported as a refusal: the write decides on the lease it waited for, not on the one
+/// its statement first saw, so the stale worker learns at once that it lost the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_committing_while_a_checkpoint_write_waits_is_reported_as_fenced() {
+    let Some(server) = mip_testkit::postgres::PgServer::shared() else {
+        return;
+    };
+    let url = server.create_database();
+    let store = opened(&Database::from_url(&url, 8).expect("URL parses")).await;
+    store.init_partitions(2).await.unwrap();
+    let taken = store
+        .acquire("a", 10, Duration::from_secs(60), SystemTime::now())
+        .await
+        .unwrap();
+    let a: Vec<(u32, i64)> = taken.iter().map(|l| (l.partition, l.epoch)).collect();
+    assert_eq!(a.len(), 2);
+
+    let (mut raw, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let takeover = raw.transaction().await.unwrap();
+    takeover
+        .execute(
+            "UPDATE integration.partitions SET owner = 'b', epoch = epoch + 1
+             WHERE partition_id = 0",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    let mark = Mark {
+        token: "t7".to_owned(),
+        sequence: 7,
+    };
+    let save = tokio::spawn({
+        let store = std::sync::Arc::clone(&store);
+        let a = a.clone();
+        let mark = mark.clone();
+        async move {
+            store
+                .save_checkpoints("a", &a, &mark, Move::Forward, at(1))
+                .await
+        }
+    });
+    // Commit the takeover only once the write is queued behind its row lock.
+    let (observer, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let waiting: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the write never waited for the row"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    takeover.commit().await.unwrap();
+
+    let fenced = tokio::time::timeout(TIMEOUT, save)
+        .await
+        .expect("the write finishes")
+        .unwrap()
+        .unwrap();
+    assert_eq!(fenced, [0], "partition 0 moved to b while the write waited");
+    let saved = store.checkpoints().await.unwrap();
+    assert_eq!(saved, [(0, None), (1, Some(mark))]);
 }

@@ -7,13 +7,14 @@ use mip_proto::inventory::v1 as pb;
 use mip_proto::timestamp;
 use mip_runtime::batch;
 use mip_runtime::clock::SharedClock;
-use mip_runtime::status::{Violations, field_violations};
+use mip_runtime::status::{Violations, field_violations, reason};
 use mip_runtime::token;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 use uuid::Uuid;
 
 use crate::domain::{Created, NewPackageRequest, PackageRequest, PackageStatus, PackageType};
+use crate::error::DOMAIN;
 use crate::store::InventoryStore;
 
 /// Token kind of `ListPackageRequests` page tokens: `[filter_fingerprint, after_seq]`. Kinds 1
@@ -82,6 +83,7 @@ fn package_request_to_proto(request: &PackageRequest) -> pb::PackageRequest {
             .request_id
             .map(|r| r.to_string())
             .unwrap_or_default(),
+        replayed: false,
     }
 }
 
@@ -110,7 +112,7 @@ impl TryFrom<&pb::CreatePackageRequestRequest> for NewPackageRequest {
 
     /// Every bad field named at once.
     fn try_from(request: &pb::CreatePackageRequestRequest) -> Result<Self, Status> {
-        let mut violations = Violations::new();
+        let mut violations = Violations::new(DOMAIN);
         let customer_id = violations.id("customer_id", &request.customer_id);
         let package_type =
             violations.check("package_type", PackageType::parse(&request.package_type));
@@ -128,7 +130,7 @@ impl TryFrom<&pb::CreatePackageRequestRequest> for NewPackageRequest {
 
 /// A validated `GetPackageRequestRequest`: the id to read.
 fn check_get(request: &pb::GetPackageRequestRequest) -> Result<Uuid, Status> {
-    let mut violations = Violations::new();
+    let mut violations = Violations::new(DOMAIN);
     let id = violations.id("id", &request.id);
     validated(violations, id)
 }
@@ -147,7 +149,7 @@ impl TryFrom<&pb::UpdatePackageRequestStatusRequest> for StatusUpdate {
 
     /// Both bad fields named at once.
     fn try_from(request: &pb::UpdatePackageRequestStatusRequest) -> Result<Self, Status> {
-        let mut violations = Violations::new();
+        let mut violations = Violations::new(DOMAIN);
         let id = violations.id("id", &request.id);
         let status = violations.check("status", status_from_proto(request.status));
         let update = id
@@ -167,7 +169,10 @@ fn created_to_proto(created: &Created) -> pb::PackageRequest {
         replayed = created.replayed,
         "package request created"
     );
-    package_request_to_proto(package_request)
+    pb::PackageRequest {
+        replayed: created.replayed,
+        ..package_request_to_proto(package_request)
+    }
 }
 
 /// A failed create, as one result of a batch.
@@ -179,6 +184,7 @@ fn batch_item_error(status: &Status) -> pb::BatchItemError {
             .into_iter()
             .map(|(field, description)| pb::FieldViolation { field, description })
             .collect(),
+        reason: reason(status).unwrap_or_default(),
     }
 }
 
@@ -214,7 +220,7 @@ impl<S: InventoryStore + ?Sized> pb::inventory_service_server::InventoryService
         request: Request<pb::BatchCreatePackageRequestsRequest>,
     ) -> Result<Response<pb::BatchCreatePackageRequestsResponse>, Status> {
         let requests = request.into_inner().requests;
-        batch::check_size(requests.len(), MAX_BATCH)?;
+        batch::check_size(DOMAIN, requests.len(), MAX_BATCH)?;
         // Every valid request goes to the store in one write, in request order: one commit.
         // Each checks before it writes, so one refused leaves the others.
         let checked = requests.iter().map(NewPackageRequest::try_from).collect();
@@ -254,7 +260,7 @@ impl<S: InventoryStore + ?Sized> pb::inventory_service_server::InventoryService
         request: Request<pb::ListPackageRequestsRequest>,
     ) -> Result<Response<pb::ListPackageRequestsResponse>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
+        let mut violations = Violations::new(DOMAIN);
         let customer_id = violations.optional_id("customer_id", &request.customer_id);
         let filter_valid = request.customer_id.is_empty() || customer_id.is_some();
         let limit = violations.page_size(request.page_size);

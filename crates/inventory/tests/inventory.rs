@@ -195,7 +195,23 @@ fn violated_fields(status: &Status) -> Vec<String> {
     let bad = status
         .get_details_bad_request()
         .expect("a BadRequest detail");
+    assert_error_info(status, "INVALID_FIELD");
     bad.field_violations.into_iter().map(|v| v.field).collect()
+}
+
+/// Asserts the status carries an `ErrorInfo` of Inventory's domain with `expected_reason`, a
+/// value of `inventory.v1.ErrorReason`.
+fn assert_error_info(status: &Status, expected_reason: &str) {
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.domain, "inventory.mip.example.com", "{status:?}");
+    assert_eq!(info.reason, expected_reason, "{status:?}");
+    assert!(
+        mip_proto::inventory::v1::ErrorReason::from_str_name(&info.reason).is_some(),
+        "{} is not an inventory.v1.ErrorReason",
+        info.reason
+    );
 }
 
 fn ids(requests: &[PackageRequest]) -> Vec<&str> {
@@ -446,6 +462,14 @@ async fn an_empty_or_oversized_batch_is_invalid_as_a_whole() {
     .await;
 }
 
+/// A create's answer without its `replayed` flag, to compare with the original's.
+fn pb_without_replayed(package: PackageRequest) -> PackageRequest {
+    PackageRequest {
+        replayed: false,
+        ..package
+    }
+}
+
 mip_testkit::backend_tests! {
     async fn created_package_request_can_be_read_back_and_listed(db: Database) {
         bounded(async {
@@ -484,18 +508,43 @@ mip_testkit::backend_tests! {
                 .unwrap()
                 .into_inner();
             assert_eq!(first.request_id, request_id);
+            assert!(!first.replayed, "the first create made it");
 
             clock.advance(Duration::from_secs(30));
             let retry = server
                 .client
-                .create_package_request(request)
+                .create_package_request(request.clone())
                 .await
                 .unwrap()
                 .into_inner();
+            assert!(retry.replayed, "the retry says it created nothing");
             assert_eq!(
-                retry, first,
+                pb_without_replayed(retry),
+                first,
                 "the retry answers with the original, timestamps included"
             );
+            let batch = server
+                .client
+                .batch_create_package_requests(BatchCreatePackageRequestsRequest {
+                    requests: vec![request],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                matches!(
+                    &batch.results[0].result,
+                    Some(BatchItem::PackageRequest(p)) if p.replayed
+                ),
+                "{batch:?}"
+            );
+            let read = server
+                .client
+                .get_package_request(GetPackageRequestRequest { id: first.id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!read.replayed, "only create answers say so");
             assert_eq!(count(&mut server.client).await, 1);
             server.stop().await;
         })
@@ -533,6 +582,7 @@ mip_testkit::backend_tests! {
                     .await
                     .unwrap_err();
                 assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+                assert_error_info(&status, "REQUEST_ID_REUSED");
                 assert!(
                     status.message().contains(&request_id),
                     "{}",
@@ -744,6 +794,7 @@ mip_testkit::backend_tests! {
                 let before = get(client, &package.id).await.unwrap();
                 let status = set_status(client, &package.id, to).await.unwrap_err();
                 assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+                assert_error_info(&status, "STATUS_CHANGE_NOT_ALLOWED");
                 let from = before
                     .status()
                     .as_str_name()
@@ -804,7 +855,8 @@ mip_testkit::backend_tests! {
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!(retry, shipped);
+            assert!(retry.replayed);
+            assert_eq!(pb_without_replayed(retry), shipped);
             assert_eq!(count(&mut server.client).await, 2);
             // New requests list after the old ones.
             let newest = create(&mut server.client, Uuid::now_v7(), "welcome_package").await;
@@ -821,11 +873,13 @@ mip_testkit::backend_tests! {
             let unknown = Uuid::now_v7().to_string();
             let status = get(&mut server.client, &unknown).await.unwrap_err();
             assert_eq!(status.code(), Code::NotFound, "{status:?}");
+            assert_error_info(&status, "PACKAGE_REQUEST_NOT_FOUND");
             assert!(status.message().contains(&unknown), "{}", status.message());
             let status = set_status(&mut server.client, &unknown, PackageStatus::Shipped)
                 .await
                 .unwrap_err();
             assert_eq!(status.code(), Code::NotFound, "{status:?}");
+            assert_error_info(&status, "PACKAGE_REQUEST_NOT_FOUND");
             server.stop().await;
         })
         .await;
@@ -886,7 +940,9 @@ mip_testkit::backend_tests! {
                 .map(|v| v.field.as_str())
                 .collect();
             assert_eq!(fields, ["customer_id", "package_type"]);
+            assert_eq!(invalid.reason, "INVALID_FIELD");
             assert_eq!(error(5).code, Code::AlreadyExists as i32, "{:?}", error(5));
+            assert_eq!(error(5).reason, "REQUEST_ID_REUSED");
 
             // Exactly what the single calls would have created, and readable as usual.
             assert_eq!(count(&mut server.client).await, 3);

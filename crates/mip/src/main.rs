@@ -197,13 +197,40 @@ fn main() -> ExitCode {
             command => match run(command, cli.metrics_addr).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    error!("{e:#}");
-                    eprintln!("mip: {e:#}");
+                    report_failure(&e);
                     ExitCode::FAILURE
                 }
             },
         }
     })
+}
+
+/// Says why `mip` stopped, once: as a log line where logging shows errors (so a JSON log
+/// stays one object per line), else as a plain line on stderr, so it is never silent.
+fn report_failure(error: &anyhow::Error) {
+    let message = one_line(error);
+    if tracing::enabled!(tracing::Level::ERROR) {
+        error!("{message}");
+    } else {
+        eprintln!("mip: {message}");
+    }
+}
+
+/// An error and its causes on one line, leaving out a cause whose words the line already
+/// has: many errors quote their cause in their own message, and `{:#}` would repeat it.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Cancels the returned token on the first ctrl-c or SIGTERM.
@@ -271,7 +298,7 @@ fn clock() -> SharedClock {
 async fn run(command: Command, metrics_addr: Option<SocketAddr>) -> anyhow::Result<()> {
     if let Some(addr) = metrics_addr {
         mip_runtime::metrics::install(addr)
-            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            .with_context(|| format!("cannot serve metrics on {addr} (--metrics-addr)"))?;
         info!(%addr, "metrics at http://{addr}/metrics");
     }
     let shutdown = shutdown_on_signal();
@@ -285,9 +312,10 @@ async fn run(command: Command, metrics_addr: Option<SocketAddr>) -> anyhow::Resu
             );
             // A bad --database-url is reported before anything listens.
             let database = args.store.database()?;
-            let crm_listener = bind(args.crm_listen).await?;
-            let inventory_listener = bind(args.inventory_listen).await?;
-            let integration_listener = bind(args.integration_listen).await?;
+            let crm_listener = bind(args.crm_listen, "--crm-listen").await?;
+            let inventory_listener = bind(args.inventory_listen, "--inventory-listen").await?;
+            let integration_listener =
+                bind(args.integration_listen, "--integration-listen").await?;
             // In one process the integration service talks to its neighbours where they
             // listen: the bound addresses, not the requested ones (port 0 picks a free port).
             args.integration.crm_addr = reachable(crm_listener.local_addr()?).to_string();
@@ -328,17 +356,17 @@ async fn run(command: Command, metrics_addr: Option<SocketAddr>) -> anyhow::Resu
         }
         Command::Crm(args) => {
             let database = args.store.database()?;
-            let listener = bind(args.listen).await?;
+            let listener = bind(args.listen, "--listen").await?;
             run_crm(listener, &database, args.crm, &args.server, &shutdown).await
         }
         Command::Inventory(args) => {
             let database = args.store.database()?;
-            let listener = bind(args.listen).await?;
+            let listener = bind(args.listen, "--listen").await?;
             run_inventory(listener, &database, &args.server, &shutdown).await
         }
         Command::Integration(args) => {
             let database = args.store.database()?;
-            let listener = bind(args.listen).await?;
+            let listener = bind(args.listen, "--listen").await?;
             run_integration(
                 listener,
                 &database,
@@ -475,7 +503,20 @@ async fn health(args: HealthArgs) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::reachable;
+    use super::{one_line, reachable};
+
+    #[test]
+    fn a_failure_line_names_each_cause_once() {
+        let io = std::io::Error::other("disk on fire");
+        // A cause quoted in its parent's message, as `#[error("…: {0}")]` with `#[from]` does.
+        let quoted = anyhow::Error::new(io).context("cannot open crm.db: disk on fire");
+        assert_eq!(one_line(&quoted), "cannot open crm.db: disk on fire");
+        let io = std::io::Error::other("disk on fire");
+        let separate = anyhow::Error::new(io)
+            .context("cannot open crm.db")
+            .context("CRM");
+        assert_eq!(one_line(&separate), "CRM: cannot open crm.db: disk on fire");
+    }
 
     #[test]
     fn neighbours_listening_everywhere_are_called_on_loopback() {

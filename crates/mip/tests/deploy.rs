@@ -2,7 +2,10 @@
 //! `Dockerfile` are read as files and held against the real `mip` binary. Every subcommand,
 //! environment variable and health-check flag they use must be one `mip` documents in its
 //! `--help`, ports and addresses must agree across services, and each service must start from
-//! its compose environment (moved to loopback) and pass its own health check.
+//! its compose environment (moved to loopback) and pass its own health check. The optional
+//! `monitoring` profile is held against `deploy/prometheus`: Prometheus scrapes each service
+//! where compose makes it serve metrics, and loads the alert rules from the directory it
+//! mounts.
 
 mod common;
 
@@ -43,6 +46,15 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause between two looks at a condition that is not true yet.
 const POLL_EVERY: Duration = Duration::from_millis(50);
 
+/// The environment variable of the metrics address (`--metrics-addr`).
+const METRICS_VAR: &str = "MIP_METRICS_ADDR";
+
+/// The compose profile that adds Prometheus.
+const MONITORING: &str = "monitoring";
+
+/// Where the Prometheus configuration and alert rules live in the checkout.
+const PROMETHEUS_DIR: &str = "deploy/prometheus";
+
 /// What one compose service must be.
 struct Expected {
     /// Compose service name, also the `mip` subcommand.
@@ -71,6 +83,14 @@ fn read(name: &str) -> String {
 /// `docker-compose.yml`'s `services`, by name.
 fn compose_services() -> BTreeMap<String, Mapping> {
     compose_file_services("docker-compose.yml")
+}
+
+/// The services plain `docker compose up` starts: those outside every profile.
+fn default_services() -> BTreeMap<String, Mapping> {
+    compose_services()
+        .into_iter()
+        .filter(|(_, service)| !service.contains_key("profiles"))
+        .collect()
 }
 
 /// `docker-compose.yml` with `docker-compose.secure.yml` on top, merged the way compose merges
@@ -415,7 +435,7 @@ fn documented_flags(help: &str) -> BTreeSet<String> {
 
 #[test]
 fn compose_runs_exactly_crm_inventory_and_integration_each_as_its_mip_subcommand() {
-    let services = compose_services();
+    let services = default_services();
     let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
     let expected: BTreeSet<&str> = SERVICES.iter().map(|s| s.name).collect();
     assert_eq!(names, expected);
@@ -644,6 +664,13 @@ fn start_like_compose(
             "MIP_DATA_DIR".to_owned(),
             dir.join(name).display().to_string(),
         );
+        // Metrics too move to a free loopback port, or the services would share compose's.
+        let metrics = env
+            .contains_key(METRICS_VAR)
+            .then(|| format!("127.0.0.1:{}", free_port()));
+        if let Some(metrics) = &metrics {
+            env.insert(METRICS_VAR.to_owned(), metrics.clone());
+        }
         env.extend(overrides.clone());
         let mut process = Process::spawn(name, &command(service), &env, dir);
 
@@ -682,6 +709,14 @@ fn start_like_compose(
             "{name}'s compose health check `mip {}` fails on a serving {name} ({status}): {stdout}",
             check.join(" ")
         );
+        // What Prometheus scrapes: the calls just made are counted there.
+        if let Some(metrics) = metrics {
+            let body = scrape(&metrics);
+            assert!(
+                body.contains("mip_rpc_requests_total{"),
+                "{name} serves its metrics at {METRICS_VAR}: {body}"
+            );
+        }
         return (process, port);
     }
     panic!("{name} could not be started");
@@ -790,6 +825,250 @@ fn the_secure_compose_file_runs_every_service_with_mutual_tls_and_a_token() {
         integration.log_tail(50).contains("watching CRM customers"),
         "{}",
         integration.log_tail(20)
+    );
+}
+
+/// `GET http://ADDR/metrics`, which must answer 200; returns the body.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let socket: SocketAddr = addr.parse().expect("an IP:PORT");
+    let mut stream = std::net::TcpStream::connect_timeout(&socket, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("nothing serves metrics at {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .unwrap_or_else(|e| panic!("reading the metrics at {addr}: {e}"));
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "GET http://{addr}/metrics: {head}"
+    );
+    body.to_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// docker-compose.yml: the `monitoring` profile
+// ---------------------------------------------------------------------------------------------
+
+/// deploy/prometheus/prometheus.yml.
+fn prometheus_config() -> Value {
+    serde_norway::from_str(&read(&format!("{PROMETHEUS_DIR}/prometheus.yml"))).expect("valid YAML")
+}
+
+/// A service's `depends_on` names, in either of compose's forms (list, or mapping).
+fn dependencies(service: &Mapping) -> BTreeSet<String> {
+    match service.get("depends_on") {
+        None => BTreeSet::new(),
+        Some(Value::Mapping(long)) => long.keys().map(scalar).collect(),
+        Some(short) => words(short).into_iter().collect(),
+    }
+}
+
+#[test]
+fn the_monitoring_profile_adds_only_a_pinned_prometheus_and_leaves_plain_up_unchanged() {
+    let services = compose_services();
+    let profiled: BTreeMap<&str, Vec<String>> = services
+        .iter()
+        .filter_map(|(name, s)| s.get("profiles").map(|p| (name.as_str(), words(p))))
+        .collect();
+    assert_eq!(
+        profiled,
+        BTreeMap::from([("prometheus", vec![MONITORING.to_owned()])]),
+        "only Prometheus sits in a profile, and only in `{MONITORING}`"
+    );
+
+    let prometheus = service(&services, "prometheus");
+    let image = prometheus.get("image").map(scalar).expect("an image");
+    let (repository, tag) = image.split_once(':').expect("an image with a tag");
+    assert!(
+        ["prom/prometheus", "docker.io/prom/prometheus"].contains(&repository),
+        "the official image, not {image}"
+    );
+    assert!(
+        tag.starts_with('v')
+            && tag[1..].split('.').count() == 3
+            && tag[1..].split('.').all(|n| n.parse::<u32>().is_ok()),
+        "the image is pinned to a release (vX.Y.Z), not {tag}: the alert rules are tested with that release's PromQL"
+    );
+
+    // Plain `docker compose up` must not pull Prometheus in through a dependency, and must
+    // run the same three services as without the profile.
+    let prometheus_volumes: BTreeSet<String> = volumes(prometheus)
+        .into_iter()
+        .map(|(source, _)| source)
+        .collect();
+    let defaults = default_services();
+    assert_eq!(
+        defaults.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        SERVICES.iter().map(|s| s.name).collect::<BTreeSet<_>>()
+    );
+    for (name, service) in &defaults {
+        for dependency in dependencies(service) {
+            assert!(
+                !profiled.contains_key(dependency.as_str()),
+                "{name} depends on {dependency}, which only runs with --profile {MONITORING}"
+            );
+        }
+        for (source, _) in volumes(service) {
+            assert!(
+                !prometheus_volumes.contains(&source),
+                "{name} shares the volume {source} with Prometheus"
+            );
+        }
+    }
+}
+
+#[test]
+fn prometheus_scrapes_every_service_where_compose_serves_its_metrics() {
+    let services = compose_services();
+    let mut expected = BTreeMap::new();
+    for service_kind in &SERVICES {
+        let env = environment(service(&services, service_kind.name));
+        let metrics: SocketAddr = env
+            .get(METRICS_VAR)
+            .unwrap_or_else(|| panic!("compose sets {METRICS_VAR} for {}", service_kind.name))
+            .parse()
+            .unwrap_or_else(|_| panic!("{}'s {METRICS_VAR} is an IP:PORT", service_kind.name));
+        assert!(
+            metrics.ip().is_unspecified(),
+            "{} serves metrics on {metrics}; Prometheus, in another container, reaches it only \
+             on every interface",
+            service_kind.name
+        );
+        let listen: SocketAddr = env[service_kind.listen_var].parse().unwrap();
+        assert_ne!(
+            metrics.port(),
+            listen.port(),
+            "{}'s metrics and gRPC ports differ",
+            service_kind.name
+        );
+        expected.insert(
+            service_kind.name.to_owned(),
+            BTreeSet::from([(service_kind.name.to_owned(), metrics.port())]),
+        );
+    }
+
+    let config = prometheus_config();
+    let mut jobs = BTreeMap::new();
+    for job in config
+        .get("scrape_configs")
+        .and_then(Value::as_sequence)
+        .expect("`scrape_configs` is a list")
+    {
+        let name = job.get("job_name").map(scalar).expect("a `job_name`");
+        assert!(
+            job.get("metrics_path")
+                .is_none_or(|path| scalar(path) == "/metrics"),
+            "job {name} scrapes /metrics, where the services serve them"
+        );
+        assert!(
+            job.get("scheme").is_none_or(|s| scalar(s) == "http"),
+            "job {name} scrapes over plain HTTP, as the services serve metrics"
+        );
+        let targets: BTreeSet<(String, u16)> = job
+            .get("static_configs")
+            .and_then(Value::as_sequence)
+            .unwrap_or_else(|| panic!("job {name} lists its targets in `static_configs`"))
+            .iter()
+            .flat_map(|group| {
+                group
+                    .get("targets")
+                    .and_then(Value::as_sequence)
+                    .expect("`targets` is a list")
+                    .iter()
+                    .map(|target| host_port(&scalar(target)))
+            })
+            .collect();
+        assert!(
+            jobs.insert(name.clone(), targets).is_none(),
+            "job {name} appears once"
+        );
+    }
+    assert_eq!(
+        jobs, expected,
+        "one job per service, named after it, scraping it by its compose name at its \
+         {METRICS_VAR} port"
+    );
+}
+
+#[test]
+fn prometheus_loads_its_configuration_and_the_alert_rules_from_the_mounted_directory() {
+    let services = compose_services();
+    let prometheus = service(&services, "prometheus");
+    let flags = flags(&command(prometheus));
+    let config_file = PathBuf::from(
+        flags
+            .get("config.file")
+            .expect("Prometheus is given --config.file"),
+    );
+    let mounts = volumes(prometheus);
+    let (source, target) = mounts
+        .iter()
+        .find(|(_, target)| config_file.starts_with(target))
+        .unwrap_or_else(|| {
+            panic!(
+                "--config.file {} is inside a mounted directory: {mounts:?}",
+                config_file.display()
+            )
+        });
+    assert_eq!(
+        source.trim_start_matches("./").trim_end_matches('/'),
+        PROMETHEUS_DIR,
+        "the configuration comes from the checkout's {PROMETHEUS_DIR}"
+    );
+    let on_host = |in_container: &Path| {
+        repo_file(PROMETHEUS_DIR).join(in_container.strip_prefix(target).unwrap())
+    };
+    assert_eq!(
+        on_host(&config_file),
+        repo_file(&format!("{PROMETHEUS_DIR}/prometheus.yml")),
+        "--config.file is {PROMETHEUS_DIR}/prometheus.yml"
+    );
+
+    // Prometheus resolves rule files relative to the configuration file.
+    let rule_files: Vec<PathBuf> = prometheus_config()
+        .get("rule_files")
+        .and_then(Value::as_sequence)
+        .expect("`rule_files` is a list")
+        .iter()
+        .map(|file| config_file.parent().unwrap().join(scalar(file)))
+        .collect();
+    for file in &rule_files {
+        assert!(
+            file.starts_with(target) && on_host(file).is_file(),
+            "rule file {} is in the mounted directory",
+            file.display()
+        );
+    }
+    assert!(
+        rule_files
+            .iter()
+            .any(|file| on_host(file) == repo_file(&format!("{PROMETHEUS_DIR}/alerts.yml"))),
+        "Prometheus loads {PROMETHEUS_DIR}/alerts.yml: {rule_files:?}"
+    );
+
+    let storage = flags
+        .get("storage.tsdb.path")
+        .expect("Prometheus is given --storage.tsdb.path");
+    assert!(
+        mounts
+            .iter()
+            .any(|(source, target)| target == storage && compose_volumes().contains(source)),
+        "Prometheus keeps its data in a named volume at {storage}: {mounts:?}"
+    );
+    // The README sends operators to http://127.0.0.1:9090, Prometheus's default address.
+    assert!(!flags.contains_key("web.listen-address"));
+    assert!(
+        ports(prometheus).contains(&(Some(9090), 9090)),
+        "Prometheus's UI is published on port 9090"
     );
 }
 
@@ -1121,8 +1400,18 @@ fn cluster_replicas_publish_distinct_ports_check_their_health_and_workers_call_e
         );
     }
 
+    let mut worker_ids = BTreeSet::new();
     for (name, _) in CLUSTER.iter().filter(|(_, kind)| *kind == "integration") {
         let env = environment(service(&services, name));
+        // A stable name of its own: a restarted worker takes its partitions back at once.
+        let worker_id = env
+            .get("MIP_INTEGRATION_WORKER_ID")
+            .unwrap_or_else(|| panic!("{name} sets MIP_INTEGRATION_WORKER_ID"))
+            .clone();
+        assert!(
+            worker_ids.insert(worker_id.clone()),
+            "{name}'s worker id {worker_id} is another worker's too"
+        );
         for (var, kind) in [("MIP_CRM_ADDR", "crm"), ("MIP_INVENTORY_ADDR", "inventory")] {
             let listed: BTreeSet<(String, u16)> = env
                 .get(var)

@@ -1,6 +1,9 @@
 //! `mip`'s logs as a log collector reads them: with `--log-format json` (or `MIP_LOG_FORMAT=json`)
 //! every line on stderr is one JSON object with stable field names, the ready line carries the
-//! address, and SIGTERM drains the server and exits 0.
+//! address, and SIGTERM drains the server and exits 0. A start that fails (a port another `mip`
+//! holds) says why in one line, once, with what to do.
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -198,4 +201,135 @@ fn log_format_json_writes_one_json_object_per_line_and_sigterm_exits_zero() {
 fn mip_log_format_env_writes_the_same_json_lines() {
     let dir = tempfile::tempdir().unwrap();
     serve_then_terminate(dir.path(), false, &[("MIP_LOG_FORMAT", "json")]);
+}
+
+/// Starts CRM on a free loopback port and returns it, once it has logged the address it
+/// serves on, with that address.
+fn crm_holding_a_port(data_dir: &Path) -> (Process, SocketAddr) {
+    let data_dir = data_dir.display().to_string();
+    let mut crm = Process::spawn(
+        &[
+            "crm",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data_dir,
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let line = crm
+            .next_line(deadline, "\"CRM listening\" line")
+            .expect("mip exited before listening");
+        let line = json_line(&line);
+        if message(&line).starts_with("CRM listening") {
+            let addr = line["fields"]["addr"].as_str().expect("an `addr` field");
+            return (crm, addr.parse().expect("`addr` is an address"));
+        }
+    }
+}
+
+/// The non-empty lines `mip <args>` writes to stderr before it exits, with its exit code.
+fn stderr_of_failed_start(args: &[&str]) -> (Option<i32>, Vec<String>) {
+    let mut command = common::mip();
+    command.args(args);
+    let (status, _, stderr) = common::run_bounded(command);
+    let lines = stderr
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    (status.code(), lines)
+}
+
+#[test]
+fn a_port_another_mip_holds_is_one_line_naming_the_address_and_the_flag_to_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_crm, addr) = crm_holding_a_port(&dir.path().join("first"));
+    let second = dir.path().join("second").display().to_string();
+
+    let (code, lines) =
+        stderr_of_failed_start(&["crm", "--listen", &addr.to_string(), "--data-dir", &second]);
+    assert_eq!(code, Some(1), "a port in use is a failed start: {lines:?}");
+    assert_eq!(lines.len(), 1, "one line, said once: {lines:?}");
+    let expected = format!(
+        "{addr} is already in use; is another mip running? pass --listen to use another port"
+    );
+    assert!(lines[0].ends_with(&expected), "{lines:?}");
+    assert!(!lines[0].contains("os error"), "no raw OS error: {lines:?}");
+
+    // `mip all` names its own flag for the service whose port is taken.
+    let (code, lines) = stderr_of_failed_start(&[
+        "all",
+        "--crm-listen",
+        &addr.to_string(),
+        "--inventory-listen",
+        "127.0.0.1:0",
+        "--integration-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &second,
+    ]);
+    assert_eq!(code, Some(1), "{lines:?}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].ends_with(&format!(
+            "{addr} is already in use; is another mip running? pass --crm-listen to use another port"
+        )),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn a_port_in_use_with_json_logs_is_one_json_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_crm, addr) = crm_holding_a_port(&dir.path().join("first"));
+    let second = dir.path().join("second").display().to_string();
+
+    let (code, lines) = stderr_of_failed_start(&[
+        "inventory",
+        "--listen",
+        &addr.to_string(),
+        "--data-dir",
+        &second,
+        "--log-format",
+        "json",
+    ]);
+    assert_eq!(code, Some(1), "{lines:?}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "only the log line, no plain copy: {lines:?}"
+    );
+    let line = json_line(&lines[0]);
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert_eq!(
+        message(&line),
+        format!(
+            "{addr} is already in use; is another mip running? pass --listen to use another port"
+        )
+    );
+}
+
+#[test]
+fn a_failed_start_is_reported_even_when_rust_log_hides_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_crm, addr) = crm_holding_a_port(&dir.path().join("first"));
+    let second = dir.path().join("second").display().to_string();
+
+    let mut command = common::mip();
+    command
+        .args(["crm", "--listen", &addr.to_string(), "--data-dir", &second])
+        .env("RUST_LOG", "off");
+    let (status, _, stderr) = common::run_bounded(command);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        format!(
+            "mip: {addr} is already in use; is another mip running? pass --listen to use another port"
+        )
+    );
 }

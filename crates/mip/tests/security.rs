@@ -240,12 +240,27 @@ async fn calls_without_a_valid_token_are_unauthenticated_but_health_is_open() {
         let platform = SecurePlatform::start(&pki).await;
 
         for token in [None, Some("wrong-token")] {
+            // The reason tells a program which of the two it is; each service names its own
+            // domain.
+            let reason = if token.is_none() {
+                "AUTH_TOKEN_MISSING"
+            } else {
+                "AUTH_TOKEN_INVALID"
+            };
             let mut crm = platform.crm(&pki.client("ca", true, token)).await.unwrap();
             let status = crm.create_customer(customer(2)).await.unwrap_err();
             assert_eq!(
                 status.code(),
                 Code::Unauthenticated,
                 "{token:?}: {status:?}"
+            );
+            assert_eq!(
+                mip_runtime::status::reason(&status).as_deref(),
+                Some(reason)
+            );
+            assert_eq!(
+                mip_runtime::status::domain(&status).as_deref(),
+                Some("crm.mip.example.com")
             );
             let mut inventory = platform
                 .inventory(&pki.client("ca", true, token))
@@ -259,6 +274,14 @@ async fn calls_without_a_valid_token_are_unauthenticated_but_health_is_open() {
                 status.code(),
                 Code::Unauthenticated,
                 "{token:?}: {status:?}"
+            );
+            assert_eq!(
+                mip_runtime::status::reason(&status).as_deref(),
+                Some(reason)
+            );
+            assert_eq!(
+                mip_runtime::status::domain(&status).as_deref(),
+                Some("inventory.mip.example.com")
             );
         }
 

@@ -8,10 +8,12 @@ use tonic::Status;
 
 use crate::status::invalid_field;
 
-/// INVALID_ARGUMENT on `requests` unless the batch holds 1 to `max` requests.
-pub fn check_size(len: usize, max: usize) -> Result<(), Status> {
+/// INVALID_ARGUMENT on `requests` (in the caller's error `domain`) unless the batch holds 1
+/// to `max` requests.
+pub fn check_size(domain: &'static str, len: usize, max: usize) -> Result<(), Status> {
     if len == 0 || len > max {
         return Err(invalid_field(
+            domain,
             "requests",
             format!("must hold 1 to {max} requests, not {len}"),
         ));

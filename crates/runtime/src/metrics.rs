@@ -36,16 +36,74 @@ pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
     Ok(())
 }
 
-/// Help texts, shown by the exporter.
+/// Help texts, shown by the exporter: the platform's whole catalogue in one place, so the
+/// README table, the alerts and the dashboard have one list to agree with. Describing a
+/// series does not export it; each service records its own at start-up (at zero), so a
+/// process exports only the series of the services it runs.
 fn describe() {
-    metrics::describe_counter!(
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
         "mip_rpc_requests_total",
         "gRPC calls served, by service, method and status code"
     );
-    metrics::describe_histogram!(
+    describe_histogram!(
         "mip_rpc_duration_seconds",
-        metrics::Unit::Seconds,
+        Unit::Seconds,
         "gRPC call latency (for streams: how long the stream was open), by service, method and status code"
+    );
+    describe_gauge!("mip_crm_watchers", "Open WatchCustomers streams");
+    describe_counter!(
+        "mip_integration_delivered_total",
+        "Package requests created (or found already created) by the integration service"
+    );
+    describe_counter!(
+        "mip_integration_retried_total",
+        "Package request attempts retried after a transient failure"
+    );
+    describe_counter!(
+        "mip_integration_dead_lettered_total",
+        "Package requests that went to the dead-letter list since start"
+    );
+    describe_counter!(
+        "mip_integration_cancelled_total",
+        "Welcome package requests cancelled because their customer was deleted while they were pending"
+    );
+    describe_counter!(
+        "mip_integration_cancel_left_as_is_total",
+        "Cancels that found the deleted customer's package already shipped or delivered, and left it"
+    );
+    describe_gauge!(
+        "mip_integration_dead_letters",
+        "Dead letters stored now, waiting for RetryDeadLetters (shared by all workers on one database)"
+    );
+    describe_counter!(
+        "mip_integration_mode_switches_total",
+        "Switches between streaming and polling CRM's feed, by the mode switched to"
+    );
+    describe_gauge!(
+        "mip_integration_feed_mode",
+        "1 for the mode the integration service follows CRM's feed in now (stream or poll), 0 for the other"
+    );
+    describe_gauge!(
+        "mip_integration_checkpoint_sequence",
+        "CRM sequence of the saved checkpoint (the lowest of the partitions this worker holds)"
+    );
+    describe_gauge!(
+        "mip_integration_checkpoint_lag_events",
+        "CRM events after the saved checkpoint, as last seen"
+    );
+    describe_counter!(
+        "mip_integration_checkpoint_fenced_total",
+        "Checkpoint writes refused because another worker had taken the partition over"
+    );
+    describe_histogram!(
+        "mip_integration_end_to_end_delay_seconds",
+        Unit::Seconds,
+        "From a customer's create_time in CRM to its package request's in Inventory"
+    );
+    describe_histogram!(
+        "mip_integration_package_batch_size",
+        "Package requests per BatchCreatePackageRequests call"
     );
 }
 

@@ -30,8 +30,8 @@ use crate::security::{Security, SecurityError, SecurityOptions};
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerOptions {
     /// Largest gRPC message accepted or sent, in bytes. A larger request is refused by its
-    /// length prefix, before it is read (OUT_OF_RANGE, as tonic reports it; RESOURCE_EXHAUSTED
-    /// for a compressed message that expands past the limit).
+    /// length prefix, before it is read, with RESOURCE_EXHAUSTED (reason MESSAGE_TOO_LARGE), as
+    /// is a compressed message that expands past the limit.
     #[arg(long, env = "MIP_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
@@ -101,13 +101,18 @@ macro_rules! limited {
 /// Why a server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The listen address could not be bound (in use, not local, no permission).
-    #[error("cannot listen on {addr}: {source}")]
+    /// The listen address could not be bound (in use, not local, no permission). The message
+    /// is one line that says what to do, naming the flag that sets the address; the operating
+    /// system's words are in it only when they say more than the hint (so the error has no
+    /// `source`: printing the chain would repeat them).
+    #[error("{}", bind_message(*addr, flag, error))]
     Bind {
         /// The address asked for.
         addr: SocketAddr,
+        /// The flag that chose it (`--listen`, `--crm-listen`, …), for the hint.
+        flag: &'static str,
         /// What the operating system said.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The transport failed while serving.
     #[error("gRPC server failed: {0}")]
@@ -124,11 +129,46 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Binds a listener, with an error that names the address.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+/// The `ErrorInfo.domain` of the service whose contract is `descriptor_set`: the domain of the
+/// package of its first service (each server hosts one of the platform's services).
+fn domain_of(descriptor_set: &[u8]) -> String {
+    use prost::Message;
+    let package = prost_types::FileDescriptorSet::decode(descriptor_set)
+        .ok()
+        .and_then(|set| {
+            set.file
+                .into_iter()
+                .find(|file| !file.service.is_empty())
+                .map(|file| file.package().to_owned())
+        })
+        .unwrap_or_default();
+    crate::status::domain_of_package(&package)
+}
+
+/// Binds a listener on `addr`, which the flag `flag` chose; the error names both.
+pub async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| ServeError::Bind { addr, source })
+        .map_err(|error| ServeError::Bind { addr, flag, error })
+}
+
+/// What a failed bind means to whoever started the server, and what to do about it.
+fn bind_message(addr: SocketAddr, flag: &str, error: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match error.kind() {
+        ErrorKind::AddrInUse => format!(
+            "{addr} is already in use; is another mip running? pass {flag} to use another port"
+        ),
+        ErrorKind::AddrNotAvailable => format!(
+            "{addr} is not an address of this machine; pass {flag} with one of its addresses \
+             (127.0.0.1 for this machine only, 0.0.0.0 for every interface)"
+        ),
+        ErrorKind::PermissionDenied => format!(
+            "not allowed to listen on {addr} (ports below 1024 need privileges); pass {flag} \
+             with a port from 1024 up"
+        ),
+        _ => format!("cannot listen on {addr} (set by {flag}): {error}"),
+    }
 }
 
 /// The standard health service of one server: every service it hosts, and the overall `""`.
@@ -342,6 +382,7 @@ pub async fn serve_secured(
         .layer(AdmissionLayer::new(
             security,
             options.max_concurrent_requests as usize,
+            &domain_of(descriptor_set),
         ))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
@@ -359,4 +400,26 @@ pub async fn serve_secured(
     }
     info!(?addr, "server stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_server_refuses_in_the_domain_of_the_service_it_hosts() {
+        for (set, domain) in [
+            (mip_proto::CRM_DESCRIPTOR_SET, "crm.mip.example.com"),
+            (
+                mip_proto::INVENTORY_DESCRIPTOR_SET,
+                "inventory.mip.example.com",
+            ),
+            (
+                mip_proto::INTEGRATION_DESCRIPTOR_SET,
+                "integration.mip.example.com",
+            ),
+        ] {
+            assert_eq!(domain_of(set), domain);
+        }
+    }
 }

@@ -553,7 +553,7 @@ mod tests {
             assert!(written < 10_000, "the page limit never applied");
         };
         assert!(full.is_disk_full(), "{full}");
-        let status = crate::status::storage(&full);
+        let status = crate::status::storage("test.mip.example.com", &full);
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert!(status.message().contains("full"), "{}", status.message());
         // The failed write left nothing behind, and everything before it is intact.

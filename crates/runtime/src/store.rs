@@ -13,11 +13,15 @@ use crate::sqlite::Durability;
 /// reads running beside them.
 pub const DEFAULT_POOL_SIZE: usize = 16;
 
-/// The storage flags every service takes.
+/// The storage flags every service takes. Every service gets the same directory and picks its
+/// own file in it (its store's `DB_FILE`), never a directory of its own: `mip all` and the
+/// per-service commands must find each other's data.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StoreOptions {
-    /// Directory of the embedded SQLite databases (one file per service). Created if missing.
-    /// Not used with --database-url.
+    /// Directory of the embedded SQLite databases: `crm.db`, `inventory.db` and
+    /// `integration.db`, each directly in it, whether the services run together (`mip all`) or
+    /// one per command, so switching between the two with the same directory keeps the data.
+    /// Created if missing. Not used with --database-url.
     #[arg(long, env = "MIP_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 

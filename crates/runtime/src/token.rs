@@ -23,6 +23,18 @@ pub enum TokenError {
     WrongKind,
 }
 
+/// The kind of CRM's resume tokens, `[log id, position]`. Kept beside the format so the
+/// integration service can tell which change log a saved checkpoint belongs to (clients
+/// outside the platform treat tokens as opaque).
+pub const CRM_RESUME: u8 = 1;
+
+/// The change log a CRM resume token was issued by, if `token` is one.
+pub fn crm_resume_log(token: &str) -> Option<u64> {
+    decode::<2>(CRM_RESUME, token)
+        .ok()
+        .map(|[log_id, _]| log_id)
+}
+
 /// Encodes `values` as an opaque token of `kind`.
 pub fn encode(kind: u8, values: &[u64]) -> String {
     let mut bytes = Vec::with_capacity(2 + values.len() * 8 + 4);

@@ -522,6 +522,16 @@ async fn update(
     let Some(mut customer) = find_customer(tx, id, true).await? else {
         return Ok(Err(Error::NotFound(id)));
     };
+    // The row lock holds from this read to the UPDATE below, which repeats the condition: a
+    // concurrent update of the same customer commits before this read or after this write.
+    if let Some(expected) = patch.expected_version.filter(|v| *v != customer.version) {
+        return Ok(Err(Error::VersionMismatch {
+            id,
+            expected,
+            current: customer.version,
+        }));
+    }
+    let read_version = customer.version;
     let mut changed = false;
     if let Some(name) = patch.name.filter(|n| n.as_str() != customer.name) {
         customer.name = name.as_str().to_owned();
@@ -546,21 +556,30 @@ async fn update(
         .prepare_cached(
             "UPDATE crm.customers SET name = $2, email = $3,
                  email_key = COALESCE($4, email_key), update_time = $5, version = $6
-             WHERE id = $1",
+             WHERE id = $1 AND version = $7",
         )
         .await?;
-    tx.execute(
-        &write,
-        &[
-            &id,
-            &customer.name,
-            &customer.email,
-            &email_key,
-            &to_micros(now),
-            &customer.version,
-        ],
-    )
-    .await?;
+    // Compare-and-set: written only over the version read above.
+    let written = tx
+        .execute(
+            &write,
+            &[
+                &id,
+                &customer.name,
+                &customer.email,
+                &email_key,
+                &to_micros(now),
+                &customer.version,
+                &read_version,
+            ],
+        )
+        .await?;
+    if written != 1 {
+        return Err(DbError::Other {
+            database: "crm".into(),
+            reason: format!("customer {id} changed while its row was locked"),
+        });
+    }
     let event = new_event(EventType::Updated, &customer, now);
     Ok(Ok((customer, Some(event))))
 }

@@ -325,6 +325,16 @@ impl CrmStore for SqliteStore {
     ) -> Result<Customer, Error> {
         self.write_events(move |c| {
             let mut customer = find_customer(c, id)?.ok_or(Error::NotFound(id))?;
+            // The one writer holds the write transaction from this read to the UPDATE below,
+            // which repeats the condition, so no other write can come between.
+            if let Some(expected) = patch.expected_version.filter(|v| *v != customer.version) {
+                return Err(Error::VersionMismatch {
+                    id,
+                    expected,
+                    current: customer.version,
+                });
+            }
+            let read_version = customer.version;
             let mut changed = false;
             if let Some(name) = patch.name.filter(|n| n.as_str() != customer.name) {
                 customer.name = name.as_str().to_owned();
@@ -345,19 +355,28 @@ impl CrmStore for SqliteStore {
             customer.update_time = now;
             customer.version += 1;
             let event = Self::append(c, EventType::Updated, &customer, now)?;
-            c.prepare_cached(
-                "UPDATE customers SET name = ?2, email = ?3, email_key = COALESCE(?4, email_key),
+            // Compare-and-set: written only over the version read above.
+            let written = c
+                .prepare_cached(
+                    "UPDATE customers SET name = ?2, email = ?3, email_key = COALESCE(?4, email_key),
                      update_time = ?5, version = ?6
-                 WHERE id = ?1",
-            )?
-            .execute(params![
-                id.to_string(),
-                customer.name,
-                customer.email,
-                email_key,
-                to_micros(now),
-                customer.version,
-            ])?;
+                 WHERE id = ?1 AND version = ?7",
+                )?
+                .execute(params![
+                    id.to_string(),
+                    customer.name,
+                    customer.email,
+                    email_key,
+                    to_micros(now),
+                    customer.version,
+                    read_version,
+                ])?;
+            if written != 1 {
+                return Err(Error::Storage(mip_runtime::store::DbError::Other {
+                    database: "crm".into(),
+                    reason: format!("customer {id} changed inside its own write transaction"),
+                }));
+            }
             Ok((customer, vec![Arc::new(event)]))
         })
         .await

@@ -20,16 +20,21 @@ use mip_runtime::store::Database;
 
 pub use self::postgres::PgStore;
 pub use self::sqlite::{DB_FILE, SqliteStore};
+use crate::deliver::Action;
 use crate::error::Error;
 use crate::tracker::Mark;
 
 /// A delivery that failed for good.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
-    /// The CRM event (or `relist:<customer id>` for a delivery made while relisting).
+    /// The CRM event (or `relist:<customer id>` for a create made while relisting,
+    /// `relist-cancel:<customer id>` for a cancel the relist found missing).
     pub event_id: String,
     /// The customer whose package request failed.
     pub customer_id: String,
+    /// What failed: the create of a new customer's package, or the cancel of a deleted one's.
+    /// A re-drive does the same; letters from before cancels existed are creates.
+    pub action: Action,
     /// Status code and message of the last failure.
     pub reason: String,
     /// Attempts made over every try.
@@ -90,6 +95,16 @@ pub trait IntegrationStore: Send + Sync + 'static {
     ) -> Result<Vec<(u32, SystemTime)>, Error>;
     /// Workers with a heartbeat within `ttl`, each with the partitions it holds.
     async fn live_workers(&self, ttl: Duration, now: SystemTime) -> Result<Vec<Worker>, Error>;
+    /// Takes back every partition still leased to `worker`, bumping each one's epoch: called
+    /// once when a worker starts under a name its previous process had (`--worker-id`), so a
+    /// restart after a crash resumes at once instead of waiting for the old leases to run out,
+    /// and anything that old process still writes is refused.
+    async fn reclaim(
+        &self,
+        worker: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<Lease>, Error>;
     /// Takes up to `max` partitions that nobody holds or whose lease expired, bumping each
     /// one's epoch.
     async fn acquire(
@@ -103,16 +118,24 @@ pub trait IntegrationStore: Send + Sync + 'static {
     async fn release(&self, worker: &str, leases: &[(u32, i64)]) -> Result<(), Error>;
     /// Gives up every lease of `worker` and removes it from the workers.
     async fn retire(&self, worker: &str) -> Result<(), Error>;
-    /// Moves each partition's checkpoint forward to `mark`, where `worker` still holds it at
-    /// the given epoch; returns the partitions whose write was refused because the lease was
-    /// lost (a checkpoint already at or past `mark` is not a refusal).
+    /// Moves each partition's checkpoint to `mark` (only forward, or replacing it: `how`),
+    /// where `worker` still holds it at the given epoch; returns the partitions whose write
+    /// was refused because the lease was lost (a checkpoint already at or past `mark` is not
+    /// a refusal).
     async fn save_checkpoints(
         &self,
         worker: &str,
         leases: &[(u32, i64)],
         mark: &Mark,
+        how: Move,
         now: SystemTime,
     ) -> Result<Vec<u32>, Error>;
+    /// Records `head` as the cluster's start position unless one is recorded already, and
+    /// returns the recorded one. With `--start-position latest`, every partition without a
+    /// checkpoint starts there, whichever worker first leases it and however much later: a
+    /// partition first leased after a pause would otherwise start at the head of that moment
+    /// and skip the customers created in between.
+    async fn start_mark(&self, head: &Mark) -> Result<Mark, Error>;
     /// The saved checkpoint of every partition, in partition order (`None`: none yet).
     async fn checkpoints(&self) -> Result<Vec<(u32, Option<Mark>)>, Error>;
     /// Adds a dead letter, or, if the event is already there, replaces its reason and update
@@ -126,6 +149,18 @@ pub trait IntegrationStore: Send + Sync + 'static {
     async fn remove_dead_letter(&self, event_id: &str) -> Result<(), Error>;
     /// How many dead letters there are.
     async fn count_dead_letters(&self) -> Result<u64, Error>;
+}
+
+/// How a checkpoint write treats the checkpoint already saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    /// Only forward: a saved checkpoint at or past the mark stays, so a late write of an
+    /// older mark can never move a partition back.
+    Forward,
+    /// Replace whatever is saved: the mark is a relist's snapshot, which may belong to a new
+    /// change log (CRM's database was replaced) numbered lower than the saved checkpoint of
+    /// the old one.
+    Replace,
 }
 
 /// The store `database` names. SQLite opens (and migrates) here; PostgreSQL connects in the

@@ -17,7 +17,8 @@ use async_trait::async_trait;
 use mip_runtime::CancellationToken;
 use mip_runtime::postgres::{Connecting, Pg, PgOptions};
 
-use super::{DeadLetter, IntegrationStore, Lease, Worker};
+use super::{DeadLetter, IntegrationStore, Lease, Move, Worker};
+use crate::deliver::Action;
 use crate::error::Error;
 use crate::tracker::Mark;
 
@@ -65,6 +66,13 @@ const MIGRATIONS: &[&str] = &[
         worker_id      TEXT PRIMARY KEY,
         last_heartbeat TIMESTAMPTZ NOT NULL
     );",
+    // One start position for the whole cluster (`--start-position latest`).
+    "ALTER TABLE integration.cluster ADD COLUMN start_token TEXT,
+        ADD COLUMN start_sequence BIGINT;",
+    // Deleted customers' packages are cancelled through the same dead-letter list: a letter
+    // says which it was, so a re-drive does the same. Every earlier letter was a create.
+    "ALTER TABLE integration.dead_letters ADD COLUMN action TEXT NOT NULL DEFAULT 'create'
+        CHECK (action IN ('create', 'cancel'));",
 ];
 
 /// The PostgreSQL store; usable once connected (calls before fail as UNAVAILABLE).
@@ -209,6 +217,28 @@ impl IntegrationStore for PgStore {
             .collect())
     }
 
+    async fn reclaim(
+        &self,
+        worker: &str,
+        ttl: Duration,
+        _now: SystemTime,
+    ) -> Result<Vec<Lease>, Error> {
+        let (pg, client) = self.client().await?;
+        let rows = client
+            .query(
+                "UPDATE integration.partitions
+                 SET epoch = epoch + 1, lease_expire_time = now() + make_interval(secs => $2)
+                 WHERE owner = $1
+                 RETURNING partition_id, epoch, lease_expire_time, token, sequence",
+                &[&worker, &ttl.as_secs_f64()],
+            )
+            .await
+            .map_err(|e| pg.error(&e))?;
+        let mut taken: Vec<Lease> = rows.into_iter().map(|r| lease(&r)).collect();
+        taken.sort_by_key(|l| l.partition);
+        Ok(taken)
+    }
+
     async fn acquire(
         &self,
         worker: &str,
@@ -237,18 +267,7 @@ impl IntegrationStore for PgStore {
             .query(&statement, &[&worker, &i64::from(max), &ttl.as_secs_f64()])
             .await
             .map_err(|e| pg.error(&e))?;
-        let mut taken: Vec<Lease> = rows
-            .into_iter()
-            .map(|r| Lease {
-                partition: r.get::<_, i32>(0).unsigned_abs(),
-                epoch: r.get(1),
-                expire_time: r.get(2),
-                checkpoint: r
-                    .get::<_, Option<String>>(3)
-                    .zip(r.get::<_, Option<i64>>(4))
-                    .map(|(token, sequence)| Mark { sequence, token }),
-            })
-            .collect();
+        let mut taken: Vec<Lease> = rows.into_iter().map(|r| lease(&r)).collect();
         taken.sort_by_key(|l| l.partition);
         Ok(taken)
     }
@@ -292,28 +311,38 @@ impl IntegrationStore for PgStore {
         worker: &str,
         leases: &[(u32, i64)],
         mark: &Mark,
+        how: Move,
         now: SystemTime,
     ) -> Result<Vec<u32>, Error> {
         let (pg, client) = self.client().await?;
         let (partitions, epochs) = split(leases);
+        let replace = how == Move::Replace;
         // One statement for every partition: the write lands only where the lease is still
         // this worker's at this epoch; the partitions it refused because the lease moved on
-        // are told apart from those already at or past the mark.
+        // are told apart from those already at or past the mark. The rows are locked first
+        // (`FOR UPDATE` waits for a takeover in flight and then reads the committed lease),
+        // so the write and the refusals are decided on the same, current lease: read from
+        // the statement's snapshot instead, a takeover that commits while the write waits
+        // would be refused by the UPDATE but not reported, and the stale worker would go on
+        // believing it holds the partition.
         let statement = client
             .prepare_cached(
                 "WITH mine AS (
                      SELECT * FROM unnest($2::int[], $3::bigint[]) AS m(partition_id, epoch)),
+                 lease AS (
+                     SELECT p.partition_id, p.owner, p.epoch, p.sequence
+                     FROM integration.partitions p JOIN mine USING (partition_id)
+                     FOR UPDATE OF p),
                  written AS (
                      UPDATE integration.partitions p
                      SET token = $4, sequence = $5, update_time = $6
-                     FROM mine WHERE p.partition_id = mine.partition_id
-                     AND p.owner = $1 AND p.epoch = mine.epoch
-                     AND (p.sequence IS NULL OR p.sequence < $5)
+                     FROM mine JOIN lease USING (partition_id)
+                     WHERE p.partition_id = mine.partition_id
+                     AND lease.owner = $1 AND lease.epoch = mine.epoch
+                     AND (lease.sequence IS NULL OR lease.sequence < $5 OR $7)
                      RETURNING p.partition_id)
-                 SELECT mine.partition_id FROM mine
-                 JOIN integration.partitions p ON p.partition_id = mine.partition_id
-                 WHERE (p.owner IS DISTINCT FROM $1 OR p.epoch <> mine.epoch)
-                 AND mine.partition_id NOT IN (SELECT partition_id FROM written)",
+                 SELECT mine.partition_id FROM mine JOIN lease USING (partition_id)
+                 WHERE (lease.owner IS DISTINCT FROM $1 OR lease.epoch <> mine.epoch)",
             )
             .await
             .map_err(|e| pg.error(&e))?;
@@ -327,6 +356,7 @@ impl IntegrationStore for PgStore {
                     &mark.token,
                     &mark.sequence,
                     &now,
+                    &replace,
                 ],
             )
             .await
@@ -335,6 +365,26 @@ impl IntegrationStore for PgStore {
             .into_iter()
             .map(|r| r.get::<_, i32>(0).unsigned_abs())
             .collect())
+    }
+
+    async fn start_mark(&self, head: &Mark) -> Result<Mark, Error> {
+        let (pg, client) = self.client().await?;
+        // A racing worker's UPDATE waits for this row and then re-reads it, so every worker
+        // gets back the mark that was recorded first.
+        let row = client
+            .query_one(
+                "UPDATE integration.cluster
+                 SET start_token = COALESCE(start_token, $1),
+                     start_sequence = COALESCE(start_sequence, $2)
+                 WHERE id = 1 RETURNING start_token, start_sequence",
+                &[&head.token, &head.sequence],
+            )
+            .await
+            .map_err(|e| pg.error(&e))?;
+        Ok(Mark {
+            token: row.get(0),
+            sequence: row.get(1),
+        })
     }
 
     async fn checkpoints(&self) -> Result<Vec<(u32, Option<Mark>)>, Error> {
@@ -367,7 +417,7 @@ impl IntegrationStore for PgStore {
         let statement = client
             .prepare_cached(
                 "INSERT INTO integration.dead_letters AS d (event_id, customer_id, reason,
-                 attempts, create_time, update_time) VALUES ($1, $2, $3, $4, $5, $6)
+                 attempts, create_time, update_time, action) VALUES ($1, $2, $3, $4, $5, $6, $7)
                  ON CONFLICT (event_id) DO UPDATE SET reason = excluded.reason,
                  attempts = d.attempts + excluded.attempts, update_time = excluded.update_time",
             )
@@ -383,6 +433,7 @@ impl IntegrationStore for PgStore {
                     &i64::from(letter.attempts),
                     &letter.create_time,
                     &letter.update_time,
+                    &letter.action.as_str(),
                 ],
             )
             .await
@@ -398,8 +449,8 @@ impl IntegrationStore for PgStore {
         let (pg, client) = self.client().await?;
         let statement = client
             .prepare_cached(
-                "SELECT id, event_id, customer_id, reason, attempts, create_time, update_time
-                 FROM integration.dead_letters WHERE id > $1 ORDER BY id LIMIT $2",
+                "SELECT id, event_id, customer_id, reason, attempts, create_time, update_time,
+                 action FROM integration.dead_letters WHERE id > $1 ORDER BY id LIMIT $2",
             )
             .await
             .map_err(|e| pg.error(&e))?;
@@ -408,22 +459,31 @@ impl IntegrationStore for PgStore {
             .query(&statement, &[&after, &limit])
             .await
             .map_err(|e| pg.error(&e))?;
-        Ok(rows
-            .into_iter()
+        rows.into_iter()
             .map(|r| {
-                (
+                let name: String = r.get(7);
+                // A name this build does not know fails the read rather than re-drive a letter
+                // as something it is not.
+                let action = Action::parse(&name).ok_or_else(|| {
+                    Error::Storage(mip_runtime::store::DbError::Other {
+                        database: pg.name().to_owned(),
+                        reason: format!("unknown dead-letter action {name:?}"),
+                    })
+                })?;
+                Ok((
                     r.get(0),
                     DeadLetter {
                         event_id: r.get(1),
                         customer_id: r.get(2),
+                        action,
                         reason: r.get(3),
                         attempts: u32::try_from(r.get::<_, i64>(4)).unwrap_or(u32::MAX),
                         create_time: r.get(5),
                         update_time: r.get(6),
                     },
-                )
+                ))
             })
-            .collect())
+            .collect()
     }
 
     async fn remove_dead_letter(&self, event_id: &str) -> Result<(), Error> {
@@ -451,6 +511,19 @@ impl IntegrationStore for PgStore {
             .map_err(|e| pg.error(&e))?
             .get(0);
         Ok(n.unsigned_abs())
+    }
+}
+
+/// A lease from a row of (partition_id, epoch, lease_expire_time, token, sequence).
+fn lease(row: &tokio_postgres::Row) -> Lease {
+    Lease {
+        partition: row.get::<_, i32>(0).unsigned_abs(),
+        epoch: row.get(1),
+        expire_time: row.get(2),
+        checkpoint: row
+            .get::<_, Option<String>>(3)
+            .zip(row.get::<_, Option<i64>>(4))
+            .map(|(token, sequence)| Mark { sequence, token }),
     }
 }
 

@@ -11,7 +11,8 @@ use mip_runtime::sqlite::{Db, Durability};
 use rusqlite::params;
 use rusqlite_migration::{M, Migrations};
 
-use super::{DeadLetter, IntegrationStore, Lease, Worker};
+use super::{DeadLetter, IntegrationStore, Lease, Move, Worker};
+use crate::deliver::Action;
 use crate::error::Error;
 use crate::tracker::Mark;
 
@@ -20,7 +21,7 @@ pub const DB_FILE: &str = "integration.db";
 
 /// The schema's history, one step per version. Steps are never edited once released, only
 /// added.
-const STEPS: [&str; 4] = [
+const STEPS: [&str; 6] = [
     "CREATE TABLE checkpoint (
         id          BIGINT PRIMARY KEY CHECK (id = 1),
         token       TEXT NOT NULL,
@@ -63,7 +64,19 @@ const STEPS: [&str; 4] = [
         worker_id      TEXT PRIMARY KEY,
         last_heartbeat BIGINT NOT NULL
     );",
+    // One start position for the whole cluster (`--start-position latest`).
+    "ALTER TABLE cluster ADD COLUMN start_token TEXT;
+    ALTER TABLE cluster ADD COLUMN start_sequence BIGINT;",
+    // Deleted customers' packages are cancelled through the same dead-letter list: a letter
+    // says which it was, so a re-drive does the same. Every earlier letter was a create.
+    "ALTER TABLE dead_letters ADD COLUMN action TEXT NOT NULL DEFAULT 'create'
+        CHECK (action IN ('create', 'cancel'));",
 ];
+
+/// Records the start position unless one is; returns the recorded one (both backends).
+const START_MARK: &str = "UPDATE cluster SET start_token = COALESCE(start_token, ?1),
+     start_sequence = COALESCE(start_sequence, ?2) WHERE id = 1
+     RETURNING start_token, start_sequence";
 
 fn migrations() -> Migrations<'static> {
     Migrations::new(STEPS.iter().copied().map(M::up).collect())
@@ -193,6 +206,40 @@ impl IntegrationStore for SqliteStore {
             .await
     }
 
+    async fn reclaim(
+        &self,
+        worker: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<Lease>, Error> {
+        let worker = worker.to_owned();
+        let expire = now + ttl;
+        self.db
+            .write(move |c| {
+                let mut take = c.prepare_cached(
+                    "UPDATE partitions SET epoch = epoch + 1, lease_expire_time = ?2
+                     WHERE owner = ?1 RETURNING partition_id, epoch, token, sequence",
+                )?;
+                let mut taken = take
+                    .query_map(params![worker, to_micros(expire)], |r| {
+                        let token: Option<String> = r.get(2)?;
+                        let sequence: Option<i64> = r.get(3)?;
+                        Ok(Lease {
+                            partition: u32::try_from(r.get::<_, i64>(0)?).unwrap_or(u32::MAX),
+                            epoch: r.get(1)?,
+                            expire_time: expire,
+                            checkpoint: token
+                                .zip(sequence)
+                                .map(|(token, sequence)| Mark { sequence, token }),
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                taken.sort_by_key(|l| l.partition);
+                Ok(taken)
+            })
+            .await
+    }
+
     async fn acquire(
         &self,
         worker: &str,
@@ -280,15 +327,17 @@ impl IntegrationStore for SqliteStore {
         worker: &str,
         leases: &[(u32, i64)],
         mark: &Mark,
+        how: Move,
         now: SystemTime,
     ) -> Result<Vec<u32>, Error> {
         let (worker, leases, mark) = (worker.to_owned(), leases.to_vec(), mark.clone());
+        let replace = how == Move::Replace;
         self.db
             .write(move |c| {
                 let mut update = c.prepare_cached(
                     "UPDATE partitions SET token = ?1, sequence = ?2, update_time = ?3
                      WHERE partition_id = ?4 AND owner = ?5 AND epoch = ?6
-                     AND (sequence IS NULL OR sequence < ?2)",
+                     AND (sequence IS NULL OR sequence < ?2 OR ?7)",
                 )?;
                 let mut held = c.prepare_cached(
                     "SELECT COUNT(*) FROM partitions
@@ -303,7 +352,8 @@ impl IntegrationStore for SqliteStore {
                         to_micros(now),
                         p,
                         worker,
-                        epoch
+                        epoch,
+                        replace
                     ])?;
                     if rows == 0 {
                         let still: i64 = held.query_row(params![p, worker, epoch], |r| r.get(0))?;
@@ -313,6 +363,24 @@ impl IntegrationStore for SqliteStore {
                     }
                 }
                 Ok(fenced)
+            })
+            .await
+    }
+
+    async fn start_mark(&self, head: &Mark) -> Result<Mark, Error> {
+        let head = head.clone();
+        self.db
+            .write(move |c| {
+                let mark = c.prepare_cached(START_MARK)?.query_row(
+                    params![head.token, head.sequence],
+                    |r| {
+                        Ok(Mark {
+                            token: r.get(0)?,
+                            sequence: r.get(1)?,
+                        })
+                    },
+                )?;
+                Ok(mark)
             })
             .await
     }
@@ -345,8 +413,8 @@ impl IntegrationStore for SqliteStore {
             .write(move |c| {
                 c.prepare_cached(
                     "INSERT INTO dead_letters (event_id, customer_id, reason, attempts,
-                     create_time, update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT
-                     (event_id) DO UPDATE SET reason = excluded.reason, attempts =
+                     create_time, update_time, action) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (event_id) DO UPDATE SET reason = excluded.reason, attempts =
                      dead_letters.attempts + excluded.attempts, update_time =
                      excluded.update_time",
                 )?
@@ -357,6 +425,7 @@ impl IntegrationStore for SqliteStore {
                     i64::from(letter.attempts),
                     to_micros(letter.create_time),
                     to_micros(letter.update_time),
+                    letter.action.as_str(),
                 ])?;
                 Ok(())
             })
@@ -371,8 +440,8 @@ impl IntegrationStore for SqliteStore {
         self.db
             .read(move |c| {
                 let mut statement = c.prepare_cached(
-                    "SELECT id, event_id, customer_id, reason, attempts, create_time, update_time
-                     FROM dead_letters WHERE id > ?1 ORDER BY id LIMIT ?2",
+                    "SELECT id, event_id, customer_id, reason, attempts, create_time, update_time,
+                     action FROM dead_letters WHERE id > ?1 ORDER BY id LIMIT ?2",
                 )?;
                 let rows = statement
                     .query_map(
@@ -388,6 +457,7 @@ impl IntegrationStore for SqliteStore {
                                         .unwrap_or(u32::MAX),
                                     create_time: from_micros(r.get(5)?),
                                     update_time: from_micros(r.get(6)?),
+                                    action: action(r, 7)?,
                                 },
                             ))
                         },
@@ -419,6 +489,19 @@ impl IntegrationStore for SqliteStore {
             })
             .await
     }
+}
+
+/// The action stored in column `index`; a name this build does not know fails the read
+/// rather than re-drive a letter as something it is not.
+fn action(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Action> {
+    let name: String = row.get(index)?;
+    Action::parse(&name).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Text,
+            format!("unknown dead-letter action {name:?}").into(),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -453,5 +536,29 @@ mod tests {
             )
             .unwrap();
         assert_eq!(tables, 0);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_from_before_cancels_read_as_creates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        {
+            // A database an earlier build left at version 5, with a dead letter.
+            let mut conn = rusqlite::Connection::open(&path).unwrap();
+            Migrations::new(STEPS[..5].iter().copied().map(M::up).collect())
+                .to_latest(&mut conn)
+                .unwrap();
+            conn.execute(
+                "INSERT INTO dead_letters (event_id, customer_id, reason, attempts, create_time,
+                 update_time) VALUES ('e1', 'c1', 'InvalidArgument: old', 1, 0, 0)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(dir.path(), Durability::Normal).unwrap();
+        let rows = store.dead_letters(0, 10).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].1.event_id, "e1");
+        assert_eq!(rows[0].1.action, Action::Create);
     }
 }
