@@ -25,6 +25,7 @@ import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 
 import {
+  CrmErrorReason,
   createCrmClient,
   createHealthClient,
   createInventoryClient,
@@ -312,6 +313,10 @@ async function decodeBadRequest(crm: CrmClient, timeoutMs: number): Promise<void
         .map(([key, value]) => `${key}=${value}`)
         .join(" ");
       console.log(`  error info reason ${info.reason} domain ${info.domain} ${metadata}`.trimEnd());
+      // The reasons are a contract: each is a value of the service's ErrorReason enum.
+      if (!(info.reason in CrmErrorReason)) {
+        throw new Error(`ErrorInfo reason ${info.reason} is not a value of crm.v1.ErrorReason`);
+      }
     }
     return;
   }

@@ -17,11 +17,15 @@ import {
   type BadRequest_FieldViolation,
   type ErrorInfo,
 } from "./gen/google/rpc/error_details_pb.js";
+import { ErrorReason as CrmErrorReason } from "./gen/crm/v1/error_reason_pb.js";
 
-/** `ErrorInfo.reason` of a resume token that retention has overtaken: relist, then watch. */
-export const RESUME_TOKEN_EXPIRED = "RESUME_TOKEN_EXPIRED";
+/**
+ * `ErrorInfo.reason` of a resume token that retention has overtaken: relist, then watch.
+ * Taken from the contract's enum, so a renamed reason fails the build instead of the relist.
+ */
+export const RESUME_TOKEN_EXPIRED = CrmErrorReason[CrmErrorReason.RESUME_TOKEN_EXPIRED];
 /** `ErrorInfo.reason` of a resume token issued by another CRM database: relist, then watch. */
-export const RESUME_TOKEN_UNKNOWN_LOG = "RESUME_TOKEN_UNKNOWN_LOG";
+export const RESUME_TOKEN_UNKNOWN_LOG = CrmErrorReason[CrmErrorReason.RESUME_TOKEN_UNKNOWN_LOG];
 
 /** The details of a failed call that the platform documents. */
 export interface ErrorDetails {
@@ -47,7 +51,10 @@ export function errorDetails(error: unknown): ErrorDetails {
   };
 }
 
-/** The `ErrorInfo.reason` of `error`, if it carries one. */
+/**
+ * The `ErrorInfo.reason` of `error`, if it carries one: the name of a value of the service's
+ * `ErrorReason` enum, for example `CrmErrorReason[CrmErrorReason.EMAIL_TAKEN]`.
+ */
 export function errorReason(error: unknown): string | undefined {
   return errorDetails(error).errorInfo?.reason;
 }

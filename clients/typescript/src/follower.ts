@@ -494,9 +494,8 @@ export class CustomerFollower implements AsyncIterable<FeedItem> {
       this.#sequence = beat.sequence;
       this.#token = beat.resumeToken;
     }
-    // `caught_up` is newer than some servers: without it, heartbeats only move the token.
-    const caughtUp = "caughtUp" in beat && beat.caughtUp === true;
-    if (caughtUp && this.#liveDue && this.#settings.signalLive) {
+    // Older CRM versions never set `caught_up`: their heartbeats only move the token.
+    if (beat.caughtUp && this.#liveDue && this.#settings.signalLive) {
       this.#liveDue = false;
       return { kind: "live", token: this.#token };
     }

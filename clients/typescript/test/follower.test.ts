@@ -236,6 +236,26 @@ test("follower relists when CRM's database is replaced, and follows the new log 
   assert.equal(collector.error, undefined);
 });
 
+test("follower signals live once the stream has replayed the backlog", { timeout: TEST_TIMEOUT_MS }, async () => {
+  const crm = await startCrm([]);
+  const backlog = await createCustomers(crm.client(), 3, "backlog");
+  const follower = followCustomers(crm.client(), { ...FAST, signalLive: true });
+  const collector = new Collector(follower);
+  try {
+    // CRM marks the heartbeat it sends right after the backlog `caught_up`.
+    await collector.until(() => collector.items.some((item) => item.kind === "live"), WAIT_MS, "the live signal");
+  } finally {
+    follower.close();
+    await collector.done;
+  }
+  assert.deepEqual(
+    collector.items.map((item) => item.kind),
+    ["event", "event", "event", "live"],
+  );
+  assertCreatedExactly(collector.events(), backlog);
+  assert.equal(collector.error, undefined);
+});
+
 test("follower hands over a permanent error instead of retrying it forever", { timeout: TEST_TIMEOUT_MS }, async () => {
   const crm = await startCrm([]);
   const collector = new Collector(followCustomers(crm.client(), { ...FAST, token: "not-a-token" }));
