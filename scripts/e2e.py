@@ -47,12 +47,15 @@ EXPECT = {
     "GetStatus": ['"mode": "FEED_MODE_STREAM"', '"delivered"', '"lagEvents": "0"',
                   '"deadLettered": "0"'],
     "Health/Check": ['"status": "SERVING"'],
-    '"name": ""': ["InvalidArgument", "fieldViolations", '"field":"email"'],
+    '"name": ""': ["InvalidArgument", "fieldViolations", '"field":"email"', '"reason":"INVALID_FIELD"'],
+    '"name": "Ada King"': ['"name": "Ada King"', '"version": "2"'],
+    '"name": "Ada Byron"': ["Aborted", '"reason":"VERSION_MISMATCH"', "is at version 2, not version 1"],
 }
 # Lines whose exit code is not 0 by design.
 EXIT_CODES = {
     "WatchCustomers": {68},  # the stream never ends by itself: -max-time's DEADLINE_EXCEEDED
     '"name": ""': {67},  # INVALID_ARGUMENT
+    '"name": "Ada Byron"': {74},  # ABORTED: the stale-version update
 }
 # Lines that may need the platform a moment to catch up (the package is created asynchronously).
 EVENTUAL = {"ListPackageRequests", "GetStatus"}

@@ -69,11 +69,6 @@ pub fn request_id(customer_id: &str) -> Uuid {
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
-/// A package created this long before the delivery that asked for it began was there before:
-/// Inventory's answer does not say whether a create was new or a replay, so its create time
-/// tells, allowing this much for the two hosts' clocks to disagree. Only for the log line.
-const CLOCK_SKEW: Duration = Duration::from_secs(1);
-
 /// What a delivery does for a customer: what its CRM event asks for, and what a dead letter
 /// records so that a re-drive does the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,9 +235,6 @@ impl Deliverer {
 
     /// Creates the customer's welcome package request, retrying transient failures.
     pub async fn deliver(&self, customer_id: &str, shutdown: &CancellationToken) -> Outcome {
-        // Compared with Inventory's create time, which is wall-clock time on its host: so this
-        // is the wall clock too, not the injectable one.
-        let began = SystemTime::now();
         self.retrying(customer_id, "package request", shutdown, || async {
             let package = self.ensure(customer_id).await?;
             let package_create_time = package
@@ -250,7 +242,7 @@ impl Deliverer {
                 .and_then(|p| p.create_time)
                 .and_then(|t| SystemTime::try_from(t).ok());
             match &package {
-                Some(p) if existed_before(p, began) => {
+                Some(p) if existed_before(p) => {
                     info!(customer_id, package_request_id = %p.id, status = ?p.status(), "package request already existed");
                 }
                 Some(p) => info!(customer_id, package_request_id = %p.id, "package request created"),
@@ -461,16 +453,10 @@ impl Deliverer {
     }
 }
 
-/// Whether `package` was there before a delivery that began at `began`: it has moved on from
-/// PENDING, or Inventory created it more than [`CLOCK_SKEW`] earlier. A replay created within
-/// that allowance (a restart straight after the create) still reads as created: Inventory's
-/// answer carries no "replayed" flag to tell for certain.
-fn existed_before(package: &pb::PackageRequest, began: SystemTime) -> bool {
-    let created = package
-        .create_time
-        .and_then(|t| SystemTime::try_from(t).ok());
-    package.status() != PackageStatus::Pending
-        || created.is_some_and(|created| created + CLOCK_SKEW < began)
+/// Whether `package` was there before this delivery: Inventory says the create was a replay,
+/// or the package has moved on from PENDING.
+fn existed_before(package: &pb::PackageRequest) -> bool {
+    package.replayed || package.status() != PackageStatus::Pending
 }
 
 #[cfg(test)]
@@ -531,31 +517,16 @@ mod tests {
     }
 
     #[test]
-    fn a_package_reads_as_already_there_when_shipped_or_created_well_before_the_delivery() {
-        let began = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let package = |status: PackageStatus, created: SystemTime| pb::PackageRequest {
+    fn a_package_reads_as_already_there_when_replayed_or_moved_on() {
+        let package = |status: PackageStatus, replayed: bool| pb::PackageRequest {
             status: status.into(),
-            create_time: Some(created.into()),
+            replayed,
             ..pb::PackageRequest::default()
         };
-        // Created by this delivery (or within the clock allowance of its start).
-        assert!(!existed_before(
-            &package(PackageStatus::Pending, began),
-            began
-        ));
-        let skewed = began - CLOCK_SKEW / 2;
-        assert!(!existed_before(
-            &package(PackageStatus::Pending, skewed),
-            began
-        ));
-        // Created by an earlier run, or already moved on: a replay.
-        let earlier = began - Duration::from_secs(60);
-        assert!(existed_before(
-            &package(PackageStatus::Pending, earlier),
-            began
-        ));
+        assert!(!existed_before(&package(PackageStatus::Pending, false)));
+        assert!(existed_before(&package(PackageStatus::Pending, true)));
         for status in [PackageStatus::Shipped, PackageStatus::Cancelled] {
-            assert!(existed_before(&package(status, began), began));
+            assert!(existed_before(&package(status, false)));
         }
     }
 

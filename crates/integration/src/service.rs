@@ -10,6 +10,7 @@ use mip_runtime::token;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use crate::deliver::Action;
 use crate::engine::{Handled, Handler};
 use crate::error::{DOMAIN, Error};
 use crate::lease::Leases;
@@ -102,6 +103,8 @@ impl<S: IntegrationStore + ?Sized> pb::integration_service_server::IntegrationSe
                 })
                 .collect(),
             checkpoint_writes_fenced: count(stats.checkpoint_fenced.load(Ordering::Relaxed)),
+            cancelled: count(stats.cancelled.load(Ordering::Relaxed)),
+            cancel_left_as_is: count(stats.left_as_is.load(Ordering::Relaxed)),
         }))
     }
 
@@ -140,6 +143,11 @@ impl<S: IntegrationStore + ?Sized> pb::integration_service_server::IntegrationSe
                     attempts: i32::try_from(letter.attempts).unwrap_or(i32::MAX),
                     create_time: Some(timestamp(letter.create_time)),
                     update_time: Some(timestamp(letter.update_time)),
+                    action: match letter.action {
+                        Action::Create => pb::DeadLetterAction::Create,
+                        Action::Cancel => pb::DeadLetterAction::Cancel,
+                    }
+                    .into(),
                 })
                 .collect(),
             next_page_token,

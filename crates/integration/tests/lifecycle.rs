@@ -27,7 +27,9 @@ use mip_integration::deliver::PACKAGE_TYPE;
 use mip_proto::crm::v1 as crm;
 use mip_proto::crm::v1::crm_service_server::{CrmService, CrmServiceServer};
 use mip_proto::crm::v1::{DeleteCustomerRequest, ListCustomerEventsRequest};
-use mip_proto::integration::v1::{ListDeadLettersRequest, RetryDeadLettersRequest};
+use mip_proto::integration::v1::{
+    DeadLetterAction, ListDeadLettersRequest, RetryDeadLettersRequest,
+};
 use mip_proto::inventory::v1 as inventory;
 use mip_proto::inventory::v1::inventory_service_server::{
     InventoryService, InventoryServiceServer,
@@ -180,6 +182,8 @@ backend_tests! {
             let head = crm_head(&crm).await;
             let status = integration.wait_for_checkpoint(head).await;
             assert_eq!(status.dead_lettered, 0, "{status:?}");
+            assert_eq!(status.cancelled, 8, "{status:?}");
+            assert_eq!(status.cancel_left_as_is, 0, "{status:?}");
             integration.stop().await;
             services.stop().await;
         })
@@ -220,6 +224,7 @@ backend_tests! {
             assert_eq!(letters.len(), 1, "{letters:?}");
             assert_eq!(letters[0].customer_id, ids[0]);
             assert!(letters[0].reason.contains("InvalidArgument"), "{letters:?}");
+            assert_eq!(letters[0].action(), DeadLetterAction::Cancel, "{letters:?}");
             let head = crm_head(&crm).await;
             let status = integration.wait_for_checkpoint(head).await;
             assert_eq!(status.dead_lettered, 1, "{status:?}");
@@ -433,6 +438,7 @@ async fn a_shipped_package_is_left_shipped_when_its_customer_is_deleted() {
         // Not a failure: nothing dead-lettered, and the shipped one kept its status.
         assert_eq!(status.dead_lettered, 0, "{status:?}");
         assert_eq!(status.dead_letters_pending, 0, "{status:?}");
+        assert_eq!(status.cancel_left_as_is, 1, "{status:?}");
         let mut expected = all(&ids[..1], PackageStatus::Shipped);
         expected.extend(all(&ids[1..], PackageStatus::Cancelled));
         assert_eq!(package_statuses(&inventory).await, expected);

@@ -83,6 +83,7 @@ fn package_request_to_proto(request: &PackageRequest) -> pb::PackageRequest {
             .request_id
             .map(|r| r.to_string())
             .unwrap_or_default(),
+        replayed: false,
     }
 }
 
@@ -168,7 +169,10 @@ fn created_to_proto(created: &Created) -> pb::PackageRequest {
         replayed = created.replayed,
         "package request created"
     );
-    package_request_to_proto(package_request)
+    pb::PackageRequest {
+        replayed: created.replayed,
+        ..package_request_to_proto(package_request)
+    }
 }
 
 /// A failed create, as one result of a batch.

@@ -462,6 +462,14 @@ async fn an_empty_or_oversized_batch_is_invalid_as_a_whole() {
     .await;
 }
 
+/// A create's answer without its `replayed` flag, to compare with the original's.
+fn pb_without_replayed(package: PackageRequest) -> PackageRequest {
+    PackageRequest {
+        replayed: false,
+        ..package
+    }
+}
+
 mip_testkit::backend_tests! {
     async fn created_package_request_can_be_read_back_and_listed(db: Database) {
         bounded(async {
@@ -500,18 +508,43 @@ mip_testkit::backend_tests! {
                 .unwrap()
                 .into_inner();
             assert_eq!(first.request_id, request_id);
+            assert!(!first.replayed, "the first create made it");
 
             clock.advance(Duration::from_secs(30));
             let retry = server
                 .client
-                .create_package_request(request)
+                .create_package_request(request.clone())
                 .await
                 .unwrap()
                 .into_inner();
+            assert!(retry.replayed, "the retry says it created nothing");
             assert_eq!(
-                retry, first,
+                pb_without_replayed(retry),
+                first,
                 "the retry answers with the original, timestamps included"
             );
+            let batch = server
+                .client
+                .batch_create_package_requests(BatchCreatePackageRequestsRequest {
+                    requests: vec![request],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                matches!(
+                    &batch.results[0].result,
+                    Some(BatchItem::PackageRequest(p)) if p.replayed
+                ),
+                "{batch:?}"
+            );
+            let read = server
+                .client
+                .get_package_request(GetPackageRequestRequest { id: first.id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!read.replayed, "only create answers say so");
             assert_eq!(count(&mut server.client).await, 1);
             server.stop().await;
         })
@@ -822,7 +855,8 @@ mip_testkit::backend_tests! {
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!(retry, shipped);
+            assert!(retry.replayed);
+            assert_eq!(pb_without_replayed(retry), shipped);
             assert_eq!(count(&mut server.client).await, 2);
             // New requests list after the old ones.
             let newest = create(&mut server.client, Uuid::now_v7(), "welcome_package").await;
