@@ -213,11 +213,7 @@ async fn a_partition_leased_late_starts_at_the_clusters_start_mark() {
             lease_ttl: Duration::from_secs(3),
             ..cluster_options(&crm, &inventory)
         };
-        let store = mip_integration::store::open(&database, &CancellationToken::new())
-            .await
-            .expect("store opens");
-        store.ready().await.expect("store ready");
-        store.init_partitions(options.partitions).await.unwrap();
+        let store = common::staged_store(&database, options.partitions).await;
         store
             .heartbeat("vanished", SystemTime::now())
             .await

@@ -781,11 +781,7 @@ backend_tests! {
                 lease_ttl: CONVERGE_TIMEOUT * 2,
                 ..integration_options(crm.addr, inventory.addr, Mode::Stream)
             };
-            let store = mip_integration::store::open(&db, &CancellationToken::new())
-                .await
-                .expect("store opens");
-            store.ready().await.expect("store ready");
-            store.init_partitions(options.partitions).await.unwrap();
+            let store = common::staged_store(&db, options.partitions).await;
             store.heartbeat("worker-a", SystemTime::now()).await.unwrap();
             let held = store
                 .acquire("worker-a", options.partitions, options.lease_ttl, SystemTime::now())
@@ -832,11 +828,7 @@ backend_tests! {
 
             // Half the partitions are past every customer on this log (as if relisted onto
             // it); the other half are far ahead on a log this CRM never had.
-            let store = mip_integration::store::open(&db, &CancellationToken::new())
-                .await
-                .expect("store opens");
-            store.ready().await.expect("store ready");
-            store.init_partitions(options.partitions).await.unwrap();
+            let store = common::staged_store(&db, options.partitions).await;
             let taken = store
                 .acquire("setup", options.partitions, Duration::from_secs(60), SystemTime::now())
                 .await

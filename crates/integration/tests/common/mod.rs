@@ -351,6 +351,23 @@ pub fn integration_options(
     }
 }
 
+/// The integration store `database` names, ready, with its `partitions` recorded: for tests
+/// that stage what earlier workers left in it before a service starts.
+pub async fn staged_store(
+    database: &Database,
+    partitions: u32,
+) -> Arc<dyn mip_integration::store::IntegrationStore> {
+    let store = mip_integration::store::open(database, &CancellationToken::new())
+        .await
+        .expect("store opens");
+    store.ready().await.expect("store ready");
+    store
+        .init_partitions(partitions)
+        .await
+        .expect("partitions recorded");
+    store
+}
+
 /// The integration service, restartable on the same store. Its admin API gets a new ephemeral
 /// port on every start; nothing depends on it staying the same.
 pub struct Integration {
