@@ -4,6 +4,7 @@
 //! Build and run it in release mode; figures from a debug build say little:
 //!
 //! ```sh
+//! cargo run --release -p mip-bench -- ceiling               # the same load against no-op servers
 //! cargo run --release -p mip-bench -- throughput            # N customers at concurrency C
 //! cargo run --release -p mip-bench -- latency               # open loop at R/s for D seconds
 //! cargo run --release -p mip-bench -- unary                 # CreateCustomer alone
@@ -22,7 +23,16 @@
 //! `--database-url postgres://...` (PostgreSQL instead of SQLite; the bench empties the
 //! services' schemas in that database before each scenario),
 //! `--processes`, `--json PATH` (default
-//! `target/bench/<scenario>.json`). `--help` lists them all.
+//! `target/bench/<scenario>.json`), `--with-ceiling` (throughput and unary: the no-op legs of
+//! the ceiling before and after, and every figure as a fraction of it), `--rounds` and `--legs`
+//! (the ceiling's). `--help` lists them all.
+//!
+//! The ceiling: this machine's speed changes from hour to hour, so every closed-loop figure can
+//! be read next to what a no-op `CrmService` (creates answered at once, no storage) reaches with
+//! the same load generator, connections and concurrency in the same run, served by bare tonic,
+//! and behind the project's own `runtime::server` stack (which prices its layers). `ceiling`
+//! alternates those with the real CreateCustomer and CreateCustomer end to end; see
+//! [`ceiling`].
 //!
 //! By default the three services run in this process, each on its own `127.0.0.1:0` listener
 //! and temporary data directory, on a runtime of their own. `--processes` runs them as separate
@@ -54,6 +64,8 @@
 //!
 //! Layout:
 //! - [`platform`]: starts and stops the services, in-process or as processes.
+//! - [`noop`]: the no-op CRM of the ceiling and how it is served (`serve-noop`, hidden).
+//! - [`ceiling`]: the ceiling scenario's legs and rounds, and `--with-ceiling`.
 //! - [`load`]: the client side: a few shared HTTP/2 connections, closed- and open-loop drivers.
 //! - [`watch`]: the fan-out watchers, which decode only the fields they time.
 //! - [`poll_cost`]: timed `ListCustomerEvents` batches and CRM's CPU time around them.
@@ -62,14 +74,17 @@
 //! - [`report`]: percentiles, the printed table and the JSON file.
 #![forbid(unsafe_code)]
 
+mod ceiling;
 mod check;
 mod load;
+mod noop;
 mod platform;
 mod poll_cost;
 mod report;
 mod scenarios;
 mod watch;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -78,6 +93,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mip_integration::Mode;
 use mip_runtime::sqlite::Durability;
 
+use crate::ceiling::Leg;
+use crate::noop::Stack;
 use crate::scenarios::Scenario;
 
 /// mimalloc instead of the system allocator: glibc's `malloc` and `free` took about 12% of the
@@ -102,6 +119,10 @@ struct Cli {
 /// The scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
 enum Command {
+    /// The yardstick: the same closed loop against a no-op CRM on bare tonic, the no-op behind
+    /// the project's server stack, the real CreateCustomer, and CreateCustomer end to end,
+    /// alternated over --rounds; each as a fraction of the same round's bare tonic.
+    Ceiling,
     /// Create N customers at concurrency C; report customers/s for creation and end to end.
     Throughput,
     /// Create customers at R/s for D seconds (open loop); report end-to-end latency
@@ -124,6 +145,17 @@ enum Command {
     PollCost,
     /// Every scenario above, in that order, with the same flags.
     All,
+    /// Serve the no-op CRM of the ceiling until stdin closes, printing `listening on ADDR`
+    /// first (the bench starts it with --processes).
+    #[command(hide = true)]
+    ServeNoop {
+        /// How much of the real servers' stack the no-op gets.
+        #[arg(long, env = "MIP_BENCH_NOOP_STACK", value_enum, default_value_t = Stack::Tonic)]
+        stack: Stack,
+        /// Where to listen; port 0 takes a free one.
+        #[arg(long, env = "MIP_BENCH_NOOP_LISTEN", default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
 }
 
 /// Flags shared by every scenario. Options without a value take a default that depends on
@@ -240,6 +272,24 @@ struct Flags {
     )]
     service_log: String,
 
+    /// Throughput and unary: run the ceiling's no-op legs (those of --legs; at least bare
+    /// tonic) right before and right after, and show every figure as a fraction of the ceiling
+    /// (the mean of the two bare-tonic legs).
+    #[arg(long, env = "MIP_BENCH_WITH_CEILING", global = true)]
+    with_ceiling: bool,
+
+    /// Rounds of the ceiling scenario, each running every leg once [default: 3; 1 with
+    /// --smoke].
+    #[arg(long, env = "MIP_BENCH_ROUNDS", global = true)]
+    rounds: Option<usize>,
+
+    /// The ceiling's legs, comma-separated: tonic (the no-op on bare tonic, always needed),
+    /// runtime (the no-op behind runtime::server), metrics, admission, timeout (bare tonic
+    /// plus that layer alone), create (CreateCustomer alone), end-to-end (with the
+    /// integration service following).
+    #[arg(long, env = "MIP_BENCH_LEGS", value_enum, value_delimiter = ',', default_values_t = ceiling::DEFAULT_LEGS, global = true)]
+    legs: Vec<Leg>,
+
     /// Where to write the JSON report [default: target/bench/SCENARIO.json]. With `all`,
     /// the combined report; each scenario also writes its own default file.
     #[arg(long, env = "MIP_BENCH_JSON", global = true)]
@@ -289,6 +339,12 @@ pub struct Settings {
     pub stall_timeout: Duration,
     /// RUST_LOG of service processes.
     pub service_log: String,
+    /// The ceiling's no-op legs around throughput and unary.
+    pub with_ceiling: bool,
+    /// Rounds of the ceiling scenario.
+    pub rounds: usize,
+    /// The ceiling's legs.
+    pub legs: Vec<Leg>,
     /// Whether this is a smoke run (recorded in the JSON so nobody mistakes it for figures).
     pub smoke: bool,
 }
@@ -317,6 +373,9 @@ impl Settings {
             batch: flags.batch,
             stall_timeout: flags.stall_timeout,
             service_log: flags.service_log.clone(),
+            with_ceiling: flags.with_ceiling,
+            rounds: flags.rounds.unwrap_or(if smoke { 1 } else { 3 }),
+            legs: flags.legs.clone(),
             smoke,
         };
         anyhow::ensure!(
@@ -332,6 +391,11 @@ impl Settings {
             "--max-in-flight must be at least 1"
         );
         anyhow::ensure!(settings.connections > 0, "--connections must be at least 1");
+        anyhow::ensure!(settings.rounds > 0, "--rounds must be at least 1");
+        anyhow::ensure!(
+            !settings.legs.is_empty(),
+            "--legs must name at least one leg"
+        );
         anyhow::ensure!(
             (1..=1000).contains(&settings.batch),
             "--batch must be 1 to 1000"
@@ -362,6 +426,9 @@ fn parse_seconds(value: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::ServeNoop { stack, listen } = cli.command {
+        return serve_noop(stack, listen);
+    }
     let settings = match Settings::resolve(&cli.flags) {
         Ok(settings) => settings,
         Err(e) => {
@@ -407,9 +474,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// `mip-bench serve-noop`: the no-op server alone, until stdin closes or a signal.
+fn serve_noop(stack: Stack, listen: SocketAddr) -> ExitCode {
+    let outcome = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("noop-server")
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                tokio::select! {
+                    served = noop::serve_process(stack, listen) => served,
+                    _ = interrupted() => Ok(()),
+                }
+            })
+        });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mip-bench serve-noop: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the scenarios; `Ok(false)` when one ran to the end but a check failed.
 async fn run(command: Command, settings: &Settings, json: Option<PathBuf>) -> anyhow::Result<bool> {
     let scenarios: Vec<Scenario> = match command {
+        Command::Ceiling => vec![Scenario::Ceiling],
         Command::Throughput => vec![Scenario::Throughput],
         Command::Latency => vec![Scenario::Latency],
         Command::Unary => vec![Scenario::Unary],
@@ -418,6 +510,7 @@ async fn run(command: Command, settings: &Settings, json: Option<PathBuf>) -> an
         Command::Memory => vec![Scenario::Memory],
         Command::PollCost => vec![Scenario::PollCost],
         Command::All => Scenario::ALL.to_vec(),
+        Command::ServeNoop { .. } => anyhow::bail!("serve-noop is not a scenario"),
     };
     let single = scenarios.len() == 1;
     let mut reports = Vec::new();
@@ -524,10 +617,42 @@ fn parse_cluster(text: &str) -> Result<Cluster, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    /// The settings a command line resolves to.
+    pub(crate) fn parse(args: &[&str]) -> Settings {
+        Settings::resolve(&Cli::try_parse_from(args).expect("parses").flags).expect("resolves")
+    }
+
+    #[test]
+    fn ceiling_runs_alone_and_first_in_all_and_smoke_makes_it_one_round() {
+        let cli = Cli::try_parse_from(["mip-bench", "ceiling"]).unwrap();
+        assert_eq!(cli.command, Command::Ceiling);
+        let settings = Settings::resolve(&cli.flags).unwrap();
+        assert_eq!(settings.rounds, 3);
+        assert_eq!(settings.legs, ceiling::DEFAULT_LEGS);
+        assert_eq!(Scenario::ALL[0], Scenario::Ceiling);
+        assert_eq!(parse(&["mip-bench", "all", "--smoke"]).rounds, 1);
+        let legs = parse(&["mip-bench", "ceiling", "--legs", "tonic,metrics,end-to-end"]).legs;
+        assert_eq!(legs, [Leg::Tonic, Leg::Metrics, Leg::EndToEnd]);
+    }
+
+    #[test]
+    fn serve_noop_is_a_hidden_subcommand_with_a_stack_and_an_address() {
+        let cli = Cli::try_parse_from(["mip-bench", "serve-noop", "--stack", "runtime"]).unwrap();
+        assert_eq!(
+            cli.command,
+            Command::ServeNoop {
+                stack: Stack::Runtime,
+                listen: "127.0.0.1:0".parse().unwrap()
+            }
+        );
+        let help = Cli::command().render_help().to_string();
+        assert!(!help.contains("serve-noop"), "{help}");
+    }
 
     #[test]
     fn command_line_is_well_formed() {

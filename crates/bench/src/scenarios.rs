@@ -10,6 +10,7 @@ use mip_proto::crm::v1::crm_service_client::CrmServiceClient;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::ceiling::{self, CeilingResults};
 use crate::check::{self, Check, FanoutCheck, PollCheck};
 use crate::load::{self, Clients};
 use crate::platform::{Platform, PlatformConfig};
@@ -21,6 +22,8 @@ use crate::{Settings, value_name};
 /// A scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
+    /// The no-op servers beside the real CreateCustomer.
+    Ceiling,
     /// Customers/s, creation and end to end.
     Throughput,
     /// End-to-end latency under an open-loop rate.
@@ -39,7 +42,8 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order `all` runs them.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
+        Scenario::Ceiling,
         Scenario::Throughput,
         Scenario::Latency,
         Scenario::Unary,
@@ -52,6 +56,7 @@ impl Scenario {
     /// Its name on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
+            Scenario::Ceiling => "ceiling",
             Scenario::Throughput => "throughput",
             Scenario::Latency => "latency",
             Scenario::Unary => "unary",
@@ -84,6 +89,8 @@ impl<R> Part<R> {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum Results {
+    /// `ceiling`.
+    Ceiling(CeilingResults),
     /// `throughput`.
     Throughput(ThroughputResults),
     /// `latency`.
@@ -145,6 +152,12 @@ pub struct SettingsRecord {
     request_ids: String,
     /// `--batch`.
     batch: usize,
+    /// `--with-ceiling`.
+    with_ceiling: bool,
+    /// `--rounds` (the ceiling's).
+    rounds: usize,
+    /// `--legs` (the ceiling's).
+    legs: Vec<String>,
     /// `--smoke`.
     smoke: bool,
 }
@@ -177,7 +190,22 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
         cluster: settings.cluster,
         service_log: settings.service_log.clone(),
     };
+    // The ceiling's no-op legs just before a closed-loop scenario, and again just after.
+    let with_ceiling =
+        settings.with_ceiling && matches!(scenario, Scenario::Throughput | Scenario::Unary);
+    let before = if with_ceiling {
+        Some(ceiling::noop_round(settings, &config).await?)
+    } else {
+        None
+    };
     let part = match scenario {
+        Scenario::Ceiling => {
+            let (results, checks) = ceiling::ceiling(settings, &config, &mut table).await?;
+            Part {
+                results: Results::Ceiling(results),
+                checks,
+            }
+        }
         Scenario::Throughput => throughput(settings, &config, &mut table)
             .await?
             .map(Results::Throughput),
@@ -207,6 +235,13 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
         Scenario::PollCost => poll_cost(settings, &config, &mut table)
             .await?
             .map(Results::PollCost),
+    };
+    let ceiling = match before {
+        Some(before) => {
+            let after = ceiling::noop_round(settings, &config).await?;
+            Some(ceiling::record(before, after, &part.results, &mut table))
+        }
+        None => None,
     };
     let deployment = match settings.cluster {
         Some(c) => format!(
@@ -262,9 +297,13 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
             connections: settings.connections,
             request_ids: value_name(&settings.request_ids),
             batch: settings.batch,
+            with_ceiling: settings.with_ceiling,
+            rounds: settings.rounds,
+            legs: settings.legs.iter().map(|l| l.name()).collect(),
             smoke: settings.smoke,
         },
         results: part.results,
+        ceiling,
         checks: part.checks,
         table,
         title,
@@ -314,21 +353,21 @@ async fn deliver_and_verify(
 #[derive(Debug, Serialize)]
 pub struct ThroughputResults {
     /// Customers created.
-    customers: usize,
+    pub customers: usize,
     /// Concurrent creates.
-    concurrency: usize,
+    pub concurrency: usize,
     /// From the first create to the last reply.
-    create_s: f64,
+    pub create_s: f64,
     /// Customers created per second.
-    create_per_s: f64,
+    pub create_per_s: f64,
     /// From the first create until the integration service had handled every customer.
-    end_to_end_s: f64,
+    pub end_to_end_s: f64,
     /// Customers per second, created and given their package.
-    end_to_end_per_s: f64,
+    pub end_to_end_per_s: f64,
     /// Latency of each create call (CreateCustomer, or BatchCreateCustomers with --batch) as the callers saw it.
-    create_latency: Percentiles,
+    pub create_latency: Percentiles,
     /// Transient CreateCustomer failures retried.
-    create_retries: u64,
+    pub create_retries: u64,
 }
 
 /// N customers at concurrency C: how fast they are created, and how fast they all have
@@ -338,10 +377,23 @@ async fn throughput(
     config: &PlatformConfig,
     table: &mut Table,
 ) -> anyhow::Result<Part<ThroughputResults>> {
+    let (results, packages) = measure_throughput(settings, config).await?;
+    throughput_table(&results, settings, table);
+    Ok(Part {
+        results,
+        checks: vec![Check::OneWelcomePackageEach(packages)],
+    })
+}
+
+/// The throughput scenario's measurement, without its table: also a leg of the ceiling.
+pub async fn measure_throughput(
+    settings: &Settings,
+    config: &PlatformConfig,
+) -> anyhow::Result<(ThroughputResults, check::PackageCheck)> {
     let (platform, clients) = start(settings, config).await?;
     let mut integration = workers(&platform).await?;
     let started = Instant::now();
-    let run = load::closed_loop(&clients, settings.customers, settings.concurrency).await?;
+    let run = load::closed_loop(&clients.crm, settings.customers, settings.concurrency).await?;
     // The delivered counter is cheap to watch; the listing below then proves it.
     check::wait_delivered(&mut integration, run.created.len(), settings.stall_timeout).await?;
     let mut end_to_end = started.elapsed();
@@ -364,6 +416,11 @@ async fn throughput(
         create_latency: Percentiles::of(&run.latency),
         create_retries: run.retries,
     };
+    Ok((results, packages))
+}
+
+/// The throughput scenario's rows.
+fn throughput_table(results: &ThroughputResults, settings: &Settings, table: &mut Table) {
     let call = if settings.batch > 1 {
         format!("BatchCreateCustomers ({} per call)", settings.batch)
     } else {
@@ -392,10 +449,6 @@ async fn throughput(
     );
     table.row("call latency", results.create_latency.summary());
     table.row("call retries", results.create_retries.to_string());
-    Ok(Part {
-        results,
-        checks: vec![Check::OneWelcomePackageEach(packages)],
-    })
 }
 
 /// Figures of the latency scenario.
@@ -427,7 +480,7 @@ async fn latency(
     table: &mut Table,
 ) -> anyhow::Result<Part<LatencyResults>> {
     let (platform, clients) = start(settings, config).await?;
-    let run = load::open_loop(&clients, settings.rate, settings.duration).await?;
+    let run = load::open_loop(&clients.crm, settings.rate, settings.duration).await?;
     let (packages, found) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
     platform.stop().await?;
 
@@ -477,17 +530,17 @@ async fn latency(
 #[derive(Debug, Serialize)]
 pub struct UnaryResults {
     /// Requests made.
-    requests: usize,
+    pub requests: usize,
     /// Concurrent requests.
-    concurrency: usize,
+    pub concurrency: usize,
     /// From the first request to the last reply.
-    elapsed_s: f64,
+    pub elapsed_s: f64,
     /// Requests per second.
-    requests_per_s: f64,
+    pub requests_per_s: f64,
     /// Latency as the callers saw it.
-    latency: Percentiles,
+    pub latency: Percentiles,
     /// Transient failures retried.
-    retries: u64,
+    pub retries: u64,
 }
 
 /// CreateCustomer alone: CRM and Inventory run, the integration service starts only after the
@@ -497,21 +550,7 @@ async fn unary(
     config: &PlatformConfig,
     table: &mut Table,
 ) -> anyhow::Result<Part<UnaryResults>> {
-    let mut platform = Platform::start_without_integration(config).await?;
-    let clients = Clients::connect(&platform.crm_replicas, platform.inventory, settings).await?;
-    let run = load::closed_loop(&clients, settings.customers, settings.concurrency).await?;
-    platform.start_integration().await?;
-    let (packages, _) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
-    platform.stop().await?;
-
-    let results = UnaryResults {
-        requests: run.created.len(),
-        concurrency: settings.concurrency,
-        elapsed_s: round3(run.elapsed.as_secs_f64()),
-        requests_per_s: per_second(run.created.len(), run.elapsed),
-        latency: Percentiles::of(&run.latency),
-        retries: run.retries,
-    };
+    let (results, packages) = measure_unary(settings, config).await?;
     table.row(
         "CreateCustomer",
         format!(
@@ -525,6 +564,29 @@ async fn unary(
         results,
         checks: vec![Check::OneWelcomePackageEach(packages)],
     })
+}
+
+/// The unary scenario's measurement, without its table: also a leg of the ceiling.
+pub async fn measure_unary(
+    settings: &Settings,
+    config: &PlatformConfig,
+) -> anyhow::Result<(UnaryResults, check::PackageCheck)> {
+    let mut platform = Platform::start_without_integration(config).await?;
+    let clients = Clients::connect(&platform.crm_replicas, platform.inventory, settings).await?;
+    let run = load::closed_loop(&clients.crm, settings.customers, settings.concurrency).await?;
+    platform.start_integration().await?;
+    let (packages, _) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
+    platform.stop().await?;
+
+    let results = UnaryResults {
+        requests: run.created.len(),
+        concurrency: settings.concurrency,
+        elapsed_s: round3(run.elapsed.as_secs_f64()),
+        requests_per_s: per_second(run.created.len(), run.elapsed),
+        latency: Percentiles::of(&run.latency),
+        retries: run.retries,
+    };
+    Ok((results, packages))
 }
 
 /// Figures of the fanout scenario.
@@ -556,7 +618,7 @@ async fn fanout(
     let (platform, clients) = start(settings, config).await?;
     let head_before = clients.crm_head().await?;
     let fanout = Fanout::start(&platform.crm_replicas, settings.watchers).await?;
-    let run = load::open_loop(&clients, settings.rate, settings.duration).await?;
+    let run = load::open_loop(&clients.crm, settings.rate, settings.duration).await?;
     let head = clients.crm_head().await?;
     let watchers = fanout.finish(head, settings.stall_timeout).await;
     let (packages, _) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
@@ -680,7 +742,7 @@ async fn memory(
         .iter()
         .map(|(_, pid)| rss(*pid))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let run = load::closed_loop(&clients, settings.customers, settings.concurrency).await?;
+    let run = load::closed_loop(&clients.crm, settings.customers, settings.concurrency).await?;
     let (packages, _) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
     let mut memory = Vec::new();
     for ((process, pid), (rss_ready, _)) in processes.into_iter().zip(ready) {
@@ -818,7 +880,7 @@ async fn poll_cost(
     for customers in customer_steps(settings.customers) {
         if customers > created.len() {
             let run = load::closed_loop_from(
-                &clients,
+                &clients.crm,
                 created.len(),
                 customers - created.len(),
                 settings.concurrency,
