@@ -8,10 +8,13 @@
 //! Rounds alternate their order (forwards, then backwards), so a drift in the machine's speed
 //! during a round does not always favour the same leg.
 
+use std::collections::BTreeMap;
+
 use clap::ValueEnum;
 use serde::Serialize;
 
 use crate::check::Check;
+use crate::cpu::{self, Meter};
 use crate::load::{self, CrmClients};
 use crate::noop::{NoopServer, Stack};
 use crate::platform::PlatformConfig;
@@ -94,6 +97,10 @@ pub struct LegRun {
     /// `end-to-end` only: creation alone, customers per second.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub create_per_s: Option<f64>,
+    /// CPU time per customer over the leg, in microseconds, by process and by thread group of
+    /// this process (see `cpu`): unlike `per_s`, independent of the share of the cores the
+    /// leg was given.
+    pub cpu_us_per_customer: BTreeMap<String, f64>,
 }
 
 /// Runs one leg on a fresh server; the real legs also run their package check.
@@ -106,7 +113,16 @@ async fn run_leg(
         Some(stack) => {
             let server = NoopServer::start(stack, config.processes, &config.service_log).await?;
             let crm = CrmClients::connect(&[server.addr], settings).await?;
+            let meter = Meter::new(
+                server
+                    .pid()
+                    .map(|pid| ("noop".to_owned(), pid))
+                    .into_iter()
+                    .collect(),
+            );
+            let cpu_before = meter.read();
             let run = load::closed_loop(&crm, settings.customers, settings.concurrency).await?;
+            let cpu = meter.per_customer(&cpu_before, &meter.read(), run.created.len());
             drop(crm);
             server.stop().await?;
             let run = LegRun {
@@ -117,6 +133,7 @@ async fn run_leg(
                 elapsed_s: round3(run.elapsed.as_secs_f64()),
                 latency: Percentiles::of(&run.latency),
                 create_per_s: None,
+                cpu_us_per_customer: cpu,
             };
             (run, Vec::new())
         }
@@ -130,6 +147,7 @@ async fn run_leg(
                 elapsed_s: results.elapsed_s,
                 latency: results.latency,
                 create_per_s: None,
+                cpu_us_per_customer: results.cpu_us_per_customer,
             };
             (run, vec![Check::OneWelcomePackageEach(packages)])
         }
@@ -143,6 +161,7 @@ async fn run_leg(
                 elapsed_s: results.end_to_end_s,
                 latency: results.create_latency,
                 create_per_s: Some(results.create_per_s),
+                cpu_us_per_customer: results.cpu_us_per_customer,
             };
             (run, vec![Check::OneWelcomePackageEach(packages)])
         }
@@ -344,6 +363,7 @@ fn ceiling_table(results: &CeilingResults, settings: &Settings, table: &mut Tabl
             }
             value.push_str(&format!(" · p50 {} ms", run.latency.p50_ms));
             table.row(describe(&run.leg), value);
+            table.row("  CPU per customer", cpu::summary(&run.cpu_us_per_customer));
         }
     }
     table.section("over the rounds: median (min–max)");
@@ -520,6 +540,7 @@ mod tests {
             elapsed_s: 1.0,
             latency: Percentiles::of(&crate::report::histogram()),
             create_per_s: None,
+            cpu_us_per_customer: BTreeMap::new(),
         }
     }
 
@@ -554,6 +575,7 @@ mod tests {
             requests_per_s: 10_000.0,
             latency: Percentiles::of(&crate::report::histogram()),
             retries: 0,
+            cpu_us_per_customer: BTreeMap::new(),
         });
         let record = record(before, after, &results, &mut Table::default());
         assert_eq!(record.ceiling_per_s, 25_000.0);

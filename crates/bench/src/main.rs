@@ -69,6 +69,7 @@
 //! - [`load`]: the client side: a few shared HTTP/2 connections, closed- and open-loop drivers.
 //! - [`watch`]: the fan-out watchers, which decode only the fields they time.
 //! - [`poll_cost`]: timed `ListCustomerEvents` batches and CRM's CPU time around them.
+//! - [`cpu`]: CPU time per customer from /proc, by process and by thread group.
 //! - [`check`]: waiting for delivery, and the one-package-per-customer check.
 //! - [`scenarios`]: what each scenario does and reports.
 //! - [`report`]: percentiles, the printed table and the JSON file.
@@ -76,6 +77,7 @@
 
 mod ceiling;
 mod check;
+mod cpu;
 mod load;
 mod noop;
 mod platform;

@@ -357,6 +357,14 @@ impl NoopServer {
         Ok(server)
     }
 
+    /// The server's process id, when it runs as a process.
+    pub fn pid(&self) -> Option<u32> {
+        match &self.kind {
+            Kind::Process(child) => Some(child.id()),
+            Kind::InProcess { .. } => None,
+        }
+    }
+
     /// Stops the server; fails if it had already stopped by itself.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         match &mut self.kind {

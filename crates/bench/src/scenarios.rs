@@ -2,6 +2,7 @@
 //! load through gRPC, checks that every customer got exactly one welcome package, and returns
 //! a [`Report`].
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -12,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::ceiling::{self, CeilingResults};
 use crate::check::{self, Check, FanoutCheck, PollCheck};
+use crate::cpu::{self, Meter};
 use crate::load::{self, Clients};
 use crate::platform::{Platform, PlatformConfig};
 use crate::poll_cost::{BatchPlan, PAGE_SIZE, Poller};
@@ -320,6 +322,27 @@ async fn start(
     Ok((platform, clients))
 }
 
+/// A CPU meter over the platform's service processes (none when in-process: then this
+/// process's thread groups tell the services apart). Replicas of one service are numbered.
+fn meter(platform: &Platform) -> Meter {
+    let pids = platform.pids();
+    let processes = pids
+        .iter()
+        .enumerate()
+        .map(|(i, (name, pid))| {
+            let same = pids.iter().filter(|(n, _)| n == name).count();
+            let nth = pids[..i].iter().filter(|(n, _)| n == name).count();
+            let label = if same > 1 {
+                format!("{name}-{nth}")
+            } else {
+                (*name).to_owned()
+            };
+            (label, *pid)
+        })
+        .collect();
+    Meter::new(processes)
+}
+
 /// Admin clients of every integration worker (one, outside a cluster).
 async fn workers(platform: &Platform) -> anyhow::Result<Vec<load::IntegrationClient>> {
     let mut clients = Vec::new();
@@ -368,6 +391,9 @@ pub struct ThroughputResults {
     pub create_latency: Percentiles,
     /// Transient CreateCustomer failures retried.
     pub create_retries: u64,
+    /// CPU time per customer from the first create until every one was handled, in
+    /// microseconds, by process (and by thread group of this process; see `cpu`).
+    pub cpu_us_per_customer: BTreeMap<String, f64>,
 }
 
 /// N customers at concurrency C: how fast they are created, and how fast they all have
@@ -392,11 +418,14 @@ pub async fn measure_throughput(
 ) -> anyhow::Result<(ThroughputResults, check::PackageCheck)> {
     let (platform, clients) = start(settings, config).await?;
     let mut integration = workers(&platform).await?;
+    let meter = meter(&platform);
+    let cpu_before = meter.read();
     let started = Instant::now();
     let run = load::closed_loop(&clients.crm, settings.customers, settings.concurrency).await?;
     // The delivered counter is cheap to watch; the listing below then proves it.
     check::wait_delivered(&mut integration, run.created.len(), settings.stall_timeout).await?;
     let mut end_to_end = started.elapsed();
+    let cpu = meter.per_customer(&cpu_before, &meter.read(), run.created.len());
     let (packages, _) = check::verify_packages(&clients.inventory, &run.created).await?;
     if settings.cluster.is_some() {
         // Workers count a redelivery after a partition moved as a delivery again, so their
@@ -415,6 +444,7 @@ pub async fn measure_throughput(
         end_to_end_per_s: per_second(run.created.len(), end_to_end),
         create_latency: Percentiles::of(&run.latency),
         create_retries: run.retries,
+        cpu_us_per_customer: cpu,
     };
     Ok((results, packages))
 }
@@ -448,6 +478,10 @@ fn throughput_table(results: &ThroughputResults, settings: &Settings, table: &mu
         ),
     );
     table.row("call latency", results.create_latency.summary());
+    table.row(
+        "CPU per customer",
+        cpu::summary(&results.cpu_us_per_customer),
+    );
     table.row("call retries", results.create_retries.to_string());
 }
 
@@ -541,6 +575,9 @@ pub struct UnaryResults {
     pub latency: Percentiles,
     /// Transient failures retried.
     pub retries: u64,
+    /// CPU time per request over the measurement, in microseconds, by process (and by thread
+    /// group of this process; see `cpu`).
+    pub cpu_us_per_customer: BTreeMap<String, f64>,
 }
 
 /// CreateCustomer alone: CRM and Inventory run, the integration service starts only after the
@@ -559,6 +596,10 @@ async fn unary(
         ),
     );
     table.row("latency", results.latency.summary());
+    table.row(
+        "CPU per request",
+        cpu::summary(&results.cpu_us_per_customer),
+    );
     table.row("retries", results.retries.to_string());
     Ok(Part {
         results,
@@ -573,7 +614,10 @@ pub async fn measure_unary(
 ) -> anyhow::Result<(UnaryResults, check::PackageCheck)> {
     let mut platform = Platform::start_without_integration(config).await?;
     let clients = Clients::connect(&platform.crm_replicas, platform.inventory, settings).await?;
+    let meter = meter(&platform);
+    let cpu_before = meter.read();
     let run = load::closed_loop(&clients.crm, settings.customers, settings.concurrency).await?;
+    let cpu = meter.per_customer(&cpu_before, &meter.read(), run.created.len());
     platform.start_integration().await?;
     let (packages, _) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
     platform.stop().await?;
@@ -585,6 +629,7 @@ pub async fn measure_unary(
         requests_per_s: per_second(run.created.len(), run.elapsed),
         latency: Percentiles::of(&run.latency),
         retries: run.retries,
+        cpu_us_per_customer: cpu,
     };
     Ok((results, packages))
 }
