@@ -88,6 +88,10 @@ pub struct LegRun {
     pub per_s: f64,
     /// `per_s` over the bare-tonic leg of the same round (or of the same scenario run).
     pub fraction_of_ceiling: Option<f64>,
+    /// The bare-tonic leg's total CPU per customer over this leg's: the fraction of the
+    /// ceiling this leg would reach if both had the cores to themselves (CPU-bound), which
+    /// other work on the machine does not move the way it moves `per_s`.
+    pub cpu_fraction_of_ceiling: Option<f64>,
     /// Customers created (or pretended to be).
     pub customers: usize,
     /// How long the leg's figure took.
@@ -129,6 +133,7 @@ async fn run_leg(
                 leg: leg.name(),
                 per_s: per_second(run.created.len(), run.elapsed),
                 fraction_of_ceiling: None,
+                cpu_fraction_of_ceiling: None,
                 customers: run.created.len(),
                 elapsed_s: round3(run.elapsed.as_secs_f64()),
                 latency: Percentiles::of(&run.latency),
@@ -143,6 +148,7 @@ async fn run_leg(
                 leg: leg.name(),
                 per_s: results.requests_per_s,
                 fraction_of_ceiling: None,
+                cpu_fraction_of_ceiling: None,
                 customers: results.requests,
                 elapsed_s: results.elapsed_s,
                 latency: results.latency,
@@ -157,6 +163,7 @@ async fn run_leg(
                 leg: leg.name(),
                 per_s: results.end_to_end_per_s,
                 fraction_of_ceiling: None,
+                cpu_fraction_of_ceiling: None,
                 customers: results.customers,
                 elapsed_s: results.end_to_end_s,
                 latency: results.create_latency,
@@ -188,15 +195,26 @@ async fn run_round(
     Ok(runs)
 }
 
-/// Each run's `per_s` over the tonic run's, when there is one.
+/// Each run's `per_s` over the tonic run's, and the tonic run's CPU per customer over its
+/// own, when there is a tonic run.
 fn set_fractions(runs: &mut [LegRun]) {
-    let ceiling = runs
-        .iter()
-        .find(|r| r.leg == Leg::Tonic.name())
-        .map(|r| r.per_s);
+    let tonic = runs.iter().find(|r| r.leg == Leg::Tonic.name());
+    let ceiling = tonic.map(|r| r.per_s).filter(|c| *c > 0.0);
+    let ceiling_cpu = tonic.and_then(total_cpu);
     for run in runs {
-        run.fraction_of_ceiling = ceiling.filter(|c| *c > 0.0).map(|c| round3(run.per_s / c));
+        run.fraction_of_ceiling = ceiling.map(|c| round3(run.per_s / c));
+        run.cpu_fraction_of_ceiling = ceiling_cpu
+            .zip(total_cpu(run))
+            .map(|(c, own)| round3(c / own));
     }
+}
+
+/// A run's CPU per customer over every process, if any was measured.
+fn total_cpu(run: &LegRun) -> Option<f64> {
+    run.cpu_us_per_customer
+        .get("total")
+        .copied()
+        .filter(|t| *t > 0.0)
 }
 
 /// Median, smallest and largest of some figures.
@@ -241,6 +259,10 @@ pub struct LegSummary {
     pub per_s: Spread,
     /// Its fraction of the same round's ceiling, over the rounds.
     pub fraction_of_ceiling: Option<Spread>,
+    /// Its CPU per customer, every process, in microseconds, over the rounds.
+    pub cpu_us_per_customer: Option<Spread>,
+    /// Its CPU-bound fraction of the same round's ceiling (see [`LegRun`]), over the rounds.
+    pub cpu_fraction_of_ceiling: Option<Spread>,
 }
 
 /// Figures of the ceiling scenario.
@@ -259,6 +281,8 @@ pub struct CeilingResults {
     /// End to end over CreateCustomer alone, round by round, when both legs ran: what delivery
     /// costs the unary path.
     pub end_to_end_fraction_of_create: Option<Spread>,
+    /// The same, CPU-bound: CreateCustomer's CPU per customer over end to end's.
+    pub end_to_end_cpu_fraction_of_create: Option<Spread>,
 }
 
 /// The ceiling scenario: `--rounds` rounds of `--legs`, forwards then backwards.
@@ -291,19 +315,38 @@ pub async fn ceiling(
                 .collect();
             let per_s: Vec<f64> = runs.iter().map(|r| r.per_s).collect();
             let fractions: Vec<f64> = runs.iter().filter_map(|r| r.fraction_of_ceiling).collect();
+            let cpu: Vec<f64> = runs.iter().filter_map(|r| total_cpu(r)).collect();
+            let cpu_fractions: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| r.cpu_fraction_of_ceiling)
+                .collect();
             Some(LegSummary {
                 leg: leg.name(),
                 per_s: Spread::of(&per_s)?,
                 fraction_of_ceiling: Spread::of(&fractions),
+                cpu_us_per_customer: Spread::of(&cpu),
+                cpu_fraction_of_ceiling: Spread::of(&cpu_fractions),
             })
         })
         .collect();
+    let find = |round: &'_ [LegRun], leg: Leg| -> Option<LegRun> {
+        round.iter().find(|r| r.leg == leg.name()).cloned()
+    };
     let end_to_end_fraction_of_create = Spread::of(
         &rounds
             .iter()
             .filter_map(|round| {
-                let per_s = |leg: Leg| round.iter().find(|r| r.leg == leg.name()).map(|r| r.per_s);
-                Some(round3(per_s(Leg::EndToEnd)? / per_s(Leg::Create)?))
+                let (e2e, create) = (find(round, Leg::EndToEnd)?, find(round, Leg::Create)?);
+                Some(round3(e2e.per_s / create.per_s))
+            })
+            .collect::<Vec<_>>(),
+    );
+    let end_to_end_cpu_fraction_of_create = Spread::of(
+        &rounds
+            .iter()
+            .filter_map(|round| {
+                let (e2e, create) = (find(round, Leg::EndToEnd)?, find(round, Leg::Create)?);
+                Some(round3(total_cpu(&create)? / total_cpu(&e2e)?))
             })
             .collect::<Vec<_>>(),
     );
@@ -314,6 +357,7 @@ pub async fn ceiling(
         rounds,
         summary,
         end_to_end_fraction_of_create,
+        end_to_end_cpu_fraction_of_create,
     };
     ceiling_table(&results, settings, table);
     Ok((results, checks))
@@ -324,12 +368,26 @@ fn percent(fraction: f64) -> String {
     format!("{:.0}%", fraction * 100.0)
 }
 
-/// A leg's figure and its fraction, for one cell.
+/// A leg's figure and its fractions, for one cell.
 fn cell(run: &LegRun) -> String {
-    match run.fraction_of_ceiling {
+    let mut cell = match run.fraction_of_ceiling {
         Some(f) => format!("{:.0}/s ({})", run.per_s, percent(f)),
         None => format!("{:.0}/s", run.per_s),
+    };
+    if let Some(f) = run.cpu_fraction_of_ceiling {
+        cell.push_str(&format!(", CPU-bound {}", percent(f)));
     }
+    cell
+}
+
+/// `median (min–max)` of fractions, as percentages.
+fn percents(spread: &Spread) -> String {
+    format!(
+        "{} ({}–{})",
+        percent(spread.median),
+        percent(spread.min),
+        percent(spread.max)
+    )
 }
 
 /// How each leg's calls are made, for the table.
@@ -366,34 +424,34 @@ fn ceiling_table(results: &CeilingResults, settings: &Settings, table: &mut Tabl
             table.row("  CPU per customer", cpu::summary(&run.cpu_us_per_customer));
         }
     }
-    table.section("over the rounds: median (min–max)");
+    table.section(
+        "over the rounds: median (min–max); CPU-bound: ceiling's CPU per customer over the leg's",
+    );
     for leg in &results.summary {
-        let fraction = leg.fraction_of_ceiling.map_or_else(String::new, |f| {
-            format!(
-                " · {} ({}–{}) of the ceiling",
-                percent(f.median),
-                percent(f.min),
-                percent(f.max)
-            )
-        });
-        table.row(
-            describe(&leg.leg),
-            format!(
-                "{:.0}/s ({:.0}–{:.0}){fraction}",
-                leg.per_s.median, leg.per_s.min, leg.per_s.max
-            ),
+        let mut value = format!(
+            "{:.0}/s ({:.0}–{:.0})",
+            leg.per_s.median, leg.per_s.min, leg.per_s.max
         );
+        if let Some(f) = &leg.fraction_of_ceiling {
+            value.push_str(&format!(" · {} of the ceiling", percents(f)));
+        }
+        if let Some(cpu) = &leg.cpu_us_per_customer {
+            value.push_str(&format!(
+                " · CPU {:.1} µs ({:.1}–{:.1})",
+                cpu.median, cpu.min, cpu.max
+            ));
+        }
+        if let Some(f) = &leg.cpu_fraction_of_ceiling {
+            value.push_str(&format!(", CPU-bound {}", percents(f)));
+        }
+        table.row(describe(&leg.leg), value);
     }
-    if let Some(f) = results.end_to_end_fraction_of_create {
-        table.row(
-            "end to end / CreateCustomer alone",
-            format!(
-                "{} ({}–{})",
-                percent(f.median),
-                percent(f.min),
-                percent(f.max)
-            ),
-        );
+    if let Some(f) = &results.end_to_end_fraction_of_create {
+        let mut value = percents(f);
+        if let Some(cpu) = &results.end_to_end_cpu_fraction_of_create {
+            value.push_str(&format!(", CPU-bound {}", percents(cpu)));
+        }
+        table.row("end to end / CreateCustomer alone", value);
     }
 }
 
@@ -536,6 +594,7 @@ mod tests {
             leg: leg.name(),
             per_s,
             fraction_of_ceiling: None,
+            cpu_fraction_of_ceiling: None,
             customers: 100,
             elapsed_s: 1.0,
             latency: Percentiles::of(&crate::report::histogram()),
@@ -551,9 +610,14 @@ mod tests {
             run(Leg::Tonic, 25_000.0),
             run(Leg::Runtime, 20_000.0),
         ];
+        for (run, cpu) in round.iter_mut().zip([80.0, 20.0, 25.0]) {
+            run.cpu_us_per_customer.insert("total".to_owned(), cpu);
+        }
         set_fractions(&mut round);
         let fractions: Vec<_> = round.iter().map(|r| r.fraction_of_ceiling).collect();
         assert_eq!(fractions, [Some(0.4), Some(1.0), Some(0.8)]);
+        let cpu_bound: Vec<_> = round.iter().map(|r| r.cpu_fraction_of_ceiling).collect();
+        assert_eq!(cpu_bound, [Some(0.25), Some(1.0), Some(0.8)]);
     }
 
     #[test]

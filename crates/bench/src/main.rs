@@ -24,7 +24,8 @@
 //! services' schemas in that database before each scenario),
 //! `--processes`, `--json PATH` (default
 //! `target/bench/<scenario>.json`), `--with-ceiling` (throughput and unary: the no-op legs of
-//! the ceiling before and after, and every figure as a fraction of it), `--rounds` and `--legs`
+//! the ceiling before and after, and every figure as a fraction of it; latency and fanout: the
+//! same legs beside their figures), `--rounds` and `--legs`
 //! (the ceiling's). `--help` lists them all.
 //!
 //! The ceiling: this machine's speed changes from hour to hour, so every closed-loop figure can
@@ -276,7 +277,8 @@ struct Flags {
 
     /// Throughput and unary: run the ceiling's no-op legs (those of --legs; at least bare
     /// tonic) right before and right after, and show every figure as a fraction of the ceiling
-    /// (the mean of the two bare-tonic legs).
+    /// (the mean of the two bare-tonic legs). Latency and fanout: the same legs, recorded
+    /// beside their figures as the machine's speed in that run.
     #[arg(long, env = "MIP_BENCH_WITH_CEILING", global = true)]
     with_ceiling: bool,
 

@@ -196,7 +196,7 @@ impl Deliverer {
             };
             let status = match result {
                 Ok(Ok(package)) => {
-                    info!(customer_id, package_request_id = %package.id, "package request created");
+                    debug!(customer_id, package_request_id = %package.id, "package request created");
                     return Outcome::Delivered {
                         package_create_time: package
                             .create_time

@@ -636,7 +636,7 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
             self.moved.notify_one();
             return;
         }
-        info!(customer_id, sequence = mark.sequence, "found new customer");
+        tracing::debug!(customer_id, sequence = mark.sequence, "found new customer");
         // Tracked before waiting for a slot: if shutdown wins the wait, the event stays
         // pending, so the checkpoint can never pass it and it is delivered after restart.
         self.tracker
