@@ -60,6 +60,13 @@
 //!                 "repeated_ids": 0 } ] }
 //! ```
 //!
+//! With `--with-ceiling` a report also has `"ceiling": { "before": [LEG...], "after": [LEG...],
+//! "ceiling_per_s", "figures": [{ "figure", "per_s", "fraction_of_ceiling" }] }`, and the
+//! ceiling scenario's `results` hold `"rounds": [[LEG...]...]` and a `"summary"` per leg, where
+//! each LEG is `{ "leg": "tonic", "per_s", "fraction_of_ceiling", "cpu_fraction_of_ceiling",
+//! "customers", "elapsed_s", "latency", "cpu_us_per_customer": { "mip-bench", "crm", ...,
+//! "thread bench-load", ..., "total" } }`.
+//!
 //! `all` writes each scenario's file and a combined `{ "scenario": "all", "passed", "runs":
 //! [...] }`. The exit status is 0 only if every check passed.
 //!
