@@ -283,6 +283,8 @@ pub struct CeilingResults {
     pub end_to_end_fraction_of_create: Option<Spread>,
     /// The same, CPU-bound: CreateCustomer's CPU per customer over end to end's.
     pub end_to_end_cpu_fraction_of_create: Option<Spread>,
+    /// The run's median bare-tonic figure against the day's best for the same set-up.
+    pub against_best: Option<AgainstBest>,
 }
 
 /// The ceiling scenario: `--rounds` rounds of `--legs`, forwards then backwards.
@@ -304,7 +306,7 @@ pub async fn ceiling(
         }
         rounds.push(run_round(&legs, settings, config, &mut checks).await?);
     }
-    let summary = settings
+    let summary: Vec<LegSummary> = settings
         .legs
         .iter()
         .filter_map(|leg| {
@@ -350,7 +352,9 @@ pub async fn ceiling(
             })
             .collect::<Vec<_>>(),
     );
+    let tonic_median = summary_median(&summary, Leg::Tonic);
     let results = CeilingResults {
+        against_best: tonic_median.and_then(|m| against_best(m, settings, config.processes)),
         customers: settings.customers,
         concurrency: settings.concurrency,
         batch: settings.batch,
@@ -361,6 +365,14 @@ pub async fn ceiling(
     };
     ceiling_table(&results, settings, table);
     Ok((results, checks))
+}
+
+/// The median figure of `leg` over the rounds.
+fn summary_median(summary: &[LegSummary], leg: Leg) -> Option<f64> {
+    summary
+        .iter()
+        .find(|s| s.leg == leg.name())
+        .map(|s| s.per_s.median)
 }
 
 /// `0.381` as `38%`.
@@ -453,6 +465,9 @@ fn ceiling_table(results: &CeilingResults, settings: &Settings, table: &mut Tabl
         }
         table.row("end to end / CreateCustomer alone", value);
     }
+    if let Some(against) = &results.against_best {
+        best_row(against, table);
+    }
 }
 
 /// A leg's description, from its name as recorded.
@@ -472,6 +487,8 @@ pub struct CeilingRecord {
     pub ceiling_per_s: f64,
     /// The scenario's figures, each with its fraction of the ceiling.
     pub figures: Vec<Figure>,
+    /// The ceiling against the day's best for the same set-up.
+    pub against_best: Option<AgainstBest>,
 }
 
 /// One figure of a scenario beside the ceiling.
@@ -512,6 +529,8 @@ pub fn record(
     before: Vec<LegRun>,
     after: Vec<LegRun>,
     results: &Results,
+    settings: &Settings,
+    processes: bool,
     table: &mut Table,
 ) -> CeilingRecord {
     let tonic = |runs: &[LegRun]| {
@@ -572,17 +591,142 @@ pub fn record(
             ),
         );
     }
+    let against_best = against_best(ceiling_per_s, settings, processes);
+    if let Some(against) = &against_best {
+        best_row(against, table);
+    }
     CeilingRecord {
         before,
         after,
         ceiling_per_s,
         figures,
+        against_best,
     }
 }
 
 /// The leg names of a round, in order.
 fn noop_legs_of(runs: &[LegRun]) -> Vec<String> {
     runs.iter().map(|r| r.leg.clone()).collect()
+}
+
+/// The day's best bare-tonic figure for one set-up, kept across runs so that a report can say
+/// how fast the machine was in its run against the fastest run that day (fan-out's target
+/// holds in a run whose ceiling is within 20% of that best).
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+pub struct Best {
+    /// Customers per second.
+    pub per_s: f64,
+    /// When it was measured, in milliseconds since the epoch.
+    pub at_unix_ms: u64,
+}
+
+/// This run's ceiling against the day's best.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgainstBest {
+    /// Which set-up the best is for: deployment, concurrency, connections, batch.
+    pub setup: String,
+    /// The best bare-tonic figure of the day (UTC) for that set-up, this run included.
+    pub best_today: Best,
+    /// This run's ceiling over it.
+    pub fraction_of_best: f64,
+}
+
+/// What `target/bench/ceiling-best.json` holds.
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+struct BestFile {
+    /// The UTC day (`YYYY-MM-DD`) the figures are from; another day's are dropped.
+    day: String,
+    /// The best per set-up.
+    best: BTreeMap<String, Best>,
+}
+
+/// The set-up a ceiling figure depends on.
+fn setup(settings: &Settings, processes: bool) -> String {
+    format!(
+        "{}, -c {}, --connections {}, --batch {}",
+        if processes { "processes" } else { "in-process" },
+        settings.concurrency,
+        settings.connections,
+        settings.batch
+    )
+}
+
+/// A UTC date from days since the epoch (the civil-from-days algorithm).
+fn civil_date(days: i64) -> String {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// Records `per_s` as the day's best for this set-up if it is, and compares it with the best.
+/// Smoke runs and debug builds neither record nor compare: their figures mean nothing. A file
+/// that cannot be read or written only costs the comparison.
+fn against_best(per_s: f64, settings: &Settings, processes: bool) -> Option<AgainstBest> {
+    if settings.smoke || cfg!(debug_assertions) || per_s <= 0.0 {
+        return None;
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_millis() as u64;
+    let day = civil_date((now_ms / 86_400_000) as i64);
+    let path = crate::report::default_json_path("ceiling-best");
+    let mut file: BestFile = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .filter(|f: &BestFile| f.day == day)
+        .unwrap_or_else(|| BestFile {
+            day,
+            best: BTreeMap::new(),
+        });
+    let setup = setup(settings, processes);
+    let best = file
+        .best
+        .entry(setup.clone())
+        .and_modify(|b| {
+            if per_s > b.per_s {
+                *b = Best {
+                    per_s,
+                    at_unix_ms: now_ms,
+                };
+            }
+        })
+        .or_insert(Best {
+            per_s,
+            at_unix_ms: now_ms,
+        });
+    let against = AgainstBest {
+        setup,
+        best_today: *best,
+        fraction_of_best: round3(per_s / best.per_s),
+    };
+    if let Err(e) = crate::report::write_json(&path, &file) {
+        eprintln!("mip-bench: cannot keep the day's best ceiling: {e:#}");
+    }
+    Some(against)
+}
+
+/// A table row for [`AgainstBest`].
+fn best_row(against: &AgainstBest, table: &mut Table) {
+    let at = against.best_today.at_unix_ms / 1000 % 86_400;
+    table.row(
+        "ceiling vs the day's best",
+        format!(
+            "{} of {:.0}/s ({:02}:{:02} UTC; {})",
+            percent(against.fraction_of_best),
+            against.best_today.per_s,
+            at / 3600,
+            at / 60 % 60,
+            against.setup
+        ),
+    );
 }
 
 #[cfg(test)]
@@ -621,6 +765,13 @@ mod tests {
     }
 
     #[test]
+    fn days_since_the_epoch_become_utc_dates() {
+        assert_eq!(civil_date(0), "1970-01-01");
+        assert_eq!(civil_date(20_425), "2025-12-03");
+        assert_eq!(civil_date(11_016), "2000-02-29");
+    }
+
+    #[test]
     fn spreads_give_the_median_and_the_range() {
         let spread = Spread::of(&[3.0, 1.0, 2.0]).unwrap();
         assert_eq!((spread.median, spread.min, spread.max), (2.0, 1.0, 3.0));
@@ -641,7 +792,15 @@ mod tests {
             retries: 0,
             cpu_us_per_customer: BTreeMap::new(),
         });
-        let record = record(before, after, &results, &mut Table::default());
+        let settings = crate::tests::parse(&["mip-bench", "unary", "--smoke"]);
+        let record = record(
+            before,
+            after,
+            &results,
+            &settings,
+            false,
+            &mut Table::default(),
+        );
         assert_eq!(record.ceiling_per_s, 25_000.0);
         let figures: Vec<_> = record
             .figures

@@ -246,7 +246,14 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
     let ceiling = match before {
         Some(before) => {
             let after = ceiling::noop_round(settings, &config).await?;
-            Some(ceiling::record(before, after, &part.results, &mut table))
+            Some(ceiling::record(
+                before,
+                after,
+                &part.results,
+                settings,
+                config.processes,
+                &mut table,
+            ))
         }
         None => None,
     };
