@@ -172,12 +172,13 @@ enum Command {
 /// `--smoke`.
 #[derive(Debug, Clone, clap::Args)]
 struct Flags {
-    /// Customers to create in throughput, unary, memory, poll's throughput half, and the last
-    /// step of poll-cost [default: 100000; 300 with --smoke].
+    /// Customers to create in throughput, unary, memory, each ceiling leg, poll's throughput
+    /// half, and the last step of poll-cost [default: 100000; 300 with --smoke].
     #[arg(short = 'n', long, env = "MIP_BENCH_CUSTOMERS", global = true)]
     customers: Option<usize>,
 
-    /// Concurrent CreateCustomer calls in the closed-loop scenarios (throughput, unary, memory).
+    /// Concurrent CreateCustomer calls in the closed-loop scenarios (ceiling, throughput, unary,
+    /// memory).
     #[arg(
         short = 'c',
         long,
@@ -263,7 +264,7 @@ struct Flags {
     #[arg(long, env = "MIP_BENCH_REQUEST_IDS", value_enum, default_value_t = RequestIds::Ordered, global = true)]
     request_ids: RequestIds,
 
-    /// Customers per call in the closed-loop scenarios (throughput, unary, memory): 1 sends
+    /// Customers per call in the closed-loop scenarios (ceiling, throughput, unary, memory): 1 sends
     /// CreateCustomer, more send BatchCreateCustomers with that many (at most 1000).
     #[arg(long, env = "MIP_BENCH_BATCH", default_value_t = 1, global = true)]
     batch: usize,
