@@ -264,8 +264,8 @@ struct Flags {
     #[arg(long, env = "MIP_BENCH_REQUEST_IDS", value_enum, default_value_t = RequestIds::Ordered, global = true)]
     request_ids: RequestIds,
 
-    /// Customers per call in the closed-loop scenarios (ceiling, throughput, unary, memory): 1 sends
-    /// CreateCustomer, more send BatchCreateCustomers with that many (at most 1000).
+    /// Customers per call in the closed-loop scenarios (ceiling, throughput, unary, memory): 1
+    /// sends CreateCustomer, more send BatchCreateCustomers with that many (at most 1000).
     #[arg(long, env = "MIP_BENCH_BATCH", default_value_t = 1, global = true)]
     batch: usize,
 
