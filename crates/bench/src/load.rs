@@ -65,18 +65,51 @@ pub async fn integration_client(addr: SocketAddr) -> anyhow::Result<IntegrationC
     Ok(IntegrationServiceClient::new(connect(addr).await?))
 }
 
-/// The clients one scenario shares: every call reuses these connections.
-pub struct Clients {
+/// The CRM side of the load: `--connections` HTTP/2 connections, and how customers are made.
+/// The no-op servers of the ceiling are driven through the same type, so every figure comes
+/// from the same client code.
+pub struct CrmClients {
     /// One CRM client per connection. Calls are spread over them because one HTTP/2
     /// connection is one socket, read and written by one task on each side.
-    crm: Vec<CrmClient>,
-    /// Inventory, for the checks (listing only, so one connection).
-    pub inventory: InventoryClient,
+    clients: Vec<CrmClient>,
     /// How CreateCustomer's request ids are made.
     request_ids: RequestIds,
     /// Customers per call in the closed loop: 1 for CreateCustomer, more for
     /// BatchCreateCustomers.
     batch: usize,
+}
+
+impl CrmClients {
+    /// Opens `--connections` connections, spread over `addrs` (at least one each), creating
+    /// customers as `settings` say.
+    pub async fn connect(addrs: &[SocketAddr], settings: &Settings) -> anyhow::Result<Self> {
+        anyhow::ensure!(!addrs.is_empty(), "no CRM address to connect to");
+        let connections = settings.connections.max(addrs.len()).max(1);
+        let mut clients = Vec::with_capacity(connections);
+        for i in 0..connections {
+            clients.push(CrmServiceClient::new(
+                connect(addrs[i % addrs.len()]).await?,
+            ));
+        }
+        Ok(Self {
+            clients,
+            request_ids: settings.request_ids,
+            batch: settings.batch.max(1),
+        })
+    }
+
+    /// The client for call or worker `i`: round-robin over the connections.
+    pub fn get(&self, i: usize) -> CrmClient {
+        self.clients[i % self.clients.len()].clone()
+    }
+}
+
+/// The clients one scenario shares: every call reuses these connections.
+pub struct Clients {
+    /// CRM, for the load and the log's head.
+    pub crm: CrmClients,
+    /// Inventory, for the checks (listing only, so one connection).
+    pub inventory: InventoryClient,
 }
 
 impl Clients {
@@ -87,23 +120,11 @@ impl Clients {
         inventory: SocketAddr,
         settings: &Settings,
     ) -> anyhow::Result<Self> {
-        let connections = settings.connections.max(crm.len()).max(1);
-        let mut clients = Vec::with_capacity(connections);
-        for i in 0..connections {
-            clients.push(CrmServiceClient::new(connect(crm[i % crm.len()]).await?));
-        }
         Ok(Self {
-            crm: clients,
+            crm: CrmClients::connect(crm, settings).await?,
             inventory: InventoryServiceClient::new(connect(inventory).await?)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            request_ids: settings.request_ids,
-            batch: settings.batch.max(1),
         })
-    }
-
-    /// The CRM client for call or worker `i`: round-robin over the connections.
-    pub fn crm(&self, i: usize) -> CrmClient {
-        self.crm[i % self.crm.len()].clone()
     }
 
     /// CRM's newest change-log sequence number.
@@ -115,7 +136,8 @@ impl Clients {
     /// out the same tokens as the feeds).
     pub async fn crm_head_token(&self) -> anyhow::Result<(i64, String)> {
         let page = self
-            .crm(0)
+            .crm
+            .get(0)
             .list_customers(ListCustomersRequest {
                 page_size: 1,
                 page_token: String::new(),
@@ -264,7 +286,7 @@ pub struct ClosedLoop {
 /// Creates `n` customers with `concurrency` callers, each sending its next call when the
 /// previous one is answered.
 pub async fn closed_loop(
-    clients: &Clients,
+    clients: &CrmClients,
     n: usize,
     concurrency: usize,
 ) -> anyhow::Result<ClosedLoop> {
@@ -274,7 +296,7 @@ pub async fn closed_loop(
 /// [`closed_loop`] for customers number `first..first + n`, so a scenario can grow one
 /// platform's customers in steps without reusing an email.
 pub async fn closed_loop_from(
-    clients: &Clients,
+    clients: &CrmClients,
     first: usize,
     n: usize,
     concurrency: usize,
@@ -289,7 +311,7 @@ pub async fn closed_loop_from(
         // Each caller keeps to one connection, so the load spreads evenly with no per-call
         // choice; each keeps its own histogram and list, merged at the end, so callers never
         // contend on a lock.
-        let (crm, next, retries) = (clients.crm(worker), Arc::clone(&next), Arc::clone(&retries));
+        let (crm, next, retries) = (clients.get(worker), Arc::clone(&next), Arc::clone(&retries));
         let (request_ids, batch) = (clients.request_ids, clients.batch);
         tasks.spawn(async move {
             let mut created = Vec::with_capacity(n / workers + 1);
@@ -351,7 +373,7 @@ pub struct OpenLoop {
 /// Creates customers at `rate` per second for `duration`: call `k` is sent at `start + k /
 /// rate`, whatever happened to the calls before it.
 pub async fn open_loop(
-    clients: &Clients,
+    clients: &CrmClients,
     rate: f64,
     duration: Duration,
 ) -> anyhow::Result<OpenLoop> {
@@ -373,7 +395,7 @@ pub async fn open_loop(
             () = tokio::time::sleep_until(due), if k < total && tasks.len() < MAX_IN_FLIGHT => {
                 last_send = Instant::now();
                 max_send_lag = max_send_lag.max(last_send - due);
-                let (crm, retries) = (clients.crm(k as usize), Arc::clone(&retries));
+                let (crm, retries) = (clients.get(k as usize), Arc::clone(&retries));
                 let request_id = clients.request_ids.make();
                 tasks.spawn(async move {
                     let result = create_customer(crm, k, request_id, &retries).await;

@@ -4,6 +4,7 @@
 //! Build and run it in release mode; figures from a debug build say little:
 //!
 //! ```sh
+//! cargo run --release -p mip-bench -- ceiling               # the same load against no-op servers
 //! cargo run --release -p mip-bench -- throughput            # N customers at concurrency C
 //! cargo run --release -p mip-bench -- latency               # open loop at R/s for D seconds
 //! cargo run --release -p mip-bench -- unary                 # CreateCustomer alone
@@ -22,7 +23,17 @@
 //! `--database-url postgres://...` (PostgreSQL instead of SQLite; the bench empties the
 //! services' schemas in that database before each scenario),
 //! `--processes`, `--json PATH` (default
-//! `target/bench/<scenario>.json`). `--help` lists them all.
+//! `target/bench/<scenario>.json`), `--with-ceiling` (throughput and unary: the no-op legs of
+//! the ceiling before and after, and every figure as a fraction of it; latency and fanout: the
+//! same legs beside their figures), `--rounds` and `--legs`
+//! (the ceiling's). `--help` lists them all.
+//!
+//! The ceiling: this machine's speed changes from hour to hour, so every closed-loop figure can
+//! be read next to what a no-op `CrmService` (creates answered at once, no storage) reaches with
+//! the same load generator, connections and concurrency in the same run, served by bare tonic,
+//! and behind the project's own `runtime::server` stack (which prices its layers). `ceiling`
+//! alternates those with the real CreateCustomer and CreateCustomer end to end; see
+//! [`ceiling`].
 //!
 //! By default the three services run in this process, each on its own `127.0.0.1:0` listener
 //! and temporary data directory, on a runtime of their own. `--processes` runs them as separate
@@ -49,27 +60,41 @@
 //!                 "repeated_ids": 0 } ] }
 //! ```
 //!
+//! With `--with-ceiling` a report also has `"ceiling": { "before": [LEG...], "after": [LEG...],
+//! "ceiling_per_s", "figures": [{ "figure", "per_s", "fraction_of_ceiling" }] }`, and the
+//! ceiling scenario's `results` hold `"rounds": [[LEG...]...]` and a `"summary"` per leg, where
+//! each LEG is `{ "leg": "tonic", "per_s", "fraction_of_ceiling", "cpu_fraction_of_ceiling",
+//! "customers", "elapsed_s", "latency", "cpu_us_per_customer": { "mip-bench", "crm", ...,
+//! "thread bench-load", ..., "total" } }`.
+//!
 //! `all` writes each scenario's file and a combined `{ "scenario": "all", "passed", "runs":
 //! [...] }`. The exit status is 0 only if every check passed.
 //!
 //! Layout:
 //! - [`platform`]: starts and stops the services, in-process or as processes.
+//! - [`noop`]: the no-op CRM of the ceiling and how it is served (`serve-noop`, hidden).
+//! - [`ceiling`]: the ceiling scenario's legs and rounds, and `--with-ceiling`.
 //! - [`load`]: the client side: a few shared HTTP/2 connections, closed- and open-loop drivers.
 //! - [`watch`]: the fan-out watchers, which decode only the fields they time.
 //! - [`poll_cost`]: timed `ListCustomerEvents` batches and CRM's CPU time around them.
+//! - [`cpu`]: CPU time per customer from /proc, by process and by thread group.
 //! - [`check`]: waiting for delivery, and the one-package-per-customer check.
 //! - [`scenarios`]: what each scenario does and reports.
 //! - [`report`]: percentiles, the printed table and the JSON file.
 #![forbid(unsafe_code)]
 
+mod ceiling;
 mod check;
+mod cpu;
 mod load;
+mod noop;
 mod platform;
 mod poll_cost;
 mod report;
 mod scenarios;
 mod watch;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -78,6 +103,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mip_integration::Mode;
 use mip_runtime::sqlite::Durability;
 
+use crate::ceiling::Leg;
+use crate::noop::Stack;
 use crate::scenarios::Scenario;
 
 /// mimalloc instead of the system allocator: glibc's `malloc` and `free` took about 12% of the
@@ -102,6 +129,10 @@ struct Cli {
 /// The scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
 enum Command {
+    /// The yardstick: the same closed loop against a no-op CRM on bare tonic, the no-op behind
+    /// the project's server stack, the real CreateCustomer, and CreateCustomer end to end,
+    /// alternated over --rounds; each as a fraction of the same round's bare tonic.
+    Ceiling,
     /// Create N customers at concurrency C; report customers/s for creation and end to end.
     Throughput,
     /// Create customers at R/s for D seconds (open loop); report end-to-end latency
@@ -124,18 +155,30 @@ enum Command {
     PollCost,
     /// Every scenario above, in that order, with the same flags.
     All,
+    /// Serve the no-op CRM of the ceiling until stdin closes, printing `listening on ADDR`
+    /// first (the bench starts it with --processes).
+    #[command(hide = true)]
+    ServeNoop {
+        /// How much of the real servers' stack the no-op gets.
+        #[arg(long, env = "MIP_BENCH_NOOP_STACK", value_enum, default_value_t = Stack::Tonic)]
+        stack: Stack,
+        /// Where to listen; port 0 takes a free one.
+        #[arg(long, env = "MIP_BENCH_NOOP_LISTEN", default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
 }
 
 /// Flags shared by every scenario. Options without a value take a default that depends on
 /// `--smoke`.
 #[derive(Debug, Clone, clap::Args)]
 struct Flags {
-    /// Customers to create in throughput, unary, memory, poll's throughput half, and the last
-    /// step of poll-cost [default: 100000; 300 with --smoke].
+    /// Customers to create in throughput, unary, memory, each ceiling leg, poll's throughput
+    /// half, and the last step of poll-cost [default: 100000; 300 with --smoke].
     #[arg(short = 'n', long, env = "MIP_BENCH_CUSTOMERS", global = true)]
     customers: Option<usize>,
 
-    /// Concurrent CreateCustomer calls in the closed-loop scenarios (throughput, unary, memory).
+    /// Concurrent CreateCustomer calls in the closed-loop scenarios (ceiling, throughput, unary,
+    /// memory).
     #[arg(
         short = 'c',
         long,
@@ -221,8 +264,8 @@ struct Flags {
     #[arg(long, env = "MIP_BENCH_REQUEST_IDS", value_enum, default_value_t = RequestIds::Ordered, global = true)]
     request_ids: RequestIds,
 
-    /// Customers per call in the closed-loop scenarios (throughput, unary, memory): 1 sends
-    /// CreateCustomer, more send BatchCreateCustomers with that many (at most 1000).
+    /// Customers per call in the closed-loop scenarios (ceiling, throughput, unary, memory): 1
+    /// sends CreateCustomer, more send BatchCreateCustomers with that many (at most 1000).
     #[arg(long, env = "MIP_BENCH_BATCH", default_value_t = 1, global = true)]
     batch: usize,
 
@@ -239,6 +282,25 @@ struct Flags {
         global = true
     )]
     service_log: String,
+
+    /// Throughput and unary: run the ceiling's no-op legs (those of --legs; at least bare
+    /// tonic) right before and right after, and show every figure as a fraction of the ceiling
+    /// (the mean of the two bare-tonic legs). Latency and fanout: the same legs, recorded
+    /// beside their figures as the machine's speed in that run.
+    #[arg(long, env = "MIP_BENCH_WITH_CEILING", global = true)]
+    with_ceiling: bool,
+
+    /// Rounds of the ceiling scenario, each running every leg once [default: 3; 1 with
+    /// --smoke].
+    #[arg(long, env = "MIP_BENCH_ROUNDS", global = true)]
+    rounds: Option<usize>,
+
+    /// The ceiling's legs, comma-separated: tonic (the no-op on bare tonic, always needed),
+    /// runtime (the no-op behind runtime::server), metrics, admission, timeout (bare tonic
+    /// plus that layer alone), create (CreateCustomer alone), end-to-end (with the
+    /// integration service following).
+    #[arg(long, env = "MIP_BENCH_LEGS", value_enum, value_delimiter = ',', default_values_t = ceiling::DEFAULT_LEGS, global = true)]
+    legs: Vec<Leg>,
 
     /// Where to write the JSON report [default: target/bench/SCENARIO.json]. With `all`,
     /// the combined report; each scenario also writes its own default file.
@@ -289,6 +351,12 @@ pub struct Settings {
     pub stall_timeout: Duration,
     /// RUST_LOG of service processes.
     pub service_log: String,
+    /// The ceiling's no-op legs around throughput and unary.
+    pub with_ceiling: bool,
+    /// Rounds of the ceiling scenario.
+    pub rounds: usize,
+    /// The ceiling's legs.
+    pub legs: Vec<Leg>,
     /// Whether this is a smoke run (recorded in the JSON so nobody mistakes it for figures).
     pub smoke: bool,
 }
@@ -317,6 +385,9 @@ impl Settings {
             batch: flags.batch,
             stall_timeout: flags.stall_timeout,
             service_log: flags.service_log.clone(),
+            with_ceiling: flags.with_ceiling,
+            rounds: flags.rounds.unwrap_or(if smoke { 1 } else { 3 }),
+            legs: flags.legs.clone(),
             smoke,
         };
         anyhow::ensure!(
@@ -332,6 +403,11 @@ impl Settings {
             "--max-in-flight must be at least 1"
         );
         anyhow::ensure!(settings.connections > 0, "--connections must be at least 1");
+        anyhow::ensure!(settings.rounds > 0, "--rounds must be at least 1");
+        anyhow::ensure!(
+            !settings.legs.is_empty(),
+            "--legs must name at least one leg"
+        );
         anyhow::ensure!(
             (1..=1000).contains(&settings.batch),
             "--batch must be 1 to 1000"
@@ -362,6 +438,9 @@ fn parse_seconds(value: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::ServeNoop { stack, listen } = cli.command {
+        return serve_noop(stack, listen);
+    }
     let settings = match Settings::resolve(&cli.flags) {
         Ok(settings) => settings,
         Err(e) => {
@@ -407,9 +486,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// `mip-bench serve-noop`: the no-op server alone, until stdin closes or a signal.
+fn serve_noop(stack: Stack, listen: SocketAddr) -> ExitCode {
+    let outcome = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("noop-server")
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                tokio::select! {
+                    served = noop::serve_process(stack, listen) => served,
+                    _ = interrupted() => Ok(()),
+                }
+            })
+        });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mip-bench serve-noop: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the scenarios; `Ok(false)` when one ran to the end but a check failed.
 async fn run(command: Command, settings: &Settings, json: Option<PathBuf>) -> anyhow::Result<bool> {
     let scenarios: Vec<Scenario> = match command {
+        Command::Ceiling => vec![Scenario::Ceiling],
         Command::Throughput => vec![Scenario::Throughput],
         Command::Latency => vec![Scenario::Latency],
         Command::Unary => vec![Scenario::Unary],
@@ -418,6 +522,7 @@ async fn run(command: Command, settings: &Settings, json: Option<PathBuf>) -> an
         Command::Memory => vec![Scenario::Memory],
         Command::PollCost => vec![Scenario::PollCost],
         Command::All => Scenario::ALL.to_vec(),
+        Command::ServeNoop { .. } => anyhow::bail!("serve-noop is not a scenario"),
     };
     let single = scenarios.len() == 1;
     let mut reports = Vec::new();
@@ -524,10 +629,42 @@ fn parse_cluster(text: &str) -> Result<Cluster, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    /// The settings a command line resolves to.
+    pub(crate) fn parse(args: &[&str]) -> Settings {
+        Settings::resolve(&Cli::try_parse_from(args).expect("parses").flags).expect("resolves")
+    }
+
+    #[test]
+    fn ceiling_runs_alone_and_first_in_all_and_smoke_makes_it_one_round() {
+        let cli = Cli::try_parse_from(["mip-bench", "ceiling"]).unwrap();
+        assert_eq!(cli.command, Command::Ceiling);
+        let settings = Settings::resolve(&cli.flags).unwrap();
+        assert_eq!(settings.rounds, 3);
+        assert_eq!(settings.legs, ceiling::DEFAULT_LEGS);
+        assert_eq!(Scenario::ALL[0], Scenario::Ceiling);
+        assert_eq!(parse(&["mip-bench", "all", "--smoke"]).rounds, 1);
+        let legs = parse(&["mip-bench", "ceiling", "--legs", "tonic,metrics,end-to-end"]).legs;
+        assert_eq!(legs, [Leg::Tonic, Leg::Metrics, Leg::EndToEnd]);
+    }
+
+    #[test]
+    fn serve_noop_is_a_hidden_subcommand_with_a_stack_and_an_address() {
+        let cli = Cli::try_parse_from(["mip-bench", "serve-noop", "--stack", "runtime"]).unwrap();
+        assert_eq!(
+            cli.command,
+            Command::ServeNoop {
+                stack: Stack::Runtime,
+                listen: "127.0.0.1:0".parse().unwrap()
+            }
+        );
+        let help = Cli::command().render_help().to_string();
+        assert!(!help.contains("serve-noop"), "{help}");
+    }
 
     #[test]
     fn command_line_is_well_formed() {

@@ -15,6 +15,7 @@ use hdrhistogram::Histogram;
 use mip_proto::crm::v1::{ListCustomerEventsRequest, ListCustomerEventsResponse};
 use tokio::time::Instant;
 
+use crate::cpu::{clock_tick, process_cpu};
 use crate::load::CrmClient;
 use crate::report::{histogram, record_duration};
 
@@ -255,53 +256,11 @@ fn wrong_reply(reply: &ListCustomerEventsResponse, head: i64, new_events: usize)
     })
 }
 
-/// User plus system CPU time of process `pid` (every thread, exited ones included).
-fn process_cpu(pid: u32, tick: Duration) -> anyhow::Result<Duration> {
-    let path = format!("/proc/{pid}/stat");
-    let stat =
-        std::fs::read_to_string(&path).with_context(|| format!("read {path} (Linux only)"))?;
-    let ticks = cpu_ticks(&stat).with_context(|| format!("no CPU times in {path}: {stat:?}"))?;
-    Ok(tick * u32::try_from(ticks).context("CPU time out of range")?)
-}
-
-/// `utime + stime` from a `/proc/<pid>/stat` line, in clock ticks. The command name (field 2)
-/// is in parentheses and may itself hold spaces and parentheses, so fields are counted from
-/// the last `)`: state is field 3, utime 14, stime 15.
-fn cpu_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// The unit of /proc's CPU times (`getconf CLK_TCK`; 100 per second on Linux when that cannot
-/// be run).
-fn clock_tick() -> Duration {
-    let per_second = std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .and_then(|text| text.trim().parse::<u32>().ok())
-        .filter(|&hz| hz > 0)
-        .unwrap_or(100);
-    Duration::from_secs(1) / per_second
-}
-
 #[cfg(test)]
 mod tests {
     use mip_proto::crm::v1::CustomerEvent;
 
     use super::*;
-
-    #[test]
-    fn cpu_ticks_are_read_after_a_command_name_with_spaces_and_parentheses() {
-        let stat = "4242 (mip (crm) x) S 1 4242 4242 0 -1 4194560 1234 0 0 0 \
-                    250 75 0 0 20 0 9 0 123456 1000000 2000 18446744073709551615";
-        assert_eq!(cpu_ticks(stat), Some(325));
-        assert_eq!(cpu_ticks("4242 (mip) S 1 2"), None, "a truncated line");
-    }
 
     /// A reply holding `count` events from sequence `first` on.
     fn reply(first: i64, count: i64, next: i64) -> ListCustomerEventsResponse {

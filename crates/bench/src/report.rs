@@ -11,6 +11,7 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::ceiling::CeilingRecord;
 use crate::check::Check;
 use crate::scenarios::{Results, SettingsRecord};
 
@@ -178,6 +179,10 @@ pub struct Report {
     pub settings: SettingsRecord,
     /// Its figures; the fields depend on the scenario.
     pub results: Results,
+    /// With `--with-ceiling`: the no-op legs around the scenario, and its figures as fractions
+    /// of the ceiling.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ceiling: Option<CeilingRecord>,
     /// The correctness checks and what they found.
     pub checks: Vec<Check>,
     /// The same figures for people.

@@ -2,6 +2,7 @@
 //! load through gRPC, checks that every customer got exactly one welcome package, and returns
 //! a [`Report`].
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -10,7 +11,9 @@ use mip_proto::crm::v1::crm_service_client::CrmServiceClient;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::ceiling::{self, CeilingResults};
 use crate::check::{self, Check, FanoutCheck, PollCheck};
+use crate::cpu::{self, Meter};
 use crate::load::{self, Clients};
 use crate::platform::{Platform, PlatformConfig};
 use crate::poll_cost::{BatchPlan, PAGE_SIZE, Poller};
@@ -21,6 +24,8 @@ use crate::{Settings, value_name};
 /// A scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
+    /// The no-op servers beside the real CreateCustomer.
+    Ceiling,
     /// Customers/s, creation and end to end.
     Throughput,
     /// End-to-end latency under an open-loop rate.
@@ -39,7 +44,8 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order `all` runs them.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
+        Scenario::Ceiling,
         Scenario::Throughput,
         Scenario::Latency,
         Scenario::Unary,
@@ -52,6 +58,7 @@ impl Scenario {
     /// Its name on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
+            Scenario::Ceiling => "ceiling",
             Scenario::Throughput => "throughput",
             Scenario::Latency => "latency",
             Scenario::Unary => "unary",
@@ -84,6 +91,8 @@ impl<R> Part<R> {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum Results {
+    /// `ceiling`.
+    Ceiling(CeilingResults),
     /// `throughput`.
     Throughput(ThroughputResults),
     /// `latency`.
@@ -145,6 +154,12 @@ pub struct SettingsRecord {
     request_ids: String,
     /// `--batch`.
     batch: usize,
+    /// `--with-ceiling`.
+    with_ceiling: bool,
+    /// `--rounds` (the ceiling's).
+    rounds: usize,
+    /// `--legs` (the ceiling's).
+    legs: Vec<String>,
     /// `--smoke`.
     smoke: bool,
 }
@@ -177,7 +192,27 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
         cluster: settings.cluster,
         service_log: settings.service_log.clone(),
     };
+    // The ceiling's no-op legs just before a closed-loop scenario, and again just after.
+    // Around the open-loop scenarios it does not divide their figures, but tells how fast the
+    // machine was in that run (fan-out's target holds only within 20% of the day's best).
+    let with_ceiling = settings.with_ceiling
+        && matches!(
+            scenario,
+            Scenario::Throughput | Scenario::Unary | Scenario::Fanout | Scenario::Latency
+        );
+    let before = if with_ceiling {
+        Some(ceiling::noop_round(settings, &config).await?)
+    } else {
+        None
+    };
     let part = match scenario {
+        Scenario::Ceiling => {
+            let (results, checks) = ceiling::ceiling(settings, &config, &mut table).await?;
+            Part {
+                results: Results::Ceiling(results),
+                checks,
+            }
+        }
         Scenario::Throughput => throughput(settings, &config, &mut table)
             .await?
             .map(Results::Throughput),
@@ -207,6 +242,20 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
         Scenario::PollCost => poll_cost(settings, &config, &mut table)
             .await?
             .map(Results::PollCost),
+    };
+    let ceiling = match before {
+        Some(before) => {
+            let after = ceiling::noop_round(settings, &config).await?;
+            Some(ceiling::record(
+                before,
+                after,
+                &part.results,
+                settings,
+                config.processes,
+                &mut table,
+            ))
+        }
+        None => None,
     };
     let deployment = match settings.cluster {
         Some(c) => format!(
@@ -262,9 +311,13 @@ pub async fn run(scenario: Scenario, settings: &Settings) -> anyhow::Result<Repo
             connections: settings.connections,
             request_ids: value_name(&settings.request_ids),
             batch: settings.batch,
+            with_ceiling: settings.with_ceiling,
+            rounds: settings.rounds,
+            legs: settings.legs.iter().map(|l| l.name()).collect(),
             smoke: settings.smoke,
         },
         results: part.results,
+        ceiling,
         checks: part.checks,
         table,
         title,
@@ -279,6 +332,27 @@ async fn start(
     let platform = Platform::start(config).await?;
     let clients = Clients::connect(&platform.crm_replicas, platform.inventory, settings).await?;
     Ok((platform, clients))
+}
+
+/// A CPU meter over the platform's service processes (none when in-process: then this
+/// process's thread groups tell the services apart). Replicas of one service are numbered.
+fn meter(platform: &Platform) -> Meter {
+    let pids = platform.pids();
+    let processes = pids
+        .iter()
+        .enumerate()
+        .map(|(i, (name, pid))| {
+            let same = pids.iter().filter(|(n, _)| n == name).count();
+            let nth = pids[..i].iter().filter(|(n, _)| n == name).count();
+            let label = if same > 1 {
+                format!("{name}-{nth}")
+            } else {
+                (*name).to_owned()
+            };
+            (label, *pid)
+        })
+        .collect();
+    Meter::new(processes)
 }
 
 /// Admin clients of every integration worker (one, outside a cluster).
@@ -314,21 +388,24 @@ async fn deliver_and_verify(
 #[derive(Debug, Serialize)]
 pub struct ThroughputResults {
     /// Customers created.
-    customers: usize,
+    pub customers: usize,
     /// Concurrent creates.
-    concurrency: usize,
+    pub concurrency: usize,
     /// From the first create to the last reply.
-    create_s: f64,
+    pub create_s: f64,
     /// Customers created per second.
-    create_per_s: f64,
+    pub create_per_s: f64,
     /// From the first create until the integration service had handled every customer.
-    end_to_end_s: f64,
+    pub end_to_end_s: f64,
     /// Customers per second, created and given their package.
-    end_to_end_per_s: f64,
+    pub end_to_end_per_s: f64,
     /// Latency of each create call (CreateCustomer, or BatchCreateCustomers with --batch) as the callers saw it.
-    create_latency: Percentiles,
+    pub create_latency: Percentiles,
     /// Transient CreateCustomer failures retried.
-    create_retries: u64,
+    pub create_retries: u64,
+    /// CPU time per customer from the first create until every one was handled, in
+    /// microseconds, by process (and by thread group of this process; see `cpu`).
+    pub cpu_us_per_customer: BTreeMap<String, f64>,
 }
 
 /// N customers at concurrency C: how fast they are created, and how fast they all have
@@ -338,13 +415,29 @@ async fn throughput(
     config: &PlatformConfig,
     table: &mut Table,
 ) -> anyhow::Result<Part<ThroughputResults>> {
+    let (results, packages) = measure_throughput(settings, config).await?;
+    throughput_table(&results, settings, table);
+    Ok(Part {
+        results,
+        checks: vec![Check::OneWelcomePackageEach(packages)],
+    })
+}
+
+/// The throughput scenario's measurement, without its table: also a leg of the ceiling.
+pub async fn measure_throughput(
+    settings: &Settings,
+    config: &PlatformConfig,
+) -> anyhow::Result<(ThroughputResults, check::PackageCheck)> {
     let (platform, clients) = start(settings, config).await?;
     let mut integration = workers(&platform).await?;
+    let meter = meter(&platform);
+    let cpu_before = meter.read();
     let started = Instant::now();
-    let run = load::closed_loop(&clients, settings.customers, settings.concurrency).await?;
+    let run = load::closed_loop(&clients.crm, settings.customers, settings.concurrency).await?;
     // The delivered counter is cheap to watch; the listing below then proves it.
     check::wait_delivered(&mut integration, run.created.len(), settings.stall_timeout).await?;
     let mut end_to_end = started.elapsed();
+    let cpu = meter.per_customer(&cpu_before, &meter.read(), run.created.len());
     let (packages, _) = check::verify_packages(&clients.inventory, &run.created).await?;
     if settings.cluster.is_some() {
         // Workers count a redelivery after a partition moved as a delivery again, so their
@@ -363,7 +456,13 @@ async fn throughput(
         end_to_end_per_s: per_second(run.created.len(), end_to_end),
         create_latency: Percentiles::of(&run.latency),
         create_retries: run.retries,
+        cpu_us_per_customer: cpu,
     };
+    Ok((results, packages))
+}
+
+/// The throughput scenario's rows.
+fn throughput_table(results: &ThroughputResults, settings: &Settings, table: &mut Table) {
     let call = if settings.batch > 1 {
         format!("BatchCreateCustomers ({} per call)", settings.batch)
     } else {
@@ -391,11 +490,11 @@ async fn throughput(
         ),
     );
     table.row("call latency", results.create_latency.summary());
+    table.row(
+        "CPU per customer",
+        cpu::summary(&results.cpu_us_per_customer),
+    );
     table.row("call retries", results.create_retries.to_string());
-    Ok(Part {
-        results,
-        checks: vec![Check::OneWelcomePackageEach(packages)],
-    })
 }
 
 /// Figures of the latency scenario.
@@ -427,7 +526,7 @@ async fn latency(
     table: &mut Table,
 ) -> anyhow::Result<Part<LatencyResults>> {
     let (platform, clients) = start(settings, config).await?;
-    let run = load::open_loop(&clients, settings.rate, settings.duration).await?;
+    let run = load::open_loop(&clients.crm, settings.rate, settings.duration).await?;
     let (packages, found) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
     platform.stop().await?;
 
@@ -477,17 +576,20 @@ async fn latency(
 #[derive(Debug, Serialize)]
 pub struct UnaryResults {
     /// Requests made.
-    requests: usize,
+    pub requests: usize,
     /// Concurrent requests.
-    concurrency: usize,
+    pub concurrency: usize,
     /// From the first request to the last reply.
-    elapsed_s: f64,
+    pub elapsed_s: f64,
     /// Requests per second.
-    requests_per_s: f64,
+    pub requests_per_s: f64,
     /// Latency as the callers saw it.
-    latency: Percentiles,
+    pub latency: Percentiles,
     /// Transient failures retried.
-    retries: u64,
+    pub retries: u64,
+    /// CPU time per request over the measurement, in microseconds, by process (and by thread
+    /// group of this process; see `cpu`).
+    pub cpu_us_per_customer: BTreeMap<String, f64>,
 }
 
 /// CreateCustomer alone: CRM and Inventory run, the integration service starts only after the
@@ -497,9 +599,37 @@ async fn unary(
     config: &PlatformConfig,
     table: &mut Table,
 ) -> anyhow::Result<Part<UnaryResults>> {
+    let (results, packages) = measure_unary(settings, config).await?;
+    table.row(
+        "CreateCustomer",
+        format!(
+            "{} requests at concurrency {}: {:.0} requests/s ({:.2} s)",
+            results.requests, results.concurrency, results.requests_per_s, results.elapsed_s
+        ),
+    );
+    table.row("latency", results.latency.summary());
+    table.row(
+        "CPU per request",
+        cpu::summary(&results.cpu_us_per_customer),
+    );
+    table.row("retries", results.retries.to_string());
+    Ok(Part {
+        results,
+        checks: vec![Check::OneWelcomePackageEach(packages)],
+    })
+}
+
+/// The unary scenario's measurement, without its table: also a leg of the ceiling.
+pub async fn measure_unary(
+    settings: &Settings,
+    config: &PlatformConfig,
+) -> anyhow::Result<(UnaryResults, check::PackageCheck)> {
     let mut platform = Platform::start_without_integration(config).await?;
     let clients = Clients::connect(&platform.crm_replicas, platform.inventory, settings).await?;
-    let run = load::closed_loop(&clients, settings.customers, settings.concurrency).await?;
+    let meter = meter(&platform);
+    let cpu_before = meter.read();
+    let run = load::closed_loop(&clients.crm, settings.customers, settings.concurrency).await?;
+    let cpu = meter.per_customer(&cpu_before, &meter.read(), run.created.len());
     platform.start_integration().await?;
     let (packages, _) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
     platform.stop().await?;
@@ -511,20 +641,9 @@ async fn unary(
         requests_per_s: per_second(run.created.len(), run.elapsed),
         latency: Percentiles::of(&run.latency),
         retries: run.retries,
+        cpu_us_per_customer: cpu,
     };
-    table.row(
-        "CreateCustomer",
-        format!(
-            "{} requests at concurrency {}: {:.0} requests/s ({:.2} s)",
-            results.requests, results.concurrency, results.requests_per_s, results.elapsed_s
-        ),
-    );
-    table.row("latency", results.latency.summary());
-    table.row("retries", results.retries.to_string());
-    Ok(Part {
-        results,
-        checks: vec![Check::OneWelcomePackageEach(packages)],
-    })
+    Ok((results, packages))
 }
 
 /// Figures of the fanout scenario.
@@ -556,7 +675,7 @@ async fn fanout(
     let (platform, clients) = start(settings, config).await?;
     let head_before = clients.crm_head().await?;
     let fanout = Fanout::start(&platform.crm_replicas, settings.watchers).await?;
-    let run = load::open_loop(&clients, settings.rate, settings.duration).await?;
+    let run = load::open_loop(&clients.crm, settings.rate, settings.duration).await?;
     let head = clients.crm_head().await?;
     let watchers = fanout.finish(head, settings.stall_timeout).await;
     let (packages, _) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
@@ -680,7 +799,7 @@ async fn memory(
         .iter()
         .map(|(_, pid)| rss(*pid))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let run = load::closed_loop(&clients, settings.customers, settings.concurrency).await?;
+    let run = load::closed_loop(&clients.crm, settings.customers, settings.concurrency).await?;
     let (packages, _) = deliver_and_verify(&platform, &clients, &run.created, settings).await?;
     let mut memory = Vec::new();
     for ((process, pid), (rss_ready, _)) in processes.into_iter().zip(ready) {
@@ -818,7 +937,7 @@ async fn poll_cost(
     for customers in customer_steps(settings.customers) {
         if customers > created.len() {
             let run = load::closed_loop_from(
-                &clients,
+                &clients.crm,
                 created.len(),
                 customers - created.len(),
                 settings.concurrency,

@@ -245,7 +245,7 @@ impl Deliverer {
                 Some(p) if existed_before(p) => {
                     info!(customer_id, package_request_id = %p.id, status = ?p.status(), "package request already existed");
                 }
-                Some(p) => info!(customer_id, package_request_id = %p.id, "package request created"),
+                Some(p) => debug!(customer_id, package_request_id = %p.id, "package request created"),
                 None => info!(customer_id, "package request already existed"),
             }
             Ok(Outcome::Delivered {

@@ -33,7 +33,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tonic::{Code, Request, Status, Streaming};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use crate::deliver::{Action, Deliverer, Outcome, PACKAGE_TYPE, request_id};
@@ -674,7 +674,9 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
             }
         };
         match action {
-            Action::Create => info!(customer_id, sequence = mark.sequence, "found new customer"),
+            // At debug: with two info lines per delivery, logging was up to a quarter of the
+            // service's CPU per customer (TECHNICAL_DESIGN.md §11).
+            Action::Create => debug!(customer_id, sequence = mark.sequence, "found new customer"),
             Action::Cancel => info!(customer_id, sequence = mark.sequence, "customer deleted"),
         }
         // Tracked before waiting for a slot: if shutdown wins the wait, the event stays
