@@ -145,10 +145,15 @@ impl Jitter for RandomJitter {
 pub fn is_transient(status: &tonic::Status) -> bool {
     let from_transport = std::error::Error::source(status)
         .is_some_and(|source| source.downcast_ref::<tonic::transport::Error>().is_some());
+    // RESOURCE_EXHAUSTED passes once load drops, except a message over the size limit, which
+    // fails the same way however often it is sent.
+    let too_large = mip_runtime::status::reason(status).as_deref()
+        == Some(mip_runtime::status::reasons::MESSAGE_TOO_LARGE);
     from_transport
-        || matches!(
-            status.code(),
-            Code::Unavailable
+        || (!too_large
+            && matches!(
+                status.code(),
+                Code::Unavailable
                 | Code::DeadlineExceeded
                 | Code::ResourceExhausted
                 | Code::Aborted
@@ -157,7 +162,7 @@ pub fn is_transient(status: &tonic::Status) -> bool {
                 // A token rotated in the wrong order: fixing it must not need a re-drive of
                 // every customer delivered meanwhile.
                 | Code::Unauthenticated
-        )
+            ))
 }
 
 /// How a delivery ended.
@@ -554,6 +559,16 @@ mod tests {
         ] {
             assert!(is_transient(&tonic::Status::new(code, "")));
         }
+        let too_large = mip_runtime::status::with_reason(
+            Code::ResourceExhausted,
+            "inventory.mip.example.com",
+            mip_runtime::status::reasons::MESSAGE_TOO_LARGE,
+            "over the limit",
+        );
+        assert!(
+            !is_transient(&too_large),
+            "the same message fails the same way"
+        );
         for code in [
             Code::InvalidArgument,
             Code::AlreadyExists,

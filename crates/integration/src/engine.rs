@@ -302,10 +302,7 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
                 partitions = owned.len(),
                 "the partitions' checkpoints come from different CRM change logs (was CRM's database replaced?); relisting every customer"
             );
-            let before = checkpoint.clone();
-            while checkpoint == before && !self.shutdown.is_cancelled() {
-                self.relist(&mut checkpoint).await;
-            }
+            while !self.shutdown.is_cancelled() && !self.relist(&mut checkpoint, false).await {}
         }
         self.follow(checkpoint).await;
         // Deliveries see the same token and return promptly; wait until every slot is back,
@@ -462,7 +459,11 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
             && reason(status).is_some_and(|r| RELIST_REASONS.contains(&r.as_str()))
         {
             warn!(reason = %status.message(), "resume token no longer valid; relisting every customer");
-            self.relist(cursor).await;
+            // Reconciled only on the same log: a log CRM never had may be an empty or wrong
+            // database (a fresh volume, a mistaken --crm-addr), and taking its missing
+            // customers for deleted would cancel every pending package.
+            let same_log = reason(status).as_deref() == Some("RESUME_TOKEN_EXPIRED");
+            self.relist(cursor, same_log).await;
             return None;
         }
         let streaming = self.stats.mode() == Some(crate::FeedState::Stream);
@@ -718,14 +719,15 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
     }
 
     /// The resume token is no longer usable: deliver for every existing customer (the request
-    /// ids make repeats harmless), cancel the pending packages of customers deleted in the
-    /// events lost with the token ([`Engine::reconcile`]), then continue from the listing's
-    /// snapshot position.
-    async fn relist(&self, cursor: &mut Option<Mark>) {
+    /// ids make repeats harmless), with `reconcile` cancel the pending packages of customers
+    /// deleted in the events lost with the token ([`Engine::reconcile`]), then continue from
+    /// the listing's snapshot position. Returns whether it got that far (otherwise it paused
+    /// after a failure, or shutdown began, and the cursor is unchanged).
+    async fn relist(&self, cursor: &mut Option<Mark>, reconcile: bool) -> bool {
         // Let in-flight deliveries finish so the checkpoint can jump to the snapshot safely.
         while !self.tracker.lock().expect("tracker lock").is_idle() {
             if self.shutdown.is_cancelled() {
-                return;
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -748,7 +750,7 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
                     warn!(code = ?status.code(), message = %status.message(), "relist failed; will retry");
                     deliveries.join_all().await;
                     self.pause(self.settings.max_backoff).await;
-                    return;
+                    return false;
                 }
             };
             if snapshot.is_none() {
@@ -763,7 +765,7 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
                 }
                 let slot = tokio::select! {
                     slot = Arc::clone(&self.slots).acquire_owned() => slot.expect("slots never close"),
-                    () = self.shutdown.cancelled() => return,
+                    () = self.shutdown.cancelled() => return false,
                 };
                 existing.insert(customer.id.clone());
                 let handler = self.handler();
@@ -788,20 +790,31 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         let done = deliveries.join_all().await;
         // Deliveries only stay unfinished at shutdown.
         if self.shutdown.is_cancelled() || done.iter().any(|ok| !ok) {
-            return;
+            return false;
         }
-        let Some(snapshot) = snapshot else { return };
+        // CRM's first page always carries the snapshot.
+        let Some(snapshot) = snapshot else {
+            self.pause(self.settings.max_backoff).await;
+            return false;
+        };
         // Before the checkpoint moves to the snapshot: a crash after it would resume with a
         // valid token, and the deletes lost with the old one would be forgotten for good.
-        let cancelled = match self.reconcile(&existing).await {
-            Ok(Some(cancelled)) => cancelled,
-            // Shutdown, or a cancel left unfinished by it.
-            Ok(None) => return,
-            Err(status) => {
-                warn!(code = ?status.code(), message = %status.message(), "cannot cancel the packages of deleted customers yet; will relist again");
-                self.pause(self.settings.max_backoff).await;
-                return;
+        let cancelled = if reconcile {
+            match self.reconcile(&existing).await {
+                Ok(Some(cancelled)) => cancelled,
+                // Shutdown, or a cancel left unfinished by it.
+                Ok(None) => return false,
+                Err(status) => {
+                    warn!(code = ?status.code(), message = %status.message(), "cannot cancel the packages of deleted customers yet; will relist again");
+                    self.pause(self.settings.max_backoff).await;
+                    return false;
+                }
             }
+        } else {
+            warn!(
+                "CRM's change log is not the one the checkpoint came from (was its database replaced, or is --crm-addr another CRM?): pending packages of customers missing from it are left as they are"
+            );
+            0
         };
         info!(
             customers = existing.len(),
@@ -819,6 +832,7 @@ impl<S: IntegrationStore + ?Sized> Engine<S> {
         self.moved.notify_one();
         self.stats.reset_head(snapshot.sequence);
         *cursor = Some(snapshot);
+        true
     }
 
     /// After a relist: a customer deleted while its events were lost (retention, or another
@@ -1069,7 +1083,6 @@ fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
         .min(max)
 }
 
-/// Saves the watermark whenever it moves, at most every [`CHECKPOINT_EVERY`], until shutdown.
 /// Whether the checkpoints of `owned` were issued by more than one CRM change log.
 fn from_several_logs(owned: &[Owned]) -> bool {
     let mut logs = owned
@@ -1080,6 +1093,7 @@ fn from_several_logs(owned: &[Owned]) -> bool {
     logs.any(|log| Some(log) != first)
 }
 
+/// Saves the watermark whenever it moves, at most every [`CHECKPOINT_EVERY`], until shutdown.
 async fn checkpoint_loop(
     leases: Arc<Leases>,
     scope: Arc<Scope>,

@@ -428,7 +428,8 @@ impl Leases {
     /// Gives up everything at a clean shutdown, so others take over at once instead of after
     /// the TTL.
     pub async fn retire(&self) {
-        if let Err(e) = self.store.retire(&self.worker_id).await {
+        let held: Vec<(u32, i64)> = self.lock().iter().map(|(&p, h)| (p, h.epoch)).collect();
+        if let Err(e) = self.store.retire(&self.worker_id, &held).await {
             warn!(error = %e, "cannot give up the leases; they run out after the TTL");
         }
         self.lock().clear();

@@ -753,6 +753,25 @@ backend_tests! {
             )
             .await;
             assert_eq!(status.dead_lettered, 0, "{status:?}");
+            // The old database's customers are missing from the new one, but that is no
+            // proof they were deleted (an empty volume, a mistaken address): their packages
+            // stay as they were.
+            let packages = inventory
+                .client()
+                .list_package_requests(inventory::ListPackageRequestsRequest {
+                    customer_id: String::new(),
+                    page_size: 1000,
+                    page_token: String::new(),
+                })
+                .await
+                .expect("ListPackageRequests")
+                .into_inner()
+                .package_requests;
+            assert_eq!(packages.len(), ids.len());
+            assert!(
+                packages.iter().all(|p| p.status() == inventory::PackageStatus::Pending),
+                "{packages:?}"
+            );
 
             // After a restart it resumes on the new log, and follows it on.
             integration.stop().await;
@@ -851,7 +870,7 @@ backend_tests! {
                     .unwrap();
                 assert!(fenced.is_empty());
             }
-            store.retire("setup").await.unwrap();
+            store.retire("setup", &leases).await.unwrap();
 
             let in_old_log = ids
                 .iter()
@@ -866,6 +885,12 @@ backend_tests! {
             // A relist delivers for every customer; those of the old log's partitions would
             // get none without it.
             wait_for_exactly_one_package_each(&inventory.client(), &ids, CONVERGE_TIMEOUT).await;
+            // One relist, then it follows the feed: with no new writes its snapshot is the
+            // checkpoint it started from, which must not make it relist again and again.
+            eventually("the worker to follow the feed", CONVERGE_TIMEOUT, || async {
+                integration.status().await.stream_connected.then_some(())
+            })
+            .await;
 
             integration.stop().await;
             inventory.stop().await;

@@ -122,6 +122,12 @@ backend_tests! {
         let b: Vec<(u32, i64)> = other.iter().map(|l| (l.partition, l.epoch)).collect();
         assert_eq!(store.save_checkpoints("b", &b, &late, Move::Forward, at(2)).await.unwrap(), Vec::<u32>::new());
         assert!(store.reclaim("c", ttl, SystemTime::now()).await.unwrap().is_empty());
+        // The old process's clean shutdown frees nothing of the new one's, nor hides it.
+        store.heartbeat("a", SystemTime::now()).await.unwrap();
+        store.retire("a", &old).await.unwrap();
+        let workers = store.live_workers(ttl, SystemTime::now()).await.unwrap();
+        let a = workers.iter().find(|w| w.worker_id == "a").expect("a is still a worker");
+        assert_eq!(a.partitions, 2, "{workers:?}");
     }
 
     async fn workers_are_listed_with_their_partitions_until_they_retire(db: Database) {
@@ -139,7 +145,8 @@ backend_tests! {
         assert_eq!(owned, [("a", 3), ("b", 0)]);
         store.release("a", &[(taken[0].partition, taken[0].epoch)]).await.unwrap();
         assert_eq!(store.acquire("b", 10, ttl, now).await.unwrap().len(), 2);
-        store.retire("a").await.unwrap();
+        let rest: Vec<(u32, i64)> = taken[1..].iter().map(|l| (l.partition, l.epoch)).collect();
+        store.retire("a", &rest).await.unwrap();
         let workers = store.live_workers(ttl, now).await.unwrap();
         assert_eq!(workers.len(), 1);
         assert_eq!((workers[0].worker_id.as_str(), workers[0].partitions), ("b", 2));

@@ -116,8 +116,11 @@ pub trait IntegrationStore: Send + Sync + 'static {
     ) -> Result<Vec<Lease>, Error>;
     /// Gives up leases (where `worker` still holds them at those epochs).
     async fn release(&self, worker: &str, leases: &[(u32, i64)]) -> Result<(), Error>;
-    /// Gives up every lease of `worker` and removes it from the workers.
-    async fn retire(&self, worker: &str) -> Result<(), Error>;
+    /// Gives up `leases` (where `worker` still holds them at those epochs) and removes
+    /// `worker` from the workers, unless a lease still carries its name: a newer process
+    /// under the same `--worker-id` may have taken its partitions back at a higher epoch, and
+    /// the old one's clean shutdown must not free them or hide it.
+    async fn retire(&self, worker: &str, leases: &[(u32, i64)]) -> Result<(), Error>;
     /// Moves each partition's checkpoint to `mark` (only forward, or replacing it: `how`),
     /// where `worker` still holds it at the given epoch; returns the partitions whose write
     /// was refused because the lease was lost (a checkpoint already at or past `mark` is not

@@ -291,14 +291,13 @@ impl IntegrationStore for PgStore {
         Ok(())
     }
 
-    async fn retire(&self, worker: &str) -> Result<(), Error> {
+    async fn retire(&self, worker: &str, leases: &[(u32, i64)]) -> Result<(), Error> {
+        self.release(worker, leases).await?;
         let (pg, client) = self.client().await?;
         client
             .execute(
-                "WITH released AS (
-                     UPDATE integration.partitions SET owner = NULL, lease_expire_time = NULL
-                     WHERE owner = $1)
-                 DELETE FROM integration.workers WHERE worker_id = $1",
+                "DELETE FROM integration.workers WHERE worker_id = $1
+                 AND NOT EXISTS (SELECT 1 FROM integration.partitions WHERE owner = $1)",
                 &[&worker],
             )
             .await

@@ -306,17 +306,16 @@ impl IntegrationStore for SqliteStore {
             .await
     }
 
-    async fn retire(&self, worker: &str) -> Result<(), Error> {
+    async fn retire(&self, worker: &str, leases: &[(u32, i64)]) -> Result<(), Error> {
+        self.release(worker, leases).await?;
         let worker = worker.to_owned();
         self.db
             .write(move |c| {
                 c.prepare_cached(
-                    "UPDATE partitions SET owner = NULL, lease_expire_time = NULL
-                     WHERE owner = ?1",
+                    "DELETE FROM workers WHERE worker_id = ?1
+                     AND NOT EXISTS (SELECT 1 FROM partitions WHERE owner = ?1)",
                 )?
                 .execute([&worker])?;
-                c.prepare_cached("DELETE FROM workers WHERE worker_id = ?1")?
-                    .execute([&worker])?;
                 Ok(())
             })
             .await
