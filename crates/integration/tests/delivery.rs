@@ -29,13 +29,10 @@ use mip_proto::inventory::v1 as inventory;
 use mip_proto::inventory::v1::inventory_service_server::{
     InventoryService, InventoryServiceServer,
 };
-use mip_runtime::CancellationToken;
 use mip_runtime::clock::ManualClock;
 use mip_runtime::store::Database;
 use mip_testkit::backend_tests;
-use tokio::net::TcpListener;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status};
 
 /// Customers per test, unless a test needs a different number.
@@ -406,10 +403,8 @@ struct Proxy {
     addr: std::net::SocketAddr,
     /// Clear it to stop rejecting.
     reject: Arc<AtomicBool>,
-    /// Stops it.
-    shutdown: CancellationToken,
     /// The server.
-    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    served: common::Served,
 }
 
 impl Proxy {
@@ -423,28 +418,19 @@ impl Proxy {
             customer_id,
             batches,
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(
-            Server::builder()
-                .add_service(InventoryServiceServer::new(proxy))
-                .serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener),
-                    shutdown.clone().cancelled_owned(),
-                ),
-        );
+        let served = common::Served::start(
+            Server::builder().add_service(InventoryServiceServer::new(proxy)),
+        )
+        .await;
         Self {
-            addr,
+            addr: served.addr,
             reject,
-            shutdown,
-            task,
+            served,
         }
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap().unwrap();
+        self.served.stop().await;
     }
 }
 

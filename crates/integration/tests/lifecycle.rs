@@ -37,14 +37,11 @@ use mip_proto::inventory::v1::inventory_service_server::{
 use mip_proto::inventory::v1::{
     ListPackageRequestsRequest, PackageStatus, UpdatePackageRequestStatusRequest,
 };
-use mip_runtime::CancellationToken;
 use mip_runtime::clock::ManualClock;
 use mip_runtime::store::Database;
 use mip_testkit::backend_tests;
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status};
 
 /// Deletes a customer in CRM.
@@ -664,10 +661,8 @@ struct ListingCrm {
     hidden: Arc<Mutex<Vec<String>>>,
     /// Customers `GetCustomer` was asked about.
     asked: Arc<Mutex<Vec<String>>>,
-    /// Stops it.
-    shutdown: CancellationToken,
     /// The server.
-    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    served: common::Served,
 }
 
 impl ListingCrm {
@@ -678,29 +673,19 @@ impl ListingCrm {
             hidden: Arc::clone(&hidden),
             asked: Arc::clone(&asked),
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(
-            Server::builder()
-                .add_service(CrmServiceServer::new(proxy))
-                .serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener),
-                    shutdown.clone().cancelled_owned(),
-                ),
-        );
+        let served =
+            common::Served::start(Server::builder().add_service(CrmServiceServer::new(proxy)))
+                .await;
         Self {
-            addr,
+            addr: served.addr,
             hidden,
             asked,
-            shutdown,
-            task,
+            served,
         }
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap().unwrap();
+        self.served.stop().await;
     }
 }
 
@@ -824,10 +809,8 @@ struct Proxy {
     addr: std::net::SocketAddr,
     /// What it does.
     gate: Arc<Gate>,
-    /// Stops it.
-    shutdown: CancellationToken,
     /// The server.
-    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    served: common::Served,
 }
 
 impl Proxy {
@@ -837,27 +820,18 @@ impl Proxy {
             real,
             gate: Arc::clone(&gate),
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(
-            Server::builder()
-                .add_service(InventoryServiceServer::new(proxy))
-                .serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener),
-                    shutdown.clone().cancelled_owned(),
-                ),
-        );
+        let served = common::Served::start(
+            Server::builder().add_service(InventoryServiceServer::new(proxy)),
+        )
+        .await;
         Self {
-            addr,
+            addr: served.addr,
             gate,
-            shutdown,
-            task,
+            served,
         }
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap().unwrap();
+        self.served.stop().await;
     }
 }

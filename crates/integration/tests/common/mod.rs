@@ -351,6 +351,41 @@ pub fn integration_options(
     }
 }
 
+/// A stand-in server the test controls (a proxy in front of a real service, say), on an
+/// ephemeral loopback port until [`Served::stop`].
+pub struct Served {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Stops it.
+    shutdown: CancellationToken,
+    /// The server.
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Served {
+    /// Serves `router` (a `Server::builder().add_service(..)`).
+    pub async fn start(router: tonic::transport::server::Router) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local address");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(router.serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown.clone().cancelled_owned(),
+        ));
+        Self {
+            addr,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Stops it and waits until it has.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("server task").expect("server");
+    }
+}
+
 /// The integration store `database` names, ready, with its `partitions` recorded: for tests
 /// that stage what earlier workers left in it before a service starts.
 pub async fn staged_store(
